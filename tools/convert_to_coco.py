@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Convert a dataset to usdet's COCO layout (OUT/annotations/{train,val,test}.json + images).
+
+  python tools/convert_to_coco.py busi   --root ROOT --output OUT [options]
+  python tools/convert_to_coco.py frames --images DIR --annotations FILE --output OUT [options]
+
+Each subcommand lives in its usdet.data module (``add_arguments`` + ``main``); this script only
+dispatches. ``--help`` after a subcommand lists its options.
+"""
+import argparse
+import sys
+
+from usdet.data import busi, frames
+
+SUBCOMMANDS = {"busi": busi, "frames": frames}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="dataset", required=True)
+    for name, module in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+    args = ap.parse_args(argv)
+    return SUBCOMMANDS[args.dataset].main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
