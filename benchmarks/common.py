@@ -1,0 +1,76 @@
+"""Shared by every benchmark: machine description and the results file format.
+
+Each benchmark measures usdet against a reference in the same run and records the ratio, so
+figures stay comparable across machines; results go to benchmarks/results/<name>.json.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable, Dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def machine() -> Dict[str, Any]:
+    """Describe the machine a figure was measured on."""
+    info: Dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as fh:
+            info["mem_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its waited-for children), MiB."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def write_result(name: str, result: Dict[str, Any]) -> str:
+    """Write ``benchmarks/results/<name>.json`` atomically with the machine and a timestamp."""
+    from usdet.utils.io import atomic_write_json
+
+    result = dict(result)
+    result.setdefault("benchmark", name)
+    result["machine"] = machine()
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = os.path.join(RESULTS, f"{name}.json")
+    atomic_write_json(path, result)
+    print(f"[bench] {name}: " + ", ".join(f"{k}={v}" for k, v in result.items()
+                                         if k not in ("machine", "benchmark") and not isinstance(v, (dict, list))))
+    return path
