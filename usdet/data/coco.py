@@ -1,0 +1,214 @@
+"""COCO building blocks shared by every usdet converter (BUSI, hospital frames, phantoms).
+
+One place decides how a mask becomes a box, how crop offsets move boxes, and how the output
+folder is written, so every dataset usdet produces has the same keys and the same guarantees
+(deterministic bytes, atomic files, JSONs written only after the images they point to).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from usdet.utils.io import atomic_write_json
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def categories_for(classes: Sequence[str]) -> List[Dict[str, Any]]:
+    """COCO categories with 1-based ids in the given order, e.g. ``["benign", "malignant"]``."""
+    return [{"id": i + 1, "name": str(name)} for i, name in enumerate(classes)]
+
+
+def mask_to_box(mask: np.ndarray) -> Optional[List[float]]:
+    """Tight ``[x, y, w, h]`` around the mask's non-zero pixels (w = last col - first col + 1); None if empty."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
+        return None
+    rows = np.flatnonzero(mask.any(axis=1))
+    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]), int(rows[0]), int(rows[-1])
+    return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
+
+
+def encode_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """Compressed COCO RLE (counts as str, so it is JSON-serialisable) of a 2-D mask."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(np.asarray(mask) > 0, dtype=np.uint8))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_to_annotation(
+    mask: np.ndarray,
+    category_id: int = 1,
+    image_id: Optional[int] = None,
+    ann_id: Optional[int] = None,
+    with_segmentation: bool = True,
+) -> Optional[Dict[str, Any]]:
+    """One COCO annotation for a whole mask (box, pixel area, RLE), or None when the mask is empty.
+
+    The mask must already be in the written image's pixel grid (after crop/resize), so the box
+    covers exactly the pixels a model will see.
+    """
+    mask = np.asarray(mask) > 0
+    box = mask_to_box(mask)
+    if box is None:
+        return None
+    ann: Dict[str, Any] = {}
+    if ann_id is not None:
+        ann["id"] = int(ann_id)
+    if image_id is not None:
+        ann["image_id"] = int(image_id)
+    ann.update({"category_id": int(category_id), "bbox": box, "area": float(np.count_nonzero(mask))})
+    if with_segmentation:
+        ann["segmentation"] = encode_rle(mask)
+    ann["iscrowd"] = 0
+    return ann
+
+
+def shift_box_to_crop(bbox: Sequence[float], crop_box: Sequence[int]) -> Optional[List[float]]:
+    """Move an ``[x, y, w, h]`` source-pixel box into a crop ``[x0, y0, x1, y1]`` (x1/y1 exclusive).
+
+    The box is clipped to the crop; None when nothing of it is left. Used for box-only sources,
+    where no mask can be cropped along with the image.
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    x0, y0, x1, y1 = (float(v) for v in crop_box)
+    bx0, by0 = max(x, x0), max(y, y0)
+    bx1, by1 = min(x + w, x1), min(y + h, y1)
+    if bx1 <= bx0 or by1 <= by0:
+        return None
+    return [bx0 - x0, by0 - y0, bx1 - bx0, by1 - by0]
+
+
+def crop_array(arr: np.ndarray, crop_box: Sequence[int]) -> np.ndarray:
+    """``arr[y0:y1, x0:x1]`` for a crop box ``[x0, y0, x1, y1]`` (x1/y1 exclusive)."""
+    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    return arr[y0:y1, x0:x1]
+
+
+class PixelStats:
+    """Streaming per-channel mean/std (0-255 scale): add images one at a time, never hold them all."""
+
+    def __init__(self) -> None:
+        self.count = 0  # pixels
+        self.num_images = 0
+        self._sum = np.zeros(3, np.float64)
+        self._sumsq = np.zeros(3, np.float64)
+
+    def add(self, rgb: np.ndarray) -> None:
+        self.add_moments(*image_moments(rgb))
+
+    def add_moments(self, num_pixels: int, channel_sum: Sequence[float], channel_sumsq: Sequence[float]) -> None:
+        """Merge precomputed sums (e.g. from a worker process that saw the image)."""
+        self.count += int(num_pixels)
+        self.num_images += 1
+        self._sum += np.asarray(channel_sum, np.float64)
+        self._sumsq += np.asarray(channel_sumsq, np.float64)
+
+    def result(self, split: str = "train") -> Dict[str, Any]:
+        if self.count == 0:
+            mean = std = [float("nan")] * 3
+        else:
+            m = self._sum / self.count
+            var = np.maximum(self._sumsq / self.count - m * m, 0.0)
+            mean = [round(float(v), 4) for v in m]
+            std = [round(float(v), 4) for v in np.sqrt(var)]
+        return {"mean": mean, "std": std, "split": split, "num_images": self.num_images}
+
+
+def image_moments(rgb: np.ndarray) -> tuple:
+    """(num_pixels, per-channel sum, per-channel sum of squares) of a uint8 image, as exact integers.
+
+    Integer sums make the statistics identical whatever order or process the images come from.
+    """
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"pixel statistics expect uint8 images, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    flat = arr.reshape(-1, arr.shape[2])
+    values = np.arange(256, dtype=np.int64)
+    sums, sumsqs = [], []
+    for c in range(flat.shape[1]):
+        hist = np.bincount(flat[:, c], minlength=256).astype(np.int64)
+        sums.append(int(hist @ values))
+        sumsqs.append(int(hist @ (values * values)))
+    if len(sums) == 1:  # grayscale counts as R=G=B
+        sums, sumsqs = sums * 3, sumsqs * 3
+    return flat.shape[0], sums[:3], sumsqs[:3]
+
+
+def compute_pixel_stats(images: Iterable[np.ndarray], split: str = "train") -> Dict[str, Any]:
+    """``{"mean", "std", "split", "num_images"}`` over RGB arrays, streamed one at a time."""
+    stats = PixelStats()
+    for img in images:
+        n, s, ss = image_moments(img)
+        stats.add_moments(n, s, ss)
+    return stats.result(split)
+
+
+def validate_coco(images: List[Dict[str, Any]], annotations: List[Dict[str, Any]],
+                  categories: List[Dict[str, Any]], where: str = "") -> None:
+    """Raise ValueError on what would break loaders later: duplicate ids, dangling references, bad boxes."""
+    image_ids = [im["id"] for im in images]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError(f"{where}: duplicate image ids")
+    cat_ids = {c["id"] for c in categories}
+    known = set(image_ids)
+    ann_ids = [a["id"] for a in annotations]
+    if len(set(ann_ids)) != len(ann_ids):
+        raise ValueError(f"{where}: duplicate annotation ids")
+    for a in annotations:
+        if a["image_id"] not in known:
+            raise ValueError(f"{where}: annotation {a['id']} points at unknown image {a['image_id']}")
+        if a["category_id"] not in cat_ids:
+            raise ValueError(f"{where}: annotation {a['id']} has unknown category {a['category_id']}")
+        if len(a["bbox"]) != 4 or a["bbox"][2] <= 0 or a["bbox"][3] <= 0:
+            raise ValueError(f"{where}: annotation {a['id']} has an empty or malformed bbox {a['bbox']}")
+
+
+def write_coco_dataset(
+    out_dir: str,
+    images_by_split: Mapping[str, List[Dict[str, Any]]],
+    annotations_by_split: Mapping[str, List[Dict[str, Any]]],
+    categories: List[Dict[str, Any]],
+    report: Optional[Dict[str, Any]] = None,
+    pixel_stats: Optional[Dict[str, Any]] = None,
+    info: Optional[Dict[str, Any]] = None,
+) -> Dict[str, str]:
+    """Write ``out_dir/annotations/<split>.json`` (+ pixel_stats.json, report.json), atomically.
+
+    Call after every image is on disk. Entries are sorted by id so equal inputs give
+    byte-identical files; annotations without an ``id`` get 1-based ids in image order.
+    report.json is written last, so its presence marks a finished conversion.
+    Returns ``{split: json_path}``.
+    """
+    categories = sorted(categories, key=lambda c: c["id"])
+    paths: Dict[str, str] = {}
+    splits = [s for s in SPLIT_ORDER if s in images_by_split] + sorted(set(images_by_split) - set(SPLIT_ORDER))
+    for split in splits:
+        images = sorted(images_by_split[split], key=lambda im: im["id"])
+        anns = list(annotations_by_split.get(split, []))
+        order = {im["id"]: i for i, im in enumerate(images)}
+        if any("id" not in a for a in anns):
+            anns.sort(key=lambda a: (order.get(a["image_id"], -1), a.get("bbox", [])))
+            anns = [dict(a, id=i + 1) if "id" not in a else a for i, a in enumerate(anns)]
+        anns.sort(key=lambda a: a["id"])
+        validate_coco(images, anns, categories, where=f"{out_dir} split {split!r}")
+        doc: Dict[str, Any] = {}
+        if info is not None:
+            doc["info"] = dict(info, split=split)
+        doc.update({"images": images, "annotations": anns, "categories": categories})
+        path = os.path.join(out_dir, "annotations", f"{split}.json")
+        atomic_write_json(path, doc)
+        paths[split] = path
+    if pixel_stats is not None:
+        atomic_write_json(os.path.join(out_dir, "pixel_stats.json"), pixel_stats)
+    if report is not None:
+        atomic_write_json(os.path.join(out_dir, "report.json"), report)
+    return paths
