@@ -41,9 +41,10 @@ def group_stratified_split(
 ) -> Dict[str, str]:
     """Map each key to ``"train"``/``"val"``/``"test"``; members of a group never straddle splits.
 
-    Each group is filed under its majority label (ties: alphabetical) and, within that label,
-    groups go largest first (seeded shuffle among equal sizes) to the split whose image count is
-    furthest below its target. The result depends only on the inputs and ``seed``, not on their order.
+    Groups go largest first (a seeded shuffle orders equal sizes) to the split that best keeps
+    every label's image counts at the requested fractions (least squared shortfall, each label
+    weighted by its size), so mixed-label groups are handled too. The result depends only on the
+    inputs and ``seed``, not on their order.
     """
     if not (len(keys) == len(groups) == len(labels)):
         raise ValueError(f"keys, groups and labels differ in length ({len(keys)}, {len(groups)}, {len(labels)})")
@@ -57,26 +58,29 @@ def group_stratified_split(
     for key, group, label in zip(keys, groups, labels):
         members[group].append(key)
         group_labels[group][label] += 1
+    label_names = sorted(set(labels))
+    totals = Counter(labels)
+    target = {lbl: [f * totals[lbl] for f in fracs] for lbl in label_names}
+    filled = {lbl: [0, 0, 0] for lbl in label_names}
 
-    by_label: Dict[str, List[str]] = defaultdict(list)
-    for group in sorted(members):
-        counts = group_labels[group]
-        top = max(counts.values())
-        majority = sorted(lbl for lbl, n in counts.items() if n == top)[0]
-        by_label[majority].append(group)
+    order = sorted(members)  # sorted first, so the shuffle is input-order independent
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: the shuffle breaks ties
 
-    rng = random.Random(seed)
+    def cost_of(group: str, split: int) -> float:
+        cost = 0.0
+        for lbl, n in group_labels[group].items():
+            before = filled[lbl][split] - target[lbl][split]
+            after = before + n
+            cost += (after * after - before * before) / totals[lbl]
+        return cost
+
     assignment: Dict[str, str] = {}
-    for label in sorted(by_label):
-        label_groups = by_label[label]  # sorted, so the shuffle is input-order independent
-        rng.shuffle(label_groups)
-        label_groups.sort(key=lambda g: -len(members[g]))  # stable: shuffled order breaks ties
-        total = sum(len(members[g]) for g in label_groups)
-        filled = [0, 0, 0]
-        for group in label_groups:
-            deficits = [fracs[i] * total - filled[i] if fracs[i] > 0 else float("-inf") for i in range(3)]
-            best = max(range(3), key=lambda i: (deficits[i], -i))
-            filled[best] += len(members[group])
-            for key in members[group]:
-                assignment[key] = SPLITS[best]
+    candidates = [i for i in range(3) if fracs[i] > 0]
+    for group in order:
+        best = min(candidates, key=lambda i: (cost_of(group, i), i))
+        for lbl, n in group_labels[group].items():
+            filled[lbl][best] += n
+        for key in members[group]:
+            assignment[key] = SPLITS[best]
     return assignment

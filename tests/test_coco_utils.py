@@ -1,0 +1,76 @@
+"""mask -> box/annotation, crop offsets, pixel statistics and deterministic atomic writing."""
+import json
+import os
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from usdet.data.coco import (compute_pixel_stats, crop_array, mask_to_annotation, mask_to_box,
+                             shift_box_to_crop, write_coco_dataset)
+
+
+def test_mask_to_box_first_last_inclusive():
+    m = np.zeros((20, 30), np.uint8)
+    m[5, 7] = 1
+    assert mask_to_box(m) == [7.0, 5.0, 1.0, 1.0]
+    m[12, 21] = 255
+    assert mask_to_box(m) == [7.0, 5.0, 15.0, 8.0]
+    assert mask_to_box(np.zeros((4, 4), bool)) is None
+
+
+def test_mask_to_annotation_rle_roundtrip():
+    rng = np.random.default_rng(0)
+    m = np.zeros((40, 50), bool)
+    m[10:25, 8:30] = rng.random((15, 22)) > 0.3
+    ann = mask_to_annotation(m, category_id=2, image_id=7)
+    assert ann["category_id"] == 2 and ann["image_id"] == 7 and ann["iscrowd"] == 0
+    assert ann["area"] == float(m.sum())
+    decoded = mask_util.decode({"size": ann["segmentation"]["size"],
+                                "counts": ann["segmentation"]["counts"].encode()})
+    assert np.array_equal(decoded.astype(bool), m)
+    assert ann["bbox"] == mask_to_box(m)
+    assert mask_to_annotation(np.zeros((3, 3))) is None
+
+
+def test_crop_offsets_shift_boxes_exactly():
+    """A mask cropped with its image gives the source box shifted by the crop origin."""
+    m = np.zeros((100, 120), np.uint8)
+    m[30:61, 40:91] = 1  # x 40..90, y 30..60
+    crop = [25, 10, 110, 95]
+    src = mask_to_box(m)
+    assert mask_to_box(crop_array(m, crop)) == [15.0, 20.0, 51.0, 31.0]
+    assert shift_box_to_crop(src, crop) == [15.0, 20.0, 51.0, 31.0]
+    # clipped at the crop's edge, gone when outside
+    assert shift_box_to_crop([100, 80, 30, 30], crop) == [75.0, 70.0, 10.0, 15.0]
+    assert shift_box_to_crop([0, 0, 20, 5], crop) is None
+
+
+def test_pixel_stats_match_numpy():
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((10, 20), (33, 7))]
+    st = compute_pixel_stats(iter(imgs))
+    allpx = np.concatenate([i.reshape(-1, 3) for i in imgs]).astype(np.float64)
+    assert st["num_images"] == 2 and st["split"] == "train"
+    np.testing.assert_allclose(st["mean"], allpx.mean(0), atol=1e-3)
+    np.testing.assert_allclose(st["std"], allpx.std(0), atol=1e-3)
+
+
+def test_write_coco_dataset_deterministic_and_validated(tmp_path):
+    cats = [{"id": 1, "name": "lesion"}]
+    imgs = {"train": [{"id": 2, "file_name": "b.png", "width": 4, "height": 4},
+                      {"id": 1, "file_name": "a.png", "width": 4, "height": 4}], "val": [], "test": []}
+    anns = {"train": [{"image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 0},
+                      {"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0}]}
+    write_coco_dataset(str(tmp_path / "a"), imgs, anns, cats, report={"x": 1}, pixel_stats={"mean": [1, 2, 3]})
+    write_coco_dataset(str(tmp_path / "b"), imgs, anns, cats, report={"x": 1}, pixel_stats={"mean": [1, 2, 3]})
+    for name in ("annotations/train.json", "annotations/val.json", "annotations/test.json",
+                 "report.json", "pixel_stats.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    doc = json.loads((tmp_path / "a/annotations/train.json").read_text())
+    assert [im["id"] for im in doc["images"]] == [1, 2]
+    assert [(a["id"], a["image_id"]) for a in doc["annotations"]] == [(1, 1), (2, 2)]
+    assert not [f for f in os.listdir(tmp_path / "a") if f.endswith(".tmp")]
+    bad = {"train": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]}
+    with pytest.raises(ValueError, match="unknown image 9"):
+        write_coco_dataset(str(tmp_path / "c"), imgs, bad, cats)

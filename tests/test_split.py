@@ -1,0 +1,59 @@
+"""group_stratified_split: groups stay whole, labels are balanced, the result is deterministic."""
+from collections import Counter
+
+import pytest
+
+from usdet.data.split import group_stratified_split, parse_fractions
+
+
+def _toy(n=200):
+    keys = [f"img{i:03d}" for i in range(n)]
+    groups = [f"g{i // 4}" if i < 80 else f"g{i}" for i in range(n)]  # 20 groups of 4, then singletons
+    labels = ["benign" if i % 3 else "malignant" for i in range(n)]
+    return keys, groups, labels
+
+
+def test_groups_never_straddle_splits():
+    keys, groups, labels = _toy()
+    split = group_stratified_split(keys, groups, labels, seed=3)
+    by_group = {}
+    for k, g in zip(keys, groups):
+        by_group.setdefault(g, set()).add(split[k])
+    assert all(len(s) == 1 for s in by_group.values())
+    assert set(split) == set(keys)
+
+
+def test_stratified_fractions_per_label():
+    keys, groups, labels = _toy()
+    split = group_stratified_split(keys, groups, labels, fractions=(0.7, 0.15, 0.15), seed=0)
+    per = Counter((lab, split[k]) for k, lab in zip(keys, labels))
+    for lab in ("benign", "malignant"):
+        n = sum(v for (l2, _), v in per.items() if l2 == lab)
+        for s, f in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+            assert abs(per[(lab, s)] - f * n) <= 4, (lab, s, per[(lab, s)], f * n)
+
+
+def test_deterministic_and_order_independent_but_seed_sensitive():
+    keys, groups, labels = _toy()
+    a = group_stratified_split(keys, groups, labels, seed=5)
+    rev = group_stratified_split(keys[::-1], groups[::-1], labels[::-1], seed=5)
+    assert a == rev
+    b = group_stratified_split(keys, groups, labels, seed=6)
+    assert a != b
+
+
+def test_zero_fraction_split_stays_empty():
+    keys, groups, labels = _toy(50)
+    split = group_stratified_split(keys, groups, labels, fractions=(0.8, 0.2, 0.0))
+    assert Counter(split.values())["test"] == 0
+    assert Counter(split.values())["val"] > 0
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="duplicate keys"):
+        group_stratified_split(["a", "a"], ["g", "h"], ["x", "x"])
+    with pytest.raises(ValueError, match="differ in length"):
+        group_stratified_split(["a"], ["g", "h"], ["x"])
+    with pytest.raises(ValueError, match="three fractions"):
+        parse_fractions("0.5,0.5")
+    assert parse_fractions("7,1.5,1.5") == pytest.approx((0.7, 0.15, 0.15))
