@@ -100,11 +100,12 @@ def _background_colours(small: np.ndarray, rng: np.ndarray, border: int) -> Tupl
 def _bg_distance(img: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Per-pixel max-channel distance to the nearest background colour (uint8)."""
     d = None
-    i16 = img.astype(np.int16)
+    img = np.ascontiguousarray(img)
     for c in colours:
-        dc = np.abs(i16 - c[None, None, :]).max(axis=2)
-        d = dc if d is None else np.minimum(d, dc)
-    return np.clip(d, 0, 255).astype(np.uint8)
+        diff = cv2.absdiff(img, np.full_like(img, 0) + c.astype(np.uint8))
+        dc = cv2.max(cv2.max(diff[..., 0], diff[..., 1]), diff[..., 2])
+        d = dc if d is None else cv2.min(d, dc)
+    return d
 
 
 def _odd(n: float) -> int:
@@ -150,7 +151,7 @@ def _trim_protrusions(blob: np.ndarray, box: Box) -> Box:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _refine_edges(full_d: np.ndarray, tol: int, coarse: Box, blob: np.ndarray, f: int,
+def _refine_edges(img: np.ndarray, colours: np.ndarray, tol: int, coarse: Box, blob: np.ndarray, f: int,
                   shape: Tuple[int, int]) -> Tuple[Box, float]:
     """Place each edge at full resolution within +-(f+1) px of the coarse edge; returns box, edge contrast.
 
@@ -167,7 +168,15 @@ def _refine_edges(full_d: np.ndarray, tol: int, coarse: Box, blob: np.ndarray, f
     m = f + 1
     contrasts = []
     result = [X0, Y0, X1, Y1]
-    content = full_d > tol
+    cache: Dict[Tuple[bool, int, int, int], float] = {}
+
+    def line_frac(vertical: bool, line: int, lo: int, hi: int) -> float:
+        key = (vertical, line, lo, hi)
+        if key not in cache:
+            px = img[lo:hi, line:line + 1] if vertical else img[line:line + 1, lo:hi]
+            cache[key] = float((_bg_distance(px, colours) > tol).mean()) if px.size else 0.0
+        return cache[key]
+
     for side in range(4):
         vertical = side in (0, 2)  # left/right edges are columns
         if vertical:
@@ -192,12 +201,8 @@ def _refine_edges(full_d: np.ndarray, tol: int, coarse: Box, blob: np.ndarray, f
         ref_line = edge + (-outward) * (m + 1) + (0 if outward < 0 else -1)
         ref_line = int(np.clip(ref_line, 0, limit - 1))
 
-        def frac(line: int) -> float:
-            if vertical:
-                col = content[lo:hi, line]
-            else:
-                col = content[line, lo:hi]
-            return float(col.mean()) if col.size else 0.0
+        def frac(line: int, vertical=vertical, lo=lo, hi=hi) -> float:
+            return line_frac(vertical, line, lo, hi)
 
         ref = frac(ref_line)
         chosen = None
@@ -320,8 +325,7 @@ def find_image_region(frame_rgb: np.ndarray) -> CropResult:
         return _refuse(f"candidate region fills only {fill:.2f} of its box (not a rectangle or sector)", fill)
 
     # full-resolution refinement near the coarse edges
-    full_d = _bg_distance(img, colours)
-    box, contrast = _refine_edges(full_d, tol, coarse, blob, f, (H, W))
+    box, contrast = _refine_edges(img, colours, tol, coarse, blob, f, (H, W))
     x0, y0, x1, y1 = box
     if x1 - x0 < 8 or y1 - y0 < 8:
         return _refuse("candidate region collapsed during refinement")
