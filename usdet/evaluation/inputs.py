@@ -1,0 +1,327 @@
+"""Ground truth and predictions as flat numpy arrays, checked once for every metric.
+
+Every metric in ``usdet.evaluation`` (penalized IoU, FROC, image-level ROC, COCO AP bootstrap)
+works on the same :class:`DetectionData`: boxes in ``[x, y, w, h]`` absolute pixels, one row per
+box, and an image index per row. Loading and checking the inputs lives here so that a bad file
+is reported once, clearly (file name and problem), and the valid rest is still scored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DetectionData",
+    "EvaluationInputError",
+    "load_gt_json",
+    "build_detection_data",
+    "box_iou_xywh",
+]
+
+
+class EvaluationInputError(ValueError):
+    """A ground-truth or prediction input that cannot be evaluated at all (names the file)."""
+
+
+@dataclass
+class DetectionData:
+    """Truth and predictions of one evaluation set as arrays (indices refer to ``image_ids``)."""
+
+    image_ids: np.ndarray  # (N,) int64, dataset order
+    gt_boxes: np.ndarray  # (G, 4) float64 xywh, annotation order within an image
+    gt_image: np.ndarray  # (G,) int64 index into image_ids
+    gt_classes: np.ndarray  # (G,) int64 category ids
+    pred_boxes: np.ndarray  # (P, 4) float64 xywh
+    pred_image: np.ndarray  # (P,) int64 index into image_ids
+    pred_scores: np.ndarray  # (P,) float64
+    pred_classes: np.ndarray  # (P,) int64 category ids
+    categories: Dict[int, str] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return int(len(self.image_ids))
+
+    def gt_count_per_image(self) -> np.ndarray:
+        return np.bincount(self.gt_image, minlength=self.num_images)
+
+
+def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Continuous IoU of ``[x, y, w, h]`` boxes, elementwise with broadcasting (pycocotools' rule, no +1)."""
+    ax2 = a[..., 0] + a[..., 2]
+    ay2 = a[..., 1] + a[..., 3]
+    bx2 = b[..., 0] + b[..., 2]
+    by2 = b[..., 1] + b[..., 3]
+    iw = np.minimum(ax2, bx2) - np.maximum(a[..., 0], b[..., 0])
+    ih = np.minimum(ay2, by2) - np.maximum(a[..., 1], b[..., 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return iou
+
+
+def _warn(warnings: List[str], message: str) -> None:
+    warnings.append(message)
+    logger.warning(message)
+
+
+def load_gt_json(path: str) -> Dict[str, Any]:
+    """Read a COCO ground-truth file; raise :class:`EvaluationInputError` naming it if unusable."""
+    if not os.path.isfile(path):
+        raise EvaluationInputError(f"{path}: ground-truth file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            gt = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationInputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(gt, dict):
+        raise EvaluationInputError(f"{path}: expected a COCO object with 'images', got {type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in gt:
+            raise EvaluationInputError(f"{path}: missing top-level key '{key}' (not a COCO ground-truth file)")
+        if not isinstance(gt[key], list):
+            raise EvaluationInputError(f"{path}: '{key}' must be a list")
+    if not gt["images"]:
+        raise EvaluationInputError(f"{path}: no images")
+    if not gt["categories"]:
+        raise EvaluationInputError(f"{path}: no categories")
+    return gt
+
+
+def load_predictions_json(path: str) -> List[Dict[str, Any]]:
+    """Read a detectron2 ``coco_instances_results.json`` (a list of detections)."""
+    if not os.path.isfile(path):
+        raise EvaluationInputError(f"{path}: prediction file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            preds = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationInputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(preds, list):
+        raise EvaluationInputError(
+            f"{path}: expected a list of detections {{image_id, category_id, bbox, score}}, "
+            f"got {type(preds).__name__}"
+        )
+    return preds
+
+
+def _finite_box(b: Any) -> Optional[List[float]]:
+    if not isinstance(b, (list, tuple)) or len(b) != 4:
+        return None
+    try:
+        out = [float(v) for v in b]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in out):
+        return None
+    return out
+
+
+def clean_gt(gt: Dict[str, Any], source: str = "ground truth") -> Tuple[Dict[str, Any], List[str]]:
+    """Drop unusable annotations (with a message each kind); return a cleaned COCO dict and messages.
+
+    Kept: boxes partly outside the image (reported; IoU is still well defined).
+    Dropped: annotations without a 4-number bbox, with width/height <= 0, of an unknown image or
+    category.
+    """
+    warnings: List[str] = []
+    images = []
+    seen = set()
+    for i, im in enumerate(gt["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            _warn(warnings, f"{source}: images[{i}] has no 'id'; skipped")
+            continue
+        if im["id"] in seen:
+            _warn(warnings, f"{source}: duplicate image id {im['id']}; later entry skipped")
+            continue
+        seen.add(im["id"])
+        images.append(im)
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in images}
+    cats = []
+    for i, c in enumerate(gt["categories"]):
+        if not isinstance(c, dict) or "id" not in c:
+            _warn(warnings, f"{source}: categories[{i}] has no 'id'; skipped")
+            continue
+        cats.append(c)
+    cat_ids = {c["id"] for c in cats}
+    problems: Dict[str, List[Any]] = {}
+    anns = []
+    for i, a in enumerate(gt["annotations"]):
+        aid = a.get("id", f"#{i}") if isinstance(a, dict) else f"#{i}"
+        if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
+            problems.setdefault("missing image_id/bbox/category_id (skipped)", []).append(aid)
+            continue
+        if a["image_id"] not in sizes:
+            problems.setdefault("unknown image_id (skipped)", []).append(aid)
+            continue
+        if a["category_id"] not in cat_ids:
+            problems.setdefault("unknown category_id (skipped)", []).append(aid)
+            continue
+        box = _finite_box(a["bbox"])
+        if box is None:
+            problems.setdefault("bbox is not 4 finite numbers (skipped)", []).append(aid)
+            continue
+        if box[2] <= 0 or box[3] <= 0:
+            problems.setdefault("bbox with non-positive width or height (skipped)", []).append(aid)
+            continue
+        w, h = sizes[a["image_id"]]
+        if (
+            box[0] < 0
+            or box[1] < 0
+            or (isinstance(w, (int, float)) and box[0] + box[2] > w + 1e-6)
+            or (isinstance(h, (int, float)) and box[1] + box[3] > h + 1e-6)
+        ):
+            problems.setdefault("bbox extends outside the image (kept as is)", []).append(aid)
+        a = dict(a)
+        a["bbox"] = box
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", box[2] * box[3])
+        if "id" not in a:
+            a["id"] = i + 1
+        anns.append(a)
+    for problem, ids in problems.items():
+        shown = ", ".join(str(x) for x in ids[:5]) + (" ..." if len(ids) > 5 else "")
+        _warn(warnings, f"{source}: {len(ids)} annotation(s) with {problem}: ids {shown}")
+    ids = [a["id"] for a in anns]
+    if len(set(ids)) != len(ids):  # pycocotools needs unique annotation ids
+        for k, a in enumerate(anns):
+            a["id"] = k + 1
+    cleaned = dict(gt)
+    cleaned["images"] = images
+    cleaned["annotations"] = anns
+    cleaned["categories"] = cats
+    return cleaned, warnings
+
+
+def clean_predictions(
+    preds: Sequence[Any], image_ids: Sequence[Any], cat_ids: Sequence[int], source: str = "predictions"
+) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Keep detections that can be scored; report (file + problem + count) and drop the rest."""
+    warnings: List[str] = []
+    known_images = set(image_ids)
+    known_cats = set(cat_ids)
+    problems: Dict[str, List[Any]] = {}
+    out = []
+    for i, p in enumerate(preds):
+        if not isinstance(p, dict):
+            problems.setdefault("entries that are not objects", []).append(i)
+            continue
+        missing = [k for k in ("image_id", "bbox", "score") if k not in p]
+        if missing:
+            problems.setdefault(f"missing key(s) {'/'.join(missing)}", []).append(i)
+            continue
+        if p["image_id"] not in known_images:
+            problems.setdefault("unknown image_id (not in the ground truth)", []).append(p["image_id"])
+            continue
+        cat = p.get("category_id", None)
+        if cat is None:
+            if len(known_cats) == 1:
+                cat = next(iter(known_cats))
+            else:
+                problems.setdefault("missing key category_id", []).append(i)
+                continue
+        if cat not in known_cats:
+            problems.setdefault("unknown category_id", []).append(cat)
+            continue
+        box = _finite_box(p["bbox"])
+        if box is None:
+            problems.setdefault("bbox that is not 4 finite numbers", []).append(i)
+            continue
+        if box[2] < 0 or box[3] < 0:
+            problems.setdefault("bbox with negative width or height", []).append(i)
+            continue
+        try:
+            score = float(p["score"])
+        except (TypeError, ValueError):
+            score = float("nan")
+        if not math.isfinite(score):
+            problems.setdefault("non-finite score", []).append(i)
+            continue
+        out.append({"image_id": p["image_id"], "category_id": cat, "bbox": box, "score": score})
+    for problem, items in problems.items():
+        uniq = list(dict.fromkeys(items))
+        shown = ", ".join(str(x) for x in uniq[:5]) + (" ..." if len(uniq) > 5 else "")
+        _warn(warnings, f"{source}: ignored {len(items)} detection(s) with {problem} ({shown})")
+    return out, warnings
+
+
+GtLike = Union[Mapping[str, Any], Mapping[Any, Sequence[Any]], "DetectionData"]
+
+
+def build_detection_data(
+    gt: GtLike,
+    preds: Sequence[Mapping[str, Any]] = (),
+    *,
+    check: bool = True,
+    source_gt: str = "ground truth",
+    source_pred: str = "predictions",
+) -> DetectionData:
+    """Arrays from a COCO dict (``images``/``annotations``/``categories``) or ``{image_id: [ann, ...]}``.
+
+    ``preds`` are COCO results ``{image_id, category_id, bbox, score}``. With ``check`` (default),
+    unusable entries are dropped and reported in ``.warnings``; crowd truth boxes are left out.
+    """
+    warnings: List[str] = []
+    if isinstance(gt, Mapping) and "images" in gt and "annotations" in gt:
+        coco = dict(gt)
+        coco.setdefault("categories", [])
+        if not coco["categories"]:
+            ids = sorted({a.get("category_id", 1) for a in coco["annotations"]} | {1})
+            coco["categories"] = [{"id": c, "name": str(c)} for c in ids]
+    elif isinstance(gt, Mapping):
+        images, anns = [], []
+        for img_id, items in gt.items():
+            images.append({"id": img_id})
+            for a in items:
+                if isinstance(a, Mapping):
+                    anns.append(dict(a, image_id=img_id))
+                else:  # a bare [x, y, w, h]
+                    anns.append({"image_id": img_id, "bbox": list(a), "category_id": 1})
+        cat_ids = sorted({int(a.get("category_id", 1)) for a in anns} | {int(p.get("category_id", 1)) for p in preds if isinstance(p, Mapping)} | {1})
+        for a in anns:
+            a.setdefault("category_id", 1)
+        coco = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in cat_ids]}
+    else:
+        raise TypeError(f"ground truth must be a COCO dict or {{image_id: annotations}}, got {type(gt).__name__}")
+    if check:
+        coco, w = clean_gt(coco, source_gt)
+        warnings += w
+    image_ids = [im["id"] for im in coco["images"]]
+    index = {iid: k for k, iid in enumerate(image_ids)}
+    cats = {c["id"]: str(c.get("name", c["id"])) for c in coco["categories"]}
+    if check:
+        preds, w = clean_predictions(preds, image_ids, list(cats), source_pred)
+        warnings += w
+    anns = [a for a in coco["annotations"] if not a.get("iscrowd", 0)]
+    gt_boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    gt_image = np.asarray([index[a["image_id"]] for a in anns], dtype=np.int64)
+    gt_classes = np.asarray([a["category_id"] for a in anns], dtype=np.int64)
+    # Stable sort by image keeps the annotation order inside each image (tie rule of the matching).
+    order = np.argsort(gt_image, kind="stable")
+    n = len(preds)
+    pred_boxes = np.asarray([p["bbox"] for p in preds], dtype=np.float64).reshape(n, 4)
+    pred_image = np.fromiter((index[p["image_id"]] for p in preds), dtype=np.int64, count=n)
+    pred_scores = np.fromiter((p["score"] for p in preds), dtype=np.float64, count=n)
+    default_cat = next(iter(cats)) if cats else 1
+    pred_classes = np.fromiter((p.get("category_id", default_cat) for p in preds), dtype=np.int64, count=n)
+    return DetectionData(
+        image_ids=np.asarray(image_ids),
+        gt_boxes=gt_boxes[order],
+        gt_image=gt_image[order],
+        gt_classes=gt_classes[order],
+        pred_boxes=pred_boxes,
+        pred_image=pred_image,
+        pred_scores=pred_scores,
+        pred_classes=pred_classes,
+        categories=cats,
+        warnings=warnings,
+    )

@@ -1,0 +1,370 @@
+"""One call from saved predictions to ``metrics.json``, ``report.md`` and plots.
+
+Used by ``tools/evaluate_json.py`` and by the trainer's ``--eval-only``, so that offline and
+training-time numbers are the same computation. Inputs are checked first: problems (unknown
+image or category ids, missing keys, degenerate or out-of-image truth boxes) are listed in the
+report, naming the file, and everything valid is still scored.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from usdet.utils.io import atomic_write_json, atomic_write_text
+
+from .classification import image_level, malignancy
+from .coco_metrics import class_agnostic, coco_bbox_metrics
+from .froc import FROC_RATES, froc
+from .inputs import (
+    EvaluationInputError,
+    build_detection_data,
+    clean_gt,
+    clean_predictions,
+    load_gt_json,
+    load_predictions_json,
+)
+from .penalized_iou import match_penalized_iou, penalized_iou_from_matches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_predictions", "flatten_instances_predictions", "EvaluationInputError"]
+
+
+def flatten_instances_predictions(preds: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Accept detectron2's ``instances_predictions.pth`` layout (``[{image_id, instances: [...]}]``) too."""
+    if preds and isinstance(preds[0], dict) and "instances" in preds[0]:
+        out: List[Dict[str, Any]] = []
+        for p in preds:
+            for inst in p.get("instances", []):
+                out.append(dict(inst, image_id=inst.get("image_id", p.get("image_id"))))
+        return out
+    return list(preds)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(v, digits) for v in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_predictions(
+    gt_json: Union[str, Dict[str, Any]],
+    predictions: Union[str, Sequence[Dict[str, Any]]],
+    output_dir: str,
+    *,
+    piou_score_thresh: float = 0.45,
+    piou_iou_thresh: float = 0.0,
+    piou_topk: int = 1,
+    piou_class_aware: bool = False,
+    froc_hit: str = "iou",
+    froc_iou: float = 0.5,
+    score_thresh: Optional[float] = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    plots: bool = True,
+    title: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Score ``predictions`` against ``gt_json``; write ``metrics.json``, ``report.md`` and PNG plots.
+
+    Args:
+        gt_json: COCO ground-truth file (or an already loaded dict).
+        predictions: detectron2 ``coco_instances_results.json`` path or its list
+            ``[{image_id, category_id, bbox (xywh), score}]``.
+        output_dir: folder for the outputs (created).
+        piou_*: penalized IoU score threshold, IoU threshold, top-k, class-aware switch.
+        froc_hit, froc_iou: FROC hit rule (``"iou"`` with ``froc_iou`` or ``"center"``).
+        score_thresh: threshold of the image-level calls (default: ``piou_score_thresh``).
+        bootstrap: number of image resamples for 95% CIs (0 = none); ``seed`` makes them repeatable.
+        plots: write the PNG plots.
+
+    Returns:
+        The dict written to ``metrics.json``.
+    """
+    t0 = time.perf_counter()
+    if froc_hit not in ("iou", "center"):
+        raise ValueError(f"froc_hit must be 'iou' or 'center', got {froc_hit!r}")
+    if piou_topk < 1:
+        raise ValueError(f"piou_topk must be >= 1, got {piou_topk}")
+    score_thresh = piou_score_thresh if score_thresh is None else float(score_thresh)
+    gt_name = gt_json if isinstance(gt_json, str) else "ground truth"
+    gt_raw = load_gt_json(gt_json) if isinstance(gt_json, str) else gt_json
+    if isinstance(predictions, str):
+        pred_name = predictions
+        preds_raw = load_predictions_json(predictions)
+    else:
+        pred_name = "predictions"
+        preds_raw = list(predictions)
+    preds_raw = flatten_instances_predictions(preds_raw)
+
+    gt, warnings = clean_gt(gt_raw, gt_name)
+    image_ids = [im["id"] for im in gt["images"]]
+    cat_ids = [c["id"] for c in gt["categories"]]
+    preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)
+    warnings += w
+    data = build_detection_data(gt, preds, check=False)
+    os.makedirs(output_dir, exist_ok=True)
+
+    metrics: "OrderedDict[str, Any]" = OrderedDict()
+    metrics["inputs"] = {
+        "ground_truth": os.path.basename(gt_name),
+        "predictions": os.path.basename(pred_name),
+        "num_images": data.num_images,
+        "num_lesion_images": int((data.gt_count_per_image() > 0).sum()),
+        "num_truth_boxes": int(len(data.gt_image)),
+        "num_predictions": int(len(data.pred_scores)),
+        "num_predictions_ignored": int(len(preds_raw) - len(preds)),
+        "categories": [str(c.get("name", c["id"])) for c in gt["categories"]],
+    }
+
+    # Penalized IoU
+    m = match_penalized_iou(data, piou_iou_thresh, piou_topk, piou_class_aware)
+    piou = penalized_iou_from_matches(m, piou_score_thresh)
+    metrics["piou"] = piou
+
+    # COCO AP
+    coco = coco_bbox_metrics(gt, preds)
+    metrics["bbox"] = coco["metrics"]
+    pr_curves = dict(coco["pr_curves"])
+    if len(gt["categories"]) > 1:
+        gt_a, preds_a = class_agnostic(gt, preds)
+        coco_a = coco_bbox_metrics(gt_a, preds_a)
+        metrics["bbox_agnostic"] = {k: v for k, v in coco_a["metrics"].items() if not k.startswith("AP-")}
+        if "lesion" in coco_a["pr_curves"]:
+            pr_curves["lesion (any class)"] = coco_a["pr_curves"]["lesion"]
+
+    # FROC
+    fr = froc(data, froc_hit, froc_iou)
+    froc_curve = fr.pop("curve")
+    metrics["froc"] = fr
+
+    # Image level and malignancy
+    il = image_level(data, score_thresh)
+    il_roc = il.pop("roc")
+    metrics["image_level"] = il
+    mal = malignancy(data, score_thresh)
+    mal_roc = None
+    if mal is not None:
+        mal_roc = mal.pop("roc")
+        metrics["malignancy"] = mal
+
+    # Bootstrap CIs
+    if bootstrap and bootstrap > 0:
+        from .bootstrap import bootstrap_metrics
+
+        metrics["bootstrap"] = bootstrap_metrics(
+            data,
+            n_resamples=int(bootstrap),
+            seed=int(seed),
+            piou_matches=m,
+            piou_score_thresh=piou_score_thresh,
+            froc_hit=froc_hit,
+            froc_iou=froc_iou,
+            with_malignancy=mal is not None,
+            estimates={
+                "AP50": metrics["bbox"].get("AP50"),
+                "piou": piou["score"],
+                "cpm": fr["cpm"],
+                "image_auc": il["auc"],
+                "malignancy_auc": mal["auc"] if mal is not None else None,
+            },
+        )
+
+    # Plots
+    plot_files: Dict[str, str] = {}
+    if plots:
+        from . import plots as P
+
+        plot_files["pr_curves"] = P.plot_pr_curves(pr_curves, os.path.join(output_dir, "pr_curves.png"))
+        plot_files["froc"] = P.plot_froc(
+            froc_curve["fps_per_image"],
+            froc_curve["sensitivity"],
+            fr["fps_per_image"],
+            fr["sensitivity"],
+            os.path.join(output_dir, "froc.png"),
+            hit_rule=_hit_rule_text(froc_hit, froc_iou),
+            cpm=fr["cpm"],
+        )
+        rocs = {}
+        if il_roc["fpr"]:
+            rocs["lesion present vs absent"] = (il_roc["fpr"], il_roc["tpr"], il["auc"])
+        if mal_roc is not None and mal_roc["fpr"]:
+            rocs["malignant vs benign"] = (mal_roc["fpr"], mal_roc["tpr"], mal["auc"])
+        plot_files["roc"] = P.plot_roc_curves(rocs, os.path.join(output_dir, "roc.png"))
+        if mal is not None:
+            cm = mal["confusion_matrix"]
+            plot_files["confusion_matrix"] = P.plot_confusion_matrix(
+                cm["counts"],
+                cm["rows_truth"],
+                cm["columns_predicted"],
+                os.path.join(output_dir, "confusion_matrix.png"),
+                title=f"Malignancy on lesion images (score >= {score_thresh:g})",
+            )
+        else:
+            plot_files["confusion_matrix"] = P.plot_confusion_matrix(
+                [[il["tn"], il["fp"]], [il["fn"], il["tp"]]],
+                ["no lesion", "lesion"],
+                ["no lesion", "lesion"],
+                os.path.join(output_dir, "confusion_matrix.png"),
+                title=f"Lesion present per image (top score >= {score_thresh:g})",
+            )
+        plot_files["piou_sweep"] = P.plot_piou_sweep(
+            piou["sweep"], piou_score_thresh, piou["score"], os.path.join(output_dir, "piou_vs_score_thresh.png")
+        )
+        plot_files = {k: os.path.basename(v) for k, v in plot_files.items() if v}
+    metrics["plots"] = plot_files
+    metrics["warnings"] = warnings
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+
+    atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    atomic_write_text(os.path.join(output_dir, "report.md"), render_report(metrics, title=title))
+    logger.info(
+        "Evaluation written to %s: AP50=%s piou=%s CPM=%s",
+        output_dir,
+        _fmt(metrics["bbox"].get("AP50"), 2),
+        _fmt(piou["score"]),
+        _fmt(fr["cpm"]),
+    )
+    return metrics
+
+
+def _hit_rule_text(hit: str, iou: Optional[float]) -> str:
+    return f"IoU >= {iou:g}" if hit == "iou" else "prediction centre inside the truth box"
+
+
+def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
+    """Markdown report from the metrics dict (tables, thresholds, CIs, plot file names)."""
+    inp = metrics["inputs"]
+    out: List[str] = [f"# {title or 'Detection evaluation report'}\n"]
+    out.append(
+        f"- Ground truth: `{inp['ground_truth']}`: {inp['num_images']} images "
+        f"({inp['num_lesion_images']} with lesions), {inp['num_truth_boxes']} truth boxes, "
+        f"categories: {', '.join(inp['categories'])}\n"
+        f"- Predictions: `{inp['predictions']}`: {inp['num_predictions']} detections scored, "
+        f"{inp['num_predictions_ignored']} ignored\n"
+    )
+    if metrics.get("warnings"):
+        out.append("\n## Input problems\n")
+        out.extend(f"- {w}\n" for w in metrics["warnings"])
+
+    bbox = metrics["bbox"]
+    out.append("\n## COCO box AP (percent)\n\n")
+    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    rows = [["all classes (mean)"] + [bbox.get(c) for c in cols]]
+    if "bbox_agnostic" in metrics:
+        rows.append(["lesion (class-agnostic)"] + [metrics["bbox_agnostic"].get(c) for c in cols])
+    out.append(_table(["classes"] + cols, rows, 2))
+    per_class = [(k[3:], v) for k, v in bbox.items() if k.startswith("AP-")]
+    if per_class:
+        out.append("\nPer class AP (IoU 0.50:0.95):\n\n")
+        out.append(_table(["class", "AP"], per_class, 2))
+
+    p = metrics["piou"]
+    out.append("\n## Penalized IoU\n\n")
+    out.append(
+        f"Score threshold s = {p['score_thresh']:g}, IoU threshold t = {p['iou_thresh']:g}, "
+        f"top-k = {p['topk']} per image, {'class-aware' if p.get('class_aware') else 'class-agnostic'}. "
+        "score = sum(IoU of TPs) / (TP + FP + FN); images with no truth and no kept prediction "
+        "(TN) are left out.\n\n"
+    )
+    out.append(
+        _table(
+            ["score", "TP", "FP", "FN", "TN", "mean IoU of TPs"],
+            [[p["score"], p["tp"], p["fp"], p["fn"], p["tn"], p["mean_iou_tp"]]],
+        )
+    )
+    out.append(
+        f"\nBest over the sweep s = 0.05 .. 0.95: **{_fmt(p['best_score'])}** at s = {_fmt(p['best_score_thresh'], 2)}.\n\n"
+    )
+    sw = p["sweep"]
+    out.append(
+        _table(
+            ["s", "score", "TP", "FP", "FN", "TN"],
+            [[f"{s:.2f}", sc, tp, fp, fn, tn] for s, sc, tp, fp, fn, tn in zip(sw["score_thresh"], sw["score"], sw["tp"], sw["fp"], sw["fn"], sw["tn"])],
+        )
+    )
+
+    fr = metrics["froc"]
+    out.append("\n## FROC\n\n")
+    out.append(
+        f"Hit rule: {_hit_rule_text(fr['hit'], fr.get('iou_thresh'))} (`--froc-hit {fr['hit']}`), "
+        "any class. Each truth box counts once; further hits on a found box are neither TP nor FP; "
+        "a prediction hitting nothing is an FP. Sensitivity at a rate is the highest reached at an "
+        f"average FP/image not above it. {fr['num_lesions']} lesions in {fr['num_images']} images.\n\n"
+    )
+    out.append(
+        _table(
+            ["FP / image"] + [f"{r:g}" for r in fr["fps_per_image"]] + ["CPM"],
+            [["sensitivity"] + list(fr["sensitivity"]) + [fr["cpm"]]],
+        )
+    )
+
+    il = metrics["image_level"]
+    out.append("\n## Image level: lesion present vs absent\n\n")
+    out.append(
+        f"Top detection score per image (0 without detection); call 'lesion' at score >= {il['score_thresh']:g}. "
+        f"{il['num_lesion_images']} lesion images, {il['num_normal_images']} normal images.\n\n"
+    )
+    out.append(
+        _table(
+            ["ROC AUC", "sensitivity", "specificity", "PPV", "NPV", "TP", "FP", "TN", "FN"],
+            [[il["auc"], il["sensitivity"], il["specificity"], il["ppv"], il["npv"], il["tp"], il["fp"], il["tn"], il["fn"]]],
+        )
+    )
+
+    if "malignancy" in metrics:
+        mal = metrics["malignancy"]
+        out.append("\n## Malignant vs benign (lesion images)\n\n")
+        out.append(
+            "Malignancy score = top malignant detection score - top benign detection score (ROC AUC); "
+            f"call = class of the top detection with score >= {mal['score_thresh']:g} "
+            "('no detection' counts as not malignant).\n\n"
+        )
+        out.append(
+            _table(
+                ["ROC AUC", "sensitivity", "specificity", "PPV", "NPV", "malignant", "benign"],
+                [[mal["auc"], mal["sensitivity"], mal["specificity"], mal["ppv"], mal["npv"], mal["num_malignant"], mal["num_benign"]]],
+            )
+        )
+        cm = mal["confusion_matrix"]
+        out.append("\nConfusion matrix (rows: truth, columns: prediction):\n\n")
+        out.append(_table(["truth \\ predicted"] + cm["columns_predicted"], [[t] + r for t, r in zip(cm["rows_truth"], cm["counts"])]))
+
+    if "bootstrap" in metrics:
+        b = metrics["bootstrap"]
+        out.append("\n## Bootstrap 95% confidence intervals\n\n")
+        out.append(
+            f"{b['n_resamples']} resamples of the images with replacement (seed {b['seed']}), percentile intervals.\n\n"
+        )
+        rows = [[name, v["estimate"], v["low"], v["high"]] for name, v in b["metrics"].items()]
+        out.append(_table(["metric", "estimate", "2.5%", "97.5%"], rows))
+
+    if metrics.get("plots"):
+        out.append("\n## Plots\n\n")
+        captions = {
+            "pr_curves": "Precision-recall curves",
+            "froc": "FROC curve",
+            "roc": "ROC curves",
+            "confusion_matrix": "Confusion matrix",
+            "piou_sweep": "Penalized IoU vs score threshold",
+        }
+        for key, fname in metrics["plots"].items():
+            out.append(f"### {captions.get(key, key)}\n\n![{captions.get(key, key)}]({fname})\n\n")
+    return "".join(out)
