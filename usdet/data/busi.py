@@ -30,7 +30,6 @@ import numpy as np
 
 from usdet.data.coco import PixelStats, categories_for, image_moments, mask_to_annotation, write_coco_dataset
 from usdet.data.split import SPLITS, group_stratified_split, parse_fractions
-from usdet.utils.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,9 @@ def _decode(root: str, rel: str, is_mask: bool) -> Tuple[np.ndarray, List[str]]:
     if data.size == 0:
         raise _Skip(rel, f"{kind} is a zero-byte file")
     notes: List[str] = []
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    # masks: one channel at native depth is all a mask needs (and decodes faster than colour)
+    flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH if is_mask else cv2.IMREAD_UNCHANGED
+    arr = cv2.imdecode(data, flags)
     if arr is None:
         # OpenCV says nothing about why; Pillow names the problem (truncated, not an image, ...)
         from usdet.data.image_io import ImageReadError, read_image
@@ -232,6 +233,8 @@ def _decode(root: str, rel: str, is_mask: bool) -> Tuple[np.ndarray, List[str]]:
         except ImageReadError as e:
             raise _Skip(rel, f"{kind} unreadable: {e.reason}") from None
         notes.append(f"{kind} decoded by Pillow (OpenCV could not)")
+        if is_mask:
+            return rgb.max(axis=2), notes
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), notes
     if not data[:8].tobytes().startswith(_PNG_SIGNATURE) and rel.lower().endswith(".png"):
         notes.append(f"{kind} has a .png name but is not PNG data")
@@ -257,9 +260,15 @@ def _decode(root: str, rel: str, is_mask: bool) -> Tuple[np.ndarray, List[str]]:
 
 
 def _mask_bool(arr: np.ndarray) -> np.ndarray:
-    """Binary mask from any mask encoding (1-bit, 0/255 gray, 0/1 gray, RGB, RGBA)."""
+    """Binary mask from any mask encoding (1-bit, 0/255 or 0/1 gray, 16-bit, colour read as gray).
+
+    Thresholds at half the mask's own maximum, so 0/1 and 0/255 masks (and a coloured mask
+    converted to gray) all work; an all-zero mask stays empty.
+    """
     gray = arr.max(axis=2) if arr.ndim == 3 else arr
-    top = int(gray.max()) if gray.size else 0
+    top = float(cv2.minMaxLoc(gray)[1]) if gray.size else 0.0
+    if top == 0:
+        return np.zeros(gray.shape, bool)
     return gray > (0 if top <= 1 else top / 2)
 
 
@@ -306,6 +315,33 @@ def _small_gray(gray: np.ndarray) -> Tuple[np.ndarray, bytes]:
     return vec.astype(np.float16), np.packbits(dhash.hash.ravel()).tobytes()
 
 
+def _write_output_image(path: str, data: bytes) -> None:
+    """Write an encoded image via a temp file + rename (a killed run never leaves a partial file).
+
+    Unlike usdet.utils.io.atomic_write there is no fsync per image (it doubled the run time);
+    convert_busi syncs once before writing the JSONs, so JSONs never point at unflushed images.
+    An identical existing file is left alone, which keeps re-runs fast and byte-identical.
+    """
+    try:
+        if os.path.getsize(path) == len(data):
+            with open(path, "rb") as fh:
+                if fh.read() == data:
+                    return
+    except OSError:
+        pass
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 _WORKER: Dict[str, Any] = {}
 
 
@@ -323,8 +359,10 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         img, notes = _decode(root, src.image, is_mask=False)
         result["notes"] += [(src.image, n) for n in notes]
         h, w = img.shape[:2]
-        if img.ndim == 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]):
-            img = img[..., 0]  # R=G=B: one channel is the whole image (smaller, faster file)
+        if img.ndim == 3:
+            b, g, r = cv2.split(img)
+            if not cv2.countNonZero(cv2.absdiff(b, g)) and not cv2.countNonZero(cv2.absdiff(b, r)):
+                img = b  # R=G=B: one channel is the whole image (smaller, faster file)
         masks: List[Tuple[str, np.ndarray]] = []
         if not src.masks and src.label in LESION_CLASSES:
             raise _Skip(src.image, f"mask missing (expected {src.name}_mask.png beside the image)")
@@ -337,14 +375,16 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
                 raise _Skip(rel, f"mask is {marr.shape[1]}x{marr.shape[0]} but its image {src.image} "
                                  f"is {w}x{h}")
             masks.append((rel, _mask_bool(marr)))
-        nonempty = [(rel, m) for rel, m in masks if m.any()]
+        nonempty = []
+        for rel, m in masks:
+            if m.any():
+                nonempty.append((rel, m))
+            elif src.label in LESION_CLASSES:
+                result["notes"].append((rel, "empty mask: no annotation"))
         if src.label == "normal" and nonempty:
             raise _Skip(src.image, f"normal image with a non-empty mask ({nonempty[0][0]}): label conflict")
         if src.label in LESION_CLASSES and not nonempty:
             raise _Skip(src.image, f"{src.label} image whose masks are all empty (no lesion to box)")
-        for rel, m in masks:
-            if src.label in LESION_CLASSES and not m.any():
-                result["notes"].append((rel, "empty mask: no annotation"))
 
         # exact-duplicate fingerprint of the source pixels (before crop/resize)
         result["pixel_sha"] = hashlib.sha256(np.ascontiguousarray(img).data).hexdigest()[:32] + f":{w}x{h}"
@@ -374,14 +414,14 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         ok, buf = cv2.imencode(ext, np.ascontiguousarray(out), params)
         if not ok:
             raise _Skip(src.image, f"could not encode the output image as {ext}")
-        atomic_write_bytes(os.path.join(out_dir, file_name), buf.tobytes())
+        _write_output_image(os.path.join(out_dir, file_name), buf.tobytes())
 
         anns = []
         for rel, m in masks:
-            if not m.any():
+            ann = mask_to_annotation(m, category_id=_WORKER["cat_ids"][src.label])
+            if ann is None:
                 result["notes"].append((rel, "lesion lies outside the kept region: no annotation"))
                 continue
-            ann = mask_to_annotation(m, category_id=_WORKER["cat_ids"][src.label])
             ann["source_mask"] = rel
             anns.append(ann)
         if src.label in LESION_CLASSES and not anns:
@@ -604,6 +644,8 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
     if crop_note:
         report["crop_note"] = crop_note
     _remove_stale_images(out_dir, {jobs[i][2] for i in kept})
+    if hasattr(os, "sync"):
+        os.sync()  # every image is on disk before any JSON refers to it
     write_coco_dataset(out_dir, images_by_split, anns_by_split, categories, report=report,
                        pixel_stats=stats.result("train"),
                        info={"description": "BUSI (Al-Dhabyani et al. 2020, Data in Brief 28:104863), "

@@ -11,9 +11,6 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json
-
 logger = logging.getLogger(__name__)
 
 _DEFAULT_ROOT = "datasets"
@@ -35,6 +32,10 @@ def _categories(json_file: str) -> Tuple[List[int], List[str]]:
 
 def register_usdet_dataset(name: str, json_file: str, image_root: str) -> None:
     """Register one COCO JSON under ``name``; a repeated call replaces the earlier entry harmlessly."""
+    # imported here so that ``import usdet.data`` stays light (no torch) when nothing is registered
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets.coco import load_coco_json
+
     json_file = os.path.abspath(json_file)
     image_root = os.path.abspath(image_root)
     cat_ids, thing_classes = _categories(json_file)
