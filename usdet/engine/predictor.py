@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -298,3 +299,80 @@ def build_predictor_cfg(
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device here")
     cfg.freeze()
     return cfg
+
+
+def _overlay_writer(out_dir: str) -> Callable[[dict, np.ndarray], None]:
+    """``on_frame`` callback drawing each frame's boxes (full frame, crop box shown) into out_dir."""
+    import re
+
+    from usdet.utils.io import atomic_write_image
+    from usdet.visualization.overlay import draw_overlay
+
+    used: set = set()
+
+    def write(rec: dict, original: np.ndarray) -> None:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(rec["source"]))[0])
+        if rec["frame"] is not None:
+            stem += f"_f{rec['frame']}"
+        name, k = stem, 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}"
+        used.add(name)
+        boxes = rec["boxes"]
+        h, w = original.shape[:2]
+        full = list(rec["crop_box"]) == [0, 0, w, h]
+        img = draw_overlay(
+            original,
+            pred_boxes=[b["bbox_xyxy_original"] for b in boxes],
+            pred_scores=[b["score"] for b in boxes],
+            pred_labels=[b["class"] for b in boxes],
+            crop_box=None if full else rec["crop_box"],
+            title=f"{len(boxes)} detection(s)",
+        )
+        atomic_write_image(os.path.join(out_dir, name + ".png"), img)
+        rec["overlay"] = os.path.join("overlays", name + ".png")
+
+    return write
+
+
+def run_predict_tool(args) -> int:
+    """Body of tools/predict.py (see its --help); returns the exit status."""
+    from usdet.data.sources import list_sources
+    from usdet.utils.io import atomic_write_json
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    opts = [o for o in (args.opts or []) if o != "--"]
+    cfg = build_predictor_cfg(args.config_file, args.weights, args.device, opts)
+    predictor = BatchPredictor(cfg, batch_size=args.batch_size)
+    sources = list_sources(args.input)
+    if not sources:
+        print(f"no inputs found in {' '.join(args.input)}", file=sys.stderr)
+        return 1
+    os.makedirs(args.output, exist_ok=True)
+    on_frame = _overlay_writer(os.path.join(args.output, "overlays")) if args.overlays else None
+    records, failures = predict_sources(
+        predictor, sources, score_thresh=args.score_thresh, crop=not args.no_crop,
+        on_frame=on_frame, progress=not args.no_progress,
+    )
+    atomic_write_json(os.path.join(args.output, "predictions.json"), records)
+    report = {
+        "config_file": args.config_file,
+        "weights": args.weights,
+        "device": str(predictor.device),
+        "score_thresh": args.score_thresh,
+        "crop": not args.no_crop,
+        "num_sources": len(sources),
+        "num_frames": len(records),
+        "num_boxes": sum(len(r["boxes"]) for r in records),
+        "crop_notes": [{"source": r["source"], "frame": r["frame"], "note": r["crop_note"]}
+                       for r in records if "crop_note" in r],
+        "failures": failures,
+    }
+    atomic_write_json(os.path.join(args.output, "report.json"), report)
+    print(f"{len(records)} frame(s) from {len(sources) - len({f['source'] for f in failures})} of "
+          f"{len(sources)} source(s), {report['num_boxes']} box(es) >= {args.score_thresh}; "
+          f"{len(failures)} failed -> {os.path.join(args.output, 'predictions.json')}")
+    for f in failures:
+        print(f"  FAILED {f['source']}: {f['reason']}", file=sys.stderr)
+    return 0 if records else 1

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Grad-CAM-family heatmaps (pytorch-grad-cam EigenCAM / AblationCAM) for each detection.
+
+Writes OUTPUT/<image>_<method>_det<k>.png (heatmap over the image with the detection's box;
+<image>_<method>_image.png when nothing is detected, EigenCAM only) and OUTPUT/gradcam.json.
+Give the images the model saw (cropped frames, e.g. from a converted dataset's images/).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--input", required=True, nargs="+", help="images, folders or DICOM files")
+    p.add_argument("--output", required=True)
+    p.add_argument("--method", default="eigencam", choices=["eigencam", "ablationcam"])
+    p.add_argument("--layer", nargs="+", default=["backbone.bottom_up.res4"],
+                   help="module name(s), e.g. backbone.bottom_up.res3, backbone.bottom_up.res4, backbone")
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--ablation-batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from usdet.data.sources import list_sources
+    from usdet.engine.predictor import build_predictor_cfg, thing_classes_for
+    from usdet.visualization.gradcam import DetectorCAM, write_cams
+
+    cfg = build_predictor_cfg(args.config_file, args.weights, args.device, [o for o in args.opts if o != "--"])
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        cam = DetectorCAM(model, cfg, args.method, args.layer, ablation_batch_size=args.ablation_batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sources = list_sources(args.input)
+    summary = write_cams(cam, sources, args.output, thing_classes_for(cfg), args.score_thresh,
+                         progress=not args.no_progress)
+    print(f"{len(summary['pictures'])} heatmap picture(s) in {args.output}; {len(summary['failures'])} failed")
+    for f in summary["failures"]:
+        print(f"  FAILED {f['source']}: {f['reason']}", file=sys.stderr)
+    return 0 if summary["pictures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Draw truth vs predictions for every image of a COCO ground truth, named by outcome.
+
+Reads detectron2's coco_instances_results.json (from --eval-only or tools/evaluate_json.py
+inputs) and writes OUTPUT/<TP|FP|FN|TN...>_iou<x>_<image>.png, contact sheets of the worst false
+positives and misses, and OUTPUT/summary.json. With --original the boxes are also drawn on the full
+source frame (through each image's crop_box) under OUTPUT/original/.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="coco_instances_results.json")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", help="registered dataset name, e.g. busi_test")
+    g.add_argument("--gt", help="ground-truth COCO JSON (OUT/annotations/<split>.json)")
+    p.add_argument("--image-root", default=None, help="folder file_name is relative to (default: the layout root)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--conf-threshold", type=float, default=0.5, help="draw and count predictions >= this score")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a prediction to hit a truth box")
+    p.add_argument("--original", action="store_true", help="also draw on the full source frames")
+    p.add_argument("--source-root", default=None, help="folder each image's source_file is relative to")
+    p.add_argument("--worst", type=int, default=16, help="tiles per contact sheet (0: no sheets)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from usdet.visualization.overlay import load_ground_truth, visualize_coco_results
+
+    try:
+        gt, image_root = load_ground_truth(args.gt, args.dataset)
+        with open(args.input) as f:
+            predictions = json.load(f)
+        if not isinstance(predictions, list):
+            raise ValueError(f"{args.input}: expected a list of COCO results")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = visualize_coco_results(
+        gt, predictions, args.image_root or image_root, args.output,
+        conf_threshold=args.conf_threshold, iou_thresh=args.iou_threshold, original=args.original,
+        source_root=args.source_root, worst_k=args.worst, progress=not args.no_progress,
+    )
+    outcomes = ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items())
+    print(f"{len(summary['images'])} overlays in {args.output} ({outcomes}); "
+          f"{len(summary['failures'])} problem(s)")
+    for f in summary["failures"]:
+        print(f"  {f['file_name']}: {f['reason']}", file=sys.stderr)
+    return 0 if summary["images"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Class-activation heatmaps for detectron2's Faster R-CNN, through pytorch-grad-cam.
+
+Hand-written hook CAMs break on two-stage detectors (no single logit to back-propagate; the
+original study could not get one to work). pytorch-grad-cam's gradient-free EigenCAM (first
+principal component of a layer's activations) and AblationCAM (drop in a detection's score
+when each channel is removed) work with detectors; all they need is a model that maps an image
+tensor to torchvision-style detections, which :class:`DetectronCAMModel` provides.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+METHODS = ("eigencam", "ablationcam")
+DEFAULT_LAYER = "backbone.bottom_up.res4"
+
+
+class DetectronCAMModel(nn.Module):
+    """Adapter: ``(N,3,H,W)`` float tensor in the model's input format (already resized) ->
+    ``[{"boxes", "labels", "scores"}]`` per image, the output pytorch-grad-cam's detector
+    targets (``FasterRCNNBoxScoreTarget``) expect."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> List[dict]:
+        h, w = x.shape[-2:]
+        inputs = [{"image": im, "height": h, "width": w} for im in x]
+        outputs = self.model.inference(inputs, do_postprocess=True)
+        result = []
+        for o in outputs:
+            inst = o["instances"]
+            result.append({"boxes": inst.pred_boxes.tensor, "labels": inst.pred_classes, "scores": inst.scores})
+        return result
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """Module of ``model`` named ``name`` (e.g. ``backbone.bottom_up.res4``).
+
+    A detectron2 ResNet stage resolves to its last block: ResNet runs its stages from its own
+    list, so AblationCAM's swap of the named module would otherwise be bypassed; the last
+    block's output *is* the stage's output, so the heatmap is the same.
+    """
+    name = name[len("model."):] if name.startswith("model.") else name
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        stages = [n for n, _ in model.named_modules() if n.count(".") <= 2 and n.startswith("backbone")]
+        raise ValueError(f"no layer {name!r} in the model; e.g. {', '.join(stages[:12])}") from None
+    if isinstance(layer, nn.Sequential) and len(layer) > 0:
+        layer = layer[-1]
+    return layer
+
+
+def _dict_reshape(x):
+    """FPN-like layers return {level: map}: bring all levels to the finest size and stack channels."""
+    if isinstance(x, dict):
+        maps = list(x.values())
+        size = maps[0].shape[-2:]
+        return torch.cat([nn.functional.interpolate(m.abs(), size, mode="bilinear", align_corners=False)
+                          for m in maps], dim=1)
+    return x
+
+
+@dataclass
+class Detection:
+    box: np.ndarray  # xyxy in the input image's pixels
+    score: float
+    label: int
+
+
+@dataclass
+class CamResult:
+    """Heatmap (HxW float in [0, 1], input image size) for one detection (``None``: image-level)."""
+
+    detection: Optional[Detection]
+    heatmap: np.ndarray
+
+
+class DetectorCAM:
+    """Heatmaps for the detections of a detectron2 model on RGB images.
+
+    ``method``: ``eigencam`` (one class-agnostic map per image, fast) or ``ablationcam`` (one map
+    per detection, for that detection's box and class; one forward per channel batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg,
+        method: str = "eigencam",
+        layers: Sequence[str] = (DEFAULT_LAYER,),
+        ablation_batch_size: int = 32,
+        ratio_channels_to_ablate: float = 1.0,
+    ):
+        from detectron2.data import transforms as T
+
+        if method not in METHODS:
+            raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+        self.method = method
+        self.model = model.eval()
+        self.adapter = DetectronCAMModel(self.model)
+        self.layer_names = list(layers)
+        self.layers = [resolve_layer(self.model, n) for n in self.layer_names]
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+        self.device = next(self.model.parameters()).device
+        self.ablation_batch_size = ablation_batch_size
+        self.ratio = ratio_channels_to_ablate
+
+    def _input(self, image_rgb: np.ndarray) -> torch.Tensor:
+        img = image_rgb[:, :, ::-1] if self.input_format == "BGR" else image_rgb
+        img = self.aug.get_transform(img).apply_image(img)
+        return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)), dtype=torch.float32)[None].to(self.device)
+
+    def _cam(self) -> Callable:
+        from pytorch_grad_cam import AblationCAM, EigenCAM
+
+        if self.method == "eigencam":
+            return EigenCAM(self.adapter, self.layers, reshape_transform=_dict_reshape)
+        from pytorch_grad_cam.ablation_layer import AblationLayer
+
+        return AblationCAM(self.adapter, self.layers, reshape_transform=None, ablation_layer=AblationLayer(),
+                           batch_size=self.ablation_batch_size, ratio_channels_to_ablate=self.ratio)
+
+    def __call__(self, image_rgb: np.ndarray, score_thresh: float = 0.5, max_detections: int = 10) -> List[CamResult]:
+        """Detections above ``score_thresh`` (best first) with their heatmaps, in ``image_rgb``'s pixels.
+
+        With no detection, EigenCAM still returns the image-level map (``detection=None``).
+        """
+        from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+        h, w = image_rgb.shape[:2]
+        x = self._input(image_rgb)
+        sy, sx = h / x.shape[-2], w / x.shape[-1]
+        with torch.no_grad():
+            det = self.adapter(x)[0]
+        keep = (det["scores"] >= score_thresh).nonzero().flatten()[:max_detections]
+        boxes = det["boxes"][keep].cpu().numpy()
+        labels = det["labels"][keep].cpu().numpy()
+        scores = det["scores"][keep].cpu().numpy()
+        dets = [Detection(b * np.array([sx, sy, sx, sy]), float(s), int(l)) for b, s, l in zip(boxes, scores, labels)]
+
+        def to_image(cam: np.ndarray) -> np.ndarray:
+            return np.clip(cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+        cam = self._cam()
+        try:
+            if self.method == "eigencam":
+                target = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+                with torch.no_grad():
+                    heat = to_image(cam(x, targets=target)[0])
+                if not dets:
+                    return [CamResult(None, heat)]
+                return [CamResult(d, heat) for d in dets]
+            results = []
+            for b, l, d in zip(boxes, labels, dets):
+                target = [FasterRCNNBoxScoreTarget(labels=[l], bounding_boxes=[b])]
+                with torch.no_grad():
+                    results.append(CamResult(d, to_image(cam(x, targets=target)[0])))
+            return results
+        finally:
+            cam.activations_and_grads.release()
+
+
+def render_cam(
+    image_rgb: np.ndarray, result: CamResult, class_names: Sequence[str] = (), title: Optional[str] = None
+) -> np.ndarray:
+    """Heatmap blended over the image (pytorch-grad-cam's ``show_cam_on_image``) with the box drawn."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from .overlay import PRED_COLOR, OverlayVisualizer, overlay_scale
+
+    blended = show_cam_on_image(image_rgb.astype(np.float32) / 255.0, result.heatmap, use_rgb=True, image_weight=0.55)
+    vis = OverlayVisualizer(blended, scale=overlay_scale(*image_rgb.shape[:2]))
+    if result.detection is not None:
+        d = result.detection
+        name = class_names[d.label] if d.label < len(class_names) else str(d.label)
+        vis.draw_labeled_box(d.box, PRED_COLOR, f"{name} {d.score:.2f}")
+    if title:
+        vis.add_legend([("detection", PRED_COLOR)], title=title)
+    return vis.get_output().get_image()
+
+
+def write_cams(
+    cam: DetectorCAM,
+    image_paths: Sequence[str],
+    output_dir: str,
+    class_names: Sequence[str] = (),
+    score_thresh: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Heatmap pictures ``<stem>_<method>_det<k>.png`` (``_image`` when nothing is detected) for
+    each input; unreadable inputs are listed with the reason. Returns a summary dict."""
+    from tqdm import tqdm
+
+    from usdet.data.sources import iter_source_frames
+    from usdet.utils.io import atomic_write_image, atomic_write_json
+
+    written, failures = [], []
+    layer_text = ", ".join(cam.layer_names)
+    for path in tqdm(image_paths, desc=cam.method, unit="img", disable=not progress):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        try:
+            frames = list(iter_source_frames(path))
+        except Exception as e:
+            failures.append({"source": path, "reason": getattr(e, "reason", str(e))})
+            tqdm.write(f"skipped {path}: {getattr(e, 'reason', e)}")
+            continue
+        for frame_index, image in frames:
+            fstem = stem if frame_index is None else f"{stem}_f{frame_index}"
+            results = cam(image, score_thresh=score_thresh)
+            for k, r in enumerate(results):
+                suffix = f"det{k}" if r.detection is not None else "image"
+                name = f"{fstem}_{cam.method}_{suffix}.png"
+                title = f"{cam.method} @ {layer_text}"
+                atomic_write_image(os.path.join(output_dir, name), render_cam(image, r, class_names, title))
+                entry = {"source": path, "frame": frame_index, "file": name}
+                if r.detection is not None:
+                    entry.update(box_xyxy=[round(float(v), 2) for v in r.detection.box],
+                                 score=round(r.detection.score, 4), label=r.detection.label)
+                written.append(entry)
+    summary = {"method": cam.method, "layers": cam.layer_names, "score_thresh": score_thresh,
+               "pictures": written, "failures": failures}
+    atomic_write_json(os.path.join(output_dir, "gradcam.json"), summary)
+    return summary
