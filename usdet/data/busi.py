@@ -22,7 +22,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -293,11 +293,11 @@ def _crop_box(bgr: np.ndarray, crop: str) -> Tuple[List[int], Optional[str]]:
     result = finder(rgb)
     box = getattr(result, "box", None)
     if box is None:
-        return whole, f"crop: no image region found ({getattr(result, 'reason', 'no reason given')}); kept whole image"
+        return whole, f"no image region found ({getattr(result, 'reason', 'no reason given')})"
     x0, y0, x1, y1 = (int(v) for v in box)
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
     if x1 - x0 < 2 or y1 - y0 < 2:
-        return whole, f"crop: region {list(box)} is empty; kept whole image"
+        return whole, f"cropper returned an empty region {list(box)}"
     return [x0, y0, x1, y1], None
 
 
@@ -389,9 +389,9 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         # exact-duplicate fingerprint of the source pixels (before crop/resize)
         result["pixel_sha"] = hashlib.sha256(np.ascontiguousarray(img).data).hexdigest()[:32] + f":{w}x{h}"
 
-        crop_box, note = _crop_box(img, opt.crop)
-        if note:
-            result["notes"].append((src.image, note))
+        crop_box, refusal = _crop_box(img, opt.crop)
+        result["crop"] = ("refused: " + refusal) if refusal else (
+            "cropped" if crop_box != [0, 0, w, h] else "whole image")
         x0, y0, x1, y1 = crop_box
         out = img[y0:y1, x0:x1]
         masks = [(rel, m[y0:y1, x0:x1]) for rel, m in nonempty]
@@ -517,6 +517,8 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
         crop_used = "none"
         crop_note = "usdet.data.crop is not installed: --crop auto fell back to none"
         logger.warning("busi: %s", crop_note)
+    requested_crop = opt.crop
+    opt = replace(opt, crop=crop_used, classes=list(opt.classes))
     categories = categories_for(opt.classes)
     cat_ids = {lbl: (1 if opt.classes == ["lesion"] else opt.classes.index(lbl) + 1) for lbl in LESION_CLASSES}
 
@@ -630,7 +632,7 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
     report = {
         "dataset": "busi",
         "options": {"classes": list(opt.classes), "split": [round(f, 6) for f in opt.fractions], "seed": opt.seed,
-                    "crop": opt.crop, "crop_used": crop_used, "image_format": opt.image_format,
+                    "crop": requested_crop, "image_format": opt.image_format,
                     "max_size": opt.max_size, "near_dup_corr": opt.near_dup_corr,
                     "near_dup_hamming": opt.near_dup_hamming},
         "found": found,
@@ -641,8 +643,10 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
         "skipped": sorted(skipped, key=lambda s: (_natural_key(s["file"]), s["reason"])),
         "notes": sorted(notes, key=lambda s: (_natural_key(s["file"]), s["note"])),
     }
+    crop_outcomes = Counter(results[i]["crop"] for i in kept)
+    report["crop"] = {"requested": requested_crop, "used": crop_used, "outcomes": dict(sorted(crop_outcomes.items()))}
     if crop_note:
-        report["crop_note"] = crop_note
+        report["crop"]["note"] = crop_note
     _remove_stale_images(out_dir, {jobs[i][2] for i in kept})
     if hasattr(os, "sync"):
         os.sync()  # every image is on disk before any JSON refers to it
