@@ -283,20 +283,14 @@ def predict_sources(
 def build_predictor_cfg(
     config_file: str, weights: str, device: Optional[str] = None, opts: Sequence[str] = ()
 ) -> CfgNode:
-    """detectron2 config with usdet's keys, ``config_file`` merged, weights and device set."""
-    from detectron2.config import get_cfg
+    """The run's config through usdet's one config path (``usdet.engine.setup.build_config``:
+    usdet keys, file, overrides, input normalization resolved), with weights and device set."""
+    from usdet.engine.setup import build_config
 
-    from usdet.config import add_usdet_config
-
-    cfg = get_cfg()
-    add_usdet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.WEIGHTS = weights
-    if device:
-        cfg.MODEL.DEVICE = device
-    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device here")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device here (use --device cpu)")
+    extra = ["MODEL.WEIGHTS", weights] + (["MODEL.DEVICE", device] if device else [])
+    cfg = build_config(config_file, list(opts) + extra)
     cfg.freeze()
     return cfg
 

@@ -1,0 +1,187 @@
+"""Prediction on new frames: exact box mapping, batching = DefaultPredictor, images + multi-frame
+DICOM + bad inputs through tools/predict.py."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from usdet.engine.predictor import BatchPredictor, build_predictor_cfg, map_boxes_to_original
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
+ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # an untrained model: keep every box
+
+
+def test_map_boxes_to_original_is_an_exact_shift():
+    boxes = np.array([[0.0, 0.0, 10.0, 20.0], [5.5, 6.25, 7.75, 100.0]])
+    out = map_boxes_to_original(boxes, (37, 12, 300, 400))
+    np.testing.assert_array_equal(out, [[37.0, 12.0, 47.0, 32.0], [42.5, 18.25, 44.75, 112.0]])
+    # a box touching the crop's exclusive right/bottom edge lands on the source's exclusive edge
+    np.testing.assert_array_equal(map_boxes_to_original([[0, 0, 263, 388]], (37, 12, 300, 400)),
+                                  [[37, 12, 300, 400]])
+    np.testing.assert_array_equal(map_boxes_to_original(boxes, None), boxes)
+    assert map_boxes_to_original(np.zeros((0, 4)), (1, 2, 3, 4)).shape == (0, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """Config file + randomly initialized weights of the quick R18-FPN (structure, not accuracy)."""
+    from detectron2.modeling import build_model
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    cfg = build_predictor_cfg(QUICK_CFG, "", "cpu", ALL_BOXES)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    weights = str(d / "model.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    return QUICK_CFG, weights
+
+
+def test_batch_predictor_matches_default_predictor(tiny_model):
+    from detectron2.engine import DefaultPredictor
+
+    cfg = build_predictor_cfg(tiny_model[0], tiny_model[1], "cpu", ALL_BOXES)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (100, 140, 3), dtype=np.uint8) for _ in range(3)]
+    batched = BatchPredictor(cfg, batch_size=3)(images)
+    single = DefaultPredictor(cfg)
+    for img, got in zip(images, batched):
+        ref = single(img[:, :, ::-1])["instances"].to("cpu")  # DefaultPredictor takes BGR
+        assert len(got) == len(ref) > 0
+        np.testing.assert_allclose(got.pred_boxes.tensor.numpy(), ref.pred_boxes.tensor.numpy(), atol=1e-3)
+        np.testing.assert_allclose(got.scores.numpy(), ref.scores.numpy(), atol=1e-4)
+
+
+def _write_multiframe_dicom(path, frames, patient_name="Doe^Jane", patient_id="MRN-0042"):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.Rows, ds.Columns = frames[0].shape[:2]
+    ds.NumberOfFrames = len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.stack(frames).astype(np.uint8).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Scanner screens around phantoms (PNG + 3-frame DICOM), a cropped phantom, and a corrupt file."""
+    from usdet.data.phantom import render_phantom
+    from usdet.data.screens import make_screen
+    from usdet.utils.io import atomic_write_image
+
+    d = tmp_path_factory.mktemp("predict_inputs")
+    rng = np.random.default_rng(3)
+    screens = []
+    for _ in range(4):
+        img, _, _ = render_phantom(rng, (120, 150), kinds=["benign"])
+        screens.append(make_screen(rng, img, probe="linear", theme="dark", canvas=(260, 200), gain=1.0,
+                                   doppler=False).frame)
+    atomic_write_image(str(d / "frames" / "screen.png"), screens[0])
+    cropped, _, _ = render_phantom(rng, (110, 130), kinds=["malignant"])
+    atomic_write_image(str(d / "frames" / "already_cropped.png"), cropped)
+    _write_multiframe_dicom(d / "clip.dcm", screens[1:])
+    (d / "frames" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d
+
+
+def _run_tool(argv):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import predict
+    finally:
+        sys.path.pop(0)
+    return predict.main(argv)
+
+
+def test_predict_tool_images_dicom_and_bad_inputs(tiny_model, inputs, tmp_path, capsys):
+    from usdet.data.crop import find_image_region
+    from usdet.data.sources import iter_source_frames
+
+    out = tmp_path / "out"
+    missing = str(inputs / "no_such_frame.png")
+    rc = _run_tool(["--config-file", tiny_model[0], "--weights", tiny_model[1],
+                    "--input", str(inputs / "frames"), str(inputs / "clip.dcm"), missing,
+                    "--output", str(out), "--score-thresh", "0.2", "--batch-size", "3", "--device", "cpu",
+                    "--overlays", "--no-progress", *ALL_BOXES])
+    assert rc == 0
+    records = json.loads((out / "predictions.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+
+    # every good frame once, bad inputs listed with their reasons (and printed), not in the records
+    keys = sorted((os.path.basename(r["source"]), r["frame"] if r["frame"] is not None else -1) for r in records)
+    assert keys == [("already_cropped.png", -1), ("clip.dcm", 0), ("clip.dcm", 1), ("clip.dcm", 2),
+                    ("screen.png", -1)]
+    failed = {os.path.basename(f["source"]): f["reason"] for f in report["failures"]}
+    assert set(failed) == {"broken.png", "no_such_frame.png"}
+    assert "corrupt" in failed["broken.png"] or "not an image" in failed["broken.png"]
+    assert "cannot open" in failed["no_such_frame.png"]
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "no_such_frame.png" in err
+    assert report["num_frames"] == 5 and report["num_sources"] == 5
+
+    # no patient identifier from the DICOM header reaches the outputs
+    text = (out / "predictions.json").read_text() + (out / "report.json").read_text()
+    assert "Doe" not in text and "MRN-0042" not in text
+
+    # recompute each frame: crop box = the cropper's, boxes = model on the crop shifted by (x0, y0)
+    cfg = build_predictor_cfg(tiny_model[0], tiny_model[1], "cpu", ALL_BOXES)
+    pred = BatchPredictor(cfg, batch_size=1)
+    frames = {}
+    for src in (inputs / "frames" / "screen.png", inputs / "frames" / "already_cropped.png", inputs / "clip.dcm"):
+        for idx, fr in iter_source_frames(str(src)):
+            frames[(src.name, idx)] = fr
+    n_boxes = 0
+    for r in records:
+        frame = frames[(os.path.basename(r["source"]), r["frame"])]
+        h, w = frame.shape[:2]
+        crop = find_image_region(frame)
+        expected_box = list(crop.box) if crop.box is not None else [0, 0, w, h]
+        assert r["crop_box"] == expected_box
+        x0, y0, x1, y1 = r["crop_box"]
+        if os.path.basename(r["source"]) != "already_cropped.png":
+            assert (x1 - x0) * (y1 - y0) < 0.6 * h * w, "the GUI around the image should be cropped away"
+        inst = pred([np.ascontiguousarray(frame[y0:y1, x0:x1])])[0]
+        keep = inst.scores.numpy() >= 0.2
+        order = np.argsort(-inst.scores.numpy()[keep], kind="stable")
+        want = inst.pred_boxes.tensor.numpy()[keep][order] + np.array([x0, y0, x0, y0])
+        got = np.array([b["bbox_xyxy_original"] for b in r["boxes"]]).reshape(-1, 4)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=0.006)  # JSON keeps 2 decimals
+        assert all(b["score"] >= 0.2 and b["class"] == "lesion" for b in r["boxes"])
+        assert [b["score"] for b in r["boxes"]] == sorted((b["score"] for b in r["boxes"]), reverse=True)
+        if len(got):
+            assert (got[:, 0] >= x0 - 1e-3).all() and (got[:, 2] <= x1 + 1e-3).all()
+            assert (got[:, 1] >= y0 - 1e-3).all() and (got[:, 3] <= y1 + 1e-3).all()
+        n_boxes += len(got)
+        assert (out / r["overlay"]).is_file()
+    assert n_boxes > 0 and n_boxes == report["num_boxes"]
+
+
+def test_predict_tool_no_crop_and_nothing_processed(tiny_model, inputs, tmp_path):
+    out = tmp_path / "nocrop"
+    rc = _run_tool(["--config-file", tiny_model[0], "--weights", tiny_model[1], "--input",
+                    str(inputs / "frames" / "screen.png"), "--output", str(out), "--no-crop", "--no-progress"])
+    assert rc == 0
+    (rec,) = json.loads((out / "predictions.json").read_text())
+    assert rec["crop_box"] == [0, 0, 260, 200] and rec["frame"] is None
+
+    out2 = tmp_path / "none"
+    rc = _run_tool(["--config-file", tiny_model[0], "--weights", tiny_model[1], "--input",
+                    str(inputs / "frames" / "broken.png"), "--output", str(out2), "--no-progress"])
+    assert rc == 1
+    assert json.loads((out2 / "predictions.json").read_text()) == []
+    assert len(json.loads((out2 / "report.json").read_text())["failures"]) == 1
