@@ -221,6 +221,8 @@ def test_rerun_is_byte_identical_and_workers_agree(tmp_path):
     make_fake_busi(tmp_path / "root", n_lesion=3, n_normal=2)
     assert _run(tmp_path / "root", tmp_path / "a") == 0
     first = _tree_state(tmp_path / "a")
+    (tmp_path / "a/images/benign/.benign_1.png.123.tmp").write_bytes(b"partial")  # a killed run's leftovers
+    (tmp_path / "a/images/benign/benign_77.png").write_bytes(b"stale")
     assert _run(tmp_path / "root", tmp_path / "a") == 0
     again = _tree_state(tmp_path / "a")
     assert {p: v[2] for p, v in first.items()} == {p: v[2] for p, v in again.items()}

@@ -511,6 +511,7 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
         raise ValueError(f"classes must be 'lesion' or 'benign,malignant', got {opt.classes}")
     sources, skipped, missing_folders = scan_root(root)
     _check_paths(root, out_dir)
+    _invalidate_previous_output(out_dir)
     crop_used = opt.crop
     crop_note = None
     if opt.crop == "auto" and _load_cropper() is None:
@@ -657,13 +658,30 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
     return report
 
 
+def _invalidate_previous_output(out_dir: str) -> None:
+    """Remove an earlier run's JSONs before touching its images (report.json, the completion mark, first).
+
+    Otherwise a run killed half-way would leave old JSONs that look valid but describe images
+    this run has already replaced (e.g. with another --max-size).
+    """
+    for rel in ["report.json", "pixel_stats.json"] + [f"annotations/{s}.json" for s in SPLITS]:
+        try:
+            os.remove(os.path.join(out_dir, rel))
+        except FileNotFoundError:
+            pass
+
+
 def _remove_stale_images(out_dir: str, keep: set) -> None:
-    """Delete images an earlier run wrote into OUT/images/<class>/ that this run no longer references."""
+    """Delete what an earlier run left in OUT/images/<class>/ that this run does not reference.
+
+    Only this converter's own outputs are touched: .png/.jpg images and its hidden temp files.
+    """
     for label in CLASS_FOLDERS:
         folder = os.path.join(out_dir, "images", label)
         if not os.path.isdir(folder):
             continue
         for fname in os.listdir(folder):
             rel = f"images/{label}/{fname}"
-            if rel not in keep and os.path.splitext(fname)[1].lower() in (".png", ".jpg"):
+            is_temp = fname.startswith(".") and fname.endswith(".tmp")
+            if is_temp or (rel not in keep and os.path.splitext(fname)[1].lower() in (".png", ".jpg")):
                 os.remove(os.path.join(folder, fname))
