@@ -108,6 +108,32 @@ def _bg_distance(img: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return d
 
 
+def _noise_tolerance(img: np.ndarray, colours: np.ndarray, border: int) -> Tuple[int, int]:
+    """How far background pixels stray from the background colours (0 for lossless exports).
+
+    Lossless screens are exact: only antialiased strokes leave a few small deviations, so any
+    difference is content (a sector drawn at grey level 1 on black counts). JPEG leaves ringing
+    around every edge: many small deviations compared with the real strokes, measured on the
+    frame border; then the tolerance is set above that ringing. Returns the colour tolerance
+    and the local-range (texture) tolerance.
+    """
+    ring = np.concatenate([img[:border].reshape(-1, 3), img[-border:].reshape(-1, 3),
+                           img[border:-border, :border].reshape(-1, 3), img[border:-border, -border:].reshape(-1, 3)])
+    d = _bg_distance(ring[:, None, :], colours).ravel()
+    small = int(((d >= 1) & (d <= 6)).sum())
+    big = int((d > 6).sum())
+    if small < max(20, 0.3 * big):
+        return 0, 255  # exact colours: the texture term is not needed
+    near = d[(d > 0) & (d <= 20)]
+    tol = int(min(20, np.percentile(near, 90))) if near.size else 0
+    strips = [img[:border], img[-border:], img[:, :border], img[:, -border:]]
+    rng = np.concatenate([_local_dev(st)[2:-2, 2:-2].ravel() for st in strips])
+    dist = np.concatenate([_bg_distance(np.ascontiguousarray(st), colours)[2:-2, 2:-2].ravel() for st in strips])
+    quiet = rng[dist <= tol]
+    tol_rng = int(min(40, np.percentile(quiet, 99))) if quiet.size else 2 * tol
+    return tol, max(tol_rng, tol)
+
+
 def _odd(n: float) -> int:
     n = max(1, int(round(n)))
     return n if n % 2 == 1 else n + 1
@@ -130,12 +156,12 @@ def _trim_protrusions(blob: np.ndarray, box: Box) -> Box:
         peak = prof.max()
         if n < 8 or peak <= 0:
             continue
-        limit = max(2, int(0.2 * n))
+        limit = max(2, int(0.4 * n))
         for side in (0, 1):
             p = prof if side == 0 else prof[::-1]
             cut = 0
             for i in range(1, limit):
-                if p[i] - p[i - 1] >= 0.3 * peak and p[:i].max() < 0.45 * peak:
+                if p[i] - p[max(0, i - 3)] >= 0.3 * peak and p[:i].max() < 0.45 * peak:
                     cut = i
             if cut:
                 if axis == 0:
@@ -151,82 +177,102 @@ def _trim_protrusions(blob: np.ndarray, box: Box) -> Box:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _refine_edges(img: np.ndarray, colours: np.ndarray, tol: int, coarse: Box, blob: np.ndarray, f: int,
-                  shape: Tuple[int, int]) -> Tuple[Box, float]:
-    """Place each edge at full resolution within +-(f+1) px of the coarse edge; returns box, edge contrast.
+def _local_dev(img: np.ndarray) -> np.ndarray:
+    """|grey - 5x5 median|: speckle deviates from its neighbourhood; flat workspace does not, and
+    unlike a local range it does not thicken thin strokes (their neighbours sit at the median)."""
+    g = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+    return cv2.absdiff(g, cv2.medianBlur(g, 5))
 
-    For each side, only the rows (columns) where the coarse region actually reaches that side are
-    looked at, so the thin tips of a sector count as fully as a rectangle's side.
+
+def _content_mask(img: np.ndarray, colours: np.ndarray, tol: int, tol_rng: int) -> np.ndarray:
+    """uint8 mask (0/1): pixels farther than ``tol`` from every background colour, or textured.
+
+    The texture term keeps image pixels whose grey level happens to equal a grey workspace.
     """
-    H, W = shape
-    sx0, sy0, sx1, sy1 = coarse
-    X0, Y0, X1, Y1 = sx0 * f, sy0 * f, sx1 * f, sy1 * f
-    if X1 >= (W // f) * f:
-        X1 = W
-    if Y1 >= (H // f) * f:
-        Y1 = H
-    m = f + 1
-    contrasts = []
-    result = [X0, Y0, X1, Y1]
-    cache: Dict[Tuple[bool, int, int, int], float] = {}
+    bg = None
+    for c in colours:
+        lo = tuple(int(max(0, v - tol)) for v in c)
+        hi = tuple(int(min(255, v + tol)) for v in c)
+        m = cv2.inRange(img, lo, hi)
+        bg = m if bg is None else cv2.bitwise_or(bg, m)
+    if tol_rng >= 255:
+        return (bg == 0).view(np.uint8)
+    return ((bg == 0) | (_local_dev(img) > tol_rng)).view(np.uint8)
 
-    def line_frac(vertical: bool, line: int, lo: int, hi: int) -> float:
-        key = (vertical, line, lo, hi)
-        if key not in cache:
-            px = img[lo:hi, line:line + 1] if vertical else img[line:line + 1, lo:hi]
-            cache[key] = float((_bg_distance(px, colours) > tol).mean()) if px.size else 0.0
-        return cache[key]
 
-    for side in range(4):
-        vertical = side in (0, 2)  # left/right edges are columns
-        if vertical:
-            edge_small = sx0 if side == 0 else sx1 - 1
-            span = np.nonzero(blob[sy0:sy1, max(0, edge_small - 1):edge_small + 2].any(axis=1))[0] + sy0
-            lo, hi = (span.min() * f, (span.max() + 1) * f) if span.size else (Y0, Y1)
-            edge = X0 if side == 0 else X1
-            limit = W
-        else:
-            edge_small = sy0 if side == 1 else sy1 - 1
-            span = np.nonzero(blob[max(0, edge_small - 1):edge_small + 2, sx0:sx1].any(axis=0))[0] + sx0
-            lo, hi = (span.min() * f, (span.max() + 1) * f) if span.size else (X0, X1)
-            edge = Y0 if side == 1 else Y1
-            limit = H
-        hi = min(hi, H if vertical else W)
-        outward = -1 if side in (0, 1) else 1
-        # candidate lines, outermost first; index = first pixel line inside the image
-        if outward < 0:
-            cands = list(range(max(0, edge - m), min(limit, edge + m + 1)))
-        else:
-            cands = list(range(min(limit, edge + m), max(0, edge - m) - 1, -1))
-        ref_line = edge + (-outward) * (m + 1) + (0 if outward < 0 else -1)
-        ref_line = int(np.clip(ref_line, 0, limit - 1))
+def _refine_side(img: np.ndarray, colours: np.ndarray, tol: Tuple[int, int], blob_core: np.ndarray, f: int,
+                 coarse_full: Box, side: int, reach: int) -> Tuple[int, float]:
+    """Place one edge (0 left, 1 top, 2 right, 3 bottom) at full resolution.
 
-        def frac(line: int, vertical=vertical, lo=lo, hi=hi) -> float:
-            return line_frac(vertical, line, lo, hi)
-
-        ref = frac(ref_line)
-        chosen = None
-        for line in cands:
-            if outward < 0:
-                ok = 0 <= line < limit and frac(line) >= max(0.1, 0.5 * ref)
-            else:
-                ok = 0 <= line - 1 < limit and frac(line - 1) >= max(0.1, 0.5 * ref)
-            if ok:
-                chosen = line
+    Works on a strip around the coarse edge: the solid core of the region (``blob_core``, the
+    eroded analysis-scale blob) is grown through connected content at most ``reach`` px, giving
+    back fan tips and corners the opening shaved off. Marks touching the image (scale ticks)
+    grow with it, so if the side is straight (a pixel line with high content coverage along the
+    region's extent) the outermost well-covered line wins over thinly covered lines beyond it.
+    Returns the edge coordinate (exclusive for right/bottom) and the edge contrast (0..1).
+    """
+    H, W = img.shape[:2]
+    X0, Y0, X1, Y1 = coarse_full
+    depth = reach + 2 * f + 2
+    if side == 0:
+        x0, x1, y0, y1 = max(0, X0 - reach), min(W, X0 + depth), max(0, Y0 - reach), min(H, Y1 + reach)
+    elif side == 2:
+        x0, x1, y0, y1 = max(0, X1 - depth), min(W, X1 + reach), max(0, Y0 - reach), min(H, Y1 + reach)
+    elif side == 1:
+        x0, x1, y0, y1 = max(0, X0 - reach), min(W, X1 + reach), max(0, Y0 - reach), min(H, Y0 + depth)
+    else:
+        x0, x1, y0, y1 = max(0, X0 - reach), min(W, X1 + reach), max(0, Y1 - depth), min(H, Y1 + reach)
+    hs, ws = blob_core.shape
+    ys = np.minimum(np.arange(y0, y1) // f, hs - 1)
+    xs = np.minimum(np.arange(x0, x1) // f, ws - 1)
+    cont = _content_mask(img[y0:y1, x0:x1], colours, *tol)
+    # grow only through content in dense neighbourhoods: speckle is dense, strokes of text, ticks
+    # and lines (<= 3 px wide) are not, so marks close to the image are not annexed through them
+    dens = cv2.blur(cont * np.uint8(255), (7, 7))
+    grow = ((dens >= 128) & (cont > 0)).view(np.uint8)
+    seed = blob_core[np.ix_(ys, xs)] & grow
+    fallback = (X0, Y0, X1, Y1)[side]
+    if not seed.any():
+        return fallback, 0.0
+    allowed = grow & cv2.dilate(seed, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+    nlab, lab = cv2.connectedComponents(allowed, connectivity=8)
+    keep = np.bincount(lab[seed > 0].ravel(), minlength=nlab)
+    keep[0] = 0
+    region = (keep > 0)[lab]
+    vertical = side in (0, 2)
+    if not vertical:  # work on columns in both cases
+        cont, region = cont.T, region.T
+    c0, c1 = (max(0, Y0 - y0), max(0, Y1 - y0)) if vertical else (max(0, X0 - x0), max(0, X1 - x0))
+    prof = cont[c0:c1].mean(axis=0)  # coverage of each pixel line along the region's coarse extent
+    present = np.nonzero(region.any(axis=0))[0]
+    n = len(prof)
+    step = 1 if side in (0, 1) else -1  # inward direction
+    edge = int(present.min()) if step > 0 else int(present.max())
+    start = int(np.clip(edge - 3 * step, 0, n - 1))
+    lines = list(range(start, n if step > 0 else -1, step))[: depth + reach]
+    cov = prof[lines]
+    best = float(cov.max()) if cov.size else 0.0
+    if best >= 0.5:  # straight side
+        chosen = lines[int(np.nonzero(cov >= 0.6 * best)[0][0])]
+    else:  # fan tip / rounded side: follow raw content outward a few px from the dense region's tip
+        chosen = edge
+        rows = np.nonzero(region[:, edge])[0]
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if rows.size else (0, cont.shape[0])
+        for _ in range(4):
+            nxt = chosen - step
+            if not 0 <= nxt < n:
                 break
-        if chosen is None:
-            chosen = edge
-        result[side] = chosen
-        # contrast: content fraction just inside vs just outside the chosen edge
-        if outward < 0:
-            inside = frac(min(limit - 1, chosen + 1))
-            outside = frac(chosen - 2) if chosen - 2 >= 0 else 0.0
-        else:
-            inside = frac(max(0, chosen - 2))
-            outside = frac(chosen + 1) if chosen + 1 < limit else 0.0
-        contrasts.append(max(0.0, inside - outside) / max(inside, 1e-6) if inside > 0 else 0.0)
-    x0, y0, x1, y1 = result
-    return (int(x0), int(y0), int(x1), int(y1)), float(np.mean(contrasts))
+            hit = np.nonzero(cont[max(0, lo - 2):hi + 2, nxt])[0]
+            if hit.size == 0:
+                break
+            chosen = nxt
+            lo, hi = max(0, lo - 2) + int(hit.min()), max(0, lo - 2) + int(hit.max()) + 1
+    inside = float(prof[int(np.clip(chosen + 2 * step, 0, n - 1))])
+    o = chosen - 2 * step
+    outside = float(prof[o]) if 0 <= o < n else 0.0
+    contrast = max(0.0, inside - outside) / inside if inside > 0 else 0.0
+    offset = x0 if vertical else y0
+    return chosen + offset + (0 if side in (0, 1) else 1), contrast
 
 
 def find_image_region(frame_rgb: np.ndarray) -> CropResult:
@@ -254,21 +300,17 @@ def find_image_region(frame_rgb: np.ndarray) -> CropResult:
         return CropResult((0, 0, W, H), 0.6, "no flat workspace around the frame border: frame looks already "
                           "cropped, whole frame kept")
     d = _bg_distance(small, colours)
-    # noise tolerance: how far the border's near-background pixels stray from the background colours
-    ring = np.zeros((hs, ws), bool)
-    ring[:border] = ring[-border:] = True
-    ring[:, :border] = ring[:, -border:] = True
-    near = d[ring & (d <= 12)]
-    tol = int(min(10, np.percentile(near, 99))) if near.size else 0
+    tol, tol_rng = _noise_tolerance(img, colours, max(3, border * f))
     content = (d > tol).astype(np.uint8)
+    if tol_rng < 255:
+        content |= (_local_dev(small) > tol_rng).view(np.uint8)
     if content.mean() < 0.01:
         return _refuse("blank frame: almost nothing differs from the background (no image found)")
 
     # solid regions: dense content, then an opening that drops strokes thinner than k (text, ticks)
     k = _odd(max(3, 0.025 * min(hs, ws)))
-    dens = cv2.blur(content.astype(np.float32), (k, k))
-    solid = (dens >= 0.5).astype(np.uint8)
-    solid = cv2.morphologyEx(solid, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    closed = cv2.morphologyEx(content, cv2.MORPH_CLOSE, k3)  # fill speckle holes of dark images
+    solid = cv2.morphologyEx(closed, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
     if n <= 1:
         return _refuse("no solid image-like region (only thin marks, text or noise differ from the background)")
@@ -309,23 +351,37 @@ def find_image_region(frame_rgb: np.ndarray) -> CropResult:
     if dominance < 0.6:
         return _refuse(f"ambiguous: two candidate image regions of similar size ({dominance:.2f} dominance)",
                        dominance)
-    coarse = _trim_protrusions(blob.astype(np.uint8), tuple(bx))
-    cx0, cy0, cx1, cy1 = coarse
-    if coarse != tuple(bx):
+    bx0, by0, bx1, by1 = bx
+    coarse = _trim_protrusions(blob.astype(np.uint8), (bx0, by0, bx1, by1))
+    if coarse != (bx0, by0, bx1, by1):
         clipped = np.zeros_like(blob)
-        clipped[cy0:cy1, cx0:cx1] = blob[cy0:cy1, cx0:cx1]
+        clipped[coarse[1]:coarse[3], coarse[0]:coarse[2]] = blob[coarse[1]:coarse[3], coarse[0]:coarse[2]]
         blob = clipped
+    cx0, cy0, cx1, cy1 = coarse
     # texture: real images have speckle; flat panels (a coloured header bar) do not
     textured = float((rng[blob] > max(2, tol)).mean()) if area else 0.0
-    fill = area / max(1.0, float((cx1 - cx0) * (cy1 - cy0)))
+    fill = float(blob.sum()) / max(1.0, float((cx1 - cx0) * (cy1 - cy0)))
     if textured < 0.03:
         return _refuse(f"candidate region is flat (textured fraction {textured:.3f}): a panel, not an image",
                        textured)
     if fill < 0.3:
         return _refuse(f"candidate region fills only {fill:.2f} of its box (not a rectangle or sector)", fill)
 
-    # full-resolution refinement near the coarse edges
-    box, contrast = _refine_edges(img, colours, tol, coarse, blob, f, (H, W))
+    # full resolution, one strip per side: give back what the opening shaved off, place the edge
+    reach = (k + 1) * f
+    coarse_full = (cx0 * f, cy0 * f, W if cx1 >= ws else cx1 * f, H if cy1 >= hs else cy1 * f)
+    blob_core = cv2.erode(blob.astype(np.uint8), k3)
+    if not blob_core.any():
+        blob_core = blob.astype(np.uint8)
+    edges, contrasts = [], []
+    for side in range(4):
+        e, c = _refine_side(img, colours, (tol, tol_rng), blob_core, f, coarse_full, side, reach)
+        edges.append(e)
+        contrasts.append(c)
+    contrast = float(np.mean(contrasts))
+    # never cut into the solid core found at analysis scale
+    core = (cx0 * f + f, cy0 * f + f, min(W, cx1 * f - f), min(H, cy1 * f - f))
+    box = (min(edges[0], core[0]), min(edges[1], core[1]), max(edges[2], core[2]), max(edges[3], core[3]))
     x0, y0, x1, y1 = box
     if x1 - x0 < 8 or y1 - y0 < 8:
         return _refuse("candidate region collapsed during refinement")
