@@ -155,6 +155,7 @@ def test_max_size_resizes_masks_with_images(tmp_path):
     small, small_anns = _load_all(tmp_path / "small")
     for src, im in small.items():
         assert (im["width"], im["height"]) == (48, 36) and im["scale"] == 0.5
+        assert (im["split"], im["group"], im["id"]) == (full[src]["split"], full[src]["group"], full[src]["id"])
         assert im["file_name"].endswith(".jpg") and cv2.imread(str(tmp_path / "small" / im["file_name"])).shape[:2] == (36, 48)
         for a, b in zip(full_anns.get(full[src]["id"], []), small_anns.get(im["id"], [])):
             assert np.allclose(np.array(b["bbox"]), np.array(a["bbox"]) * 0.5, atol=1.5)

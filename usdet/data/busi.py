@@ -386,8 +386,10 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         if src.label in LESION_CLASSES and not nonempty:
             raise _Skip(src.image, f"{src.label} image whose masks are all empty (no lesion to box)")
 
-        # exact-duplicate fingerprint of the source pixels (before crop/resize)
+        # duplicate fingerprints from the source pixels, so groups and splits do not depend on
+        # --crop, --max-size or --image-format (a compact copy keeps the full copy's splits)
         result["pixel_sha"] = hashlib.sha256(np.ascontiguousarray(img).data).hexdigest()[:32] + f":{w}x{h}"
+        result["vec"], result["dhash"] = _small_gray(img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
 
         crop_box, refusal = _crop_box(img, opt.crop)
         result["crop"] = ("refused: " + refusal) if refusal else (
@@ -430,15 +432,13 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
                  "crop_box": crop_box, "label": src.label}
         if scale != 1.0:
             entry["scale"] = round(scale, 6)  # written pixels per source pixel
-        gray = out if out.ndim == 2 else cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)
-        vec, dhash = _small_gray(gray)
         written = out
         if ext == ".jpg":  # statistics describe the image as written, JPEG loss included
             written = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         n, s, ss = image_moments(written)
         if written.ndim == 3:  # BGR -> RGB order
             s, ss = s[::-1], ss[::-1]
-        result.update(ok=True, image=entry, anns=anns, vec=vec, dhash=dhash, moments=(n, s, ss))
+        result.update(ok=True, image=entry, anns=anns, moments=(n, s, ss))
     except _Skip as e:
         result.update(ok=False, skip={"file": e.file, "reason": e.reason})
     except Exception as e:  # one bad file must not lose the rest; report it with its reason
