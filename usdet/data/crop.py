@@ -16,12 +16,13 @@ exact), so a 1024x768 frame takes a few milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-__all__ = ["CropResult", "find_image_region", "apply_crop", "suppress_marks", "ANALYSIS_SIZE"]
+__all__ = ["CropResult", "find_image_region", "apply_crop", "suppress_marks", "crop_directory", "summarize_crops",
+           "ANALYSIS_SIZE"]
 
 Box = Tuple[int, int, int, int]
 
@@ -428,3 +429,79 @@ def suppress_marks(image_rgb: np.ndarray, radius: int = 3) -> Tuple[np.ndarray, 
     out = cv2.inpaint(img, mask * 255, radius, cv2.INPAINT_TELEA)
     changed = int(np.any(out != img, axis=2).sum())
     return out, changed
+
+
+def _crop_source(task: Tuple[str, str, str, bool]) -> List[Tuple[str, Dict[str, object]]]:
+    """Crop every frame of one source file into the output tree; one (key, entry) per frame."""
+    import os
+
+    from .image_io import ImageReadError
+    from .sources import frame_key, iter_source_frames
+    from ..utils.io import atomic_write_image
+
+    path, rel, out_dir, suppress = task
+    out: List[Tuple[str, Dict[str, object]]] = []
+    try:
+        for idx, rgb in iter_source_frames(path):
+            key = frame_key(rel, idx)
+            res = find_image_region(rgb)
+            entry = res.to_dict()
+            if res.box is not None:
+                img = apply_crop(rgb, res.box)
+                if suppress:
+                    img, changed = suppress_marks(img)
+                    entry["marks_changed"] = changed
+                out_rel = rel if idx is None else f"{rel}.frame{idx:04d}.png"
+                if idx is None and os.path.splitext(rel)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif",
+                                                                            ".tiff"):
+                    out_rel = rel + ".png"
+                atomic_write_image(os.path.join(out_dir, out_rel), img)
+                entry["output"] = out_rel.replace(os.sep, "/")
+            out.append((key, entry))
+    except ImageReadError as e:
+        out.append((frame_key(rel, None), {"box": None, "reason": f"failed: {e.reason}", "confidence": 0.0,
+                                           "failed": True}))
+    return out
+
+
+def crop_directory(input_dir: str, output_dir: str, workers: int = 1, suppress: bool = False,
+                   progress: bool = True) -> Dict[str, Dict[str, object]]:
+    """Crop every frame under ``input_dir`` into ``output_dir`` (same relative paths, DICOM frames as
+    ``<file>.frameNNNN.png``) and write ``output_dir/crops.json``; returns its entries."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    from .sources import list_sources
+    from ..utils.io import atomic_write_json
+
+    if not os.path.isdir(input_dir):
+        raise NotADirectoryError(f"{input_dir}: --input is not a folder")
+    out_real = os.path.realpath(output_dir)
+    sources = [p for p in list_sources(input_dir) if not os.path.realpath(p).startswith(out_real + os.sep)]
+    tasks = [(p, os.path.relpath(p, input_dir).replace(os.sep, "/"), output_dir, suppress) for p in sources]
+    entries: Dict[str, Dict[str, object]] = {}
+    bar = tqdm(total=len(tasks), desc="crop", unit="file", disable=not progress, file=sys.stderr)
+    if workers > 1 and len(tasks) > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(workers) as pool:
+            for res in pool.imap_unordered(_crop_source, tasks, chunksize=4):
+                entries.update(res)
+                bar.update(1)
+    else:
+        for t in tasks:
+            entries.update(_crop_source(t))
+            bar.update(1)
+    bar.close()
+    entries = dict(sorted(entries.items()))
+    atomic_write_json(os.path.join(output_dir, "crops.json"), entries)
+    return entries
+
+
+def summarize_crops(entries: Dict[str, Dict[str, object]]) -> Dict[str, int]:
+    """Counts of cropped / refused / failed frames in a crops.json mapping."""
+    failed = sum(1 for e in entries.values() if e.get("failed"))
+    cropped = sum(1 for e in entries.values() if e.get("box") is not None)
+    return {"cropped": cropped, "refused": len(entries) - cropped - failed, "failed": failed}
