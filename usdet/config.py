@@ -2,10 +2,20 @@
 
 Every knob of usdet's evaluator, best-model hook, normalization, validation loss and
 augmentation lives here, so a run is fully described by its YAML file plus overrides.
+``resolve_normalization`` turns the one normalization choice into ``MODEL.PIXEL_MEAN/STD``.
 """
 from __future__ import annotations
 
+import json
+import os
+from typing import List, Tuple
+
 from detectron2.config import CfgNode as CN
+
+# ImageNet statistics on the 0-255 scale, RGB order (torchvision's convention).
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+NORMALIZATIONS = ("imagenet", "dataset", "config")
 
 
 def add_usdet_config(cfg: CN) -> None:
@@ -18,33 +28,45 @@ def add_usdet_config(cfg: CN) -> None:
     _C.TEST.PIOU.IOU_THRESH = 0.0
     _C.TEST.PIOU.TOPK = 1
     _C.TEST.PIOU.CLASS_AWARE = False
+    # Bootstrap resamples for the confidence intervals of the --eval-only report (0 = none).
+    _C.TEST.BOOTSTRAP = 0
 
     # Optional validation loss (losses on DATASETS.TEST in train mode, no gradient); 0 = off.
     _C.TEST.VAL_LOSS_PERIOD = 0
 
-    # Best-model checkpoint: keep model_best.pth by a flattened eval key.
+    # Best-model checkpoint: keep model_best.pth by a flattened eval key (e.g. "bbox/AP50").
     _C.SOLVER.BEST_CHECKPOINT = CN()
     _C.SOLVER.BEST_CHECKPOINT.ENABLED = True
     _C.SOLVER.BEST_CHECKPOINT.METRIC = "piou/score"
     _C.SOLVER.BEST_CHECKPOINT.MODE = "max"
 
-    # Input normalization, applied once: "imagenet" (detectron2's PIXEL_MEAN/STD as given) or
-    # "dataset" (mean/std of the training split read from INPUT.NORMALIZATION_FILE, written by
-    # the converter as OUT/pixel_stats.json).
+    # Input normalization, applied once (by the model, from MODEL.PIXEL_MEAN/STD):
+    #   "imagenet": ImageNet mean/std (0-255), reordered to INPUT.FORMAT;
+    #   "dataset":  mean/std of the training split from INPUT.NORMALIZATION_FILE (the converter's
+    #               OUT/pixel_stats.json, RGB 0-255), reordered to INPUT.FORMAT;
+    #   "config":   MODEL.PIXEL_MEAN/STD exactly as written (e.g. detectron2's MSRA weights need
+    #               BGR ImageNet mean and std 1).
+    # resolve_normalization() writes the result into MODEL.PIXEL_MEAN/STD and sets
+    # INPUT.NORMALIZATION_RESOLVED, so a saved config.yaml reloads without the stats file.
     _C.INPUT.NORMALIZATION = "imagenet"
     _C.INPUT.NORMALIZATION_FILE = ""
+    _C.INPUT.NORMALIZATION_RESOLVED = False
 
-    # Ultrasound augmentation (usdet/data/augment.py); all off by default = detectron2's stock.
+    # Ultrasound augmentation (usdet/data/augment.py). Flips come from here (detectron2's
+    # INPUT.RANDOM_FLIP is not used by usdet's mapper); photometric ones are off by default.
     _C.INPUT.AUG = CN()
     _C.INPUT.AUG.HFLIP = True
     _C.INPUT.AUG.VFLIP = False
     _C.INPUT.AUG.BRIGHTNESS = 0.0  # e.g. 0.2 -> intensity scale in [0.8, 1.2]
-    _C.INPUT.AUG.CONTRAST = 0.0
+    _C.INPUT.AUG.CONTRAST = 0.0  # e.g. 0.2 -> contrast scale in [0.8, 1.2]
     _C.INPUT.AUG.GAMMA = 0.0  # e.g. 0.3 -> gamma in [0.7, 1.3]
-    _C.INPUT.AUG.SPECKLE = 0.0  # std of multiplicative speckle-like noise
+    _C.INPUT.AUG.SPECKLE = 0.0  # std of multiplicative speckle-like noise, e.g. 0.1
     _C.INPUT.AUG.RANDOM_RESIZED_CROP = CN()
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.ENABLED = False
-    _C.INPUT.AUG.RANDOM_RESIZED_CROP.SCALE = (0.6, 1.0)
+    _C.INPUT.AUG.RANDOM_RESIZED_CROP.SCALE = (0.6, 1.0)  # crop area, fraction of the image
+    _C.INPUT.AUG.RANDOM_RESIZED_CROP.RATIO = (0.75, 1.333)  # crop aspect ratio (w/h)
+    _C.INPUT.AUG.RANDOM_RESIZED_CROP.PROB = 0.5  # chance that an image is cropped at all
+    _C.INPUT.AUG.RANDOM_RESIZED_CROP.KEEP_BOXES = True  # only crops holding every box whole
 
     # Weight EMA for evaluation (off by default).
     _C.MODEL.EMA = CN()
@@ -53,3 +75,66 @@ def add_usdet_config(cfg: CN) -> None:
 
     # Test-time horizontal flip (off by default).
     _C.TEST.FLIP = False
+
+
+def _to_format(rgb: List[float], fmt: str) -> List[float]:
+    fmt = fmt.upper()
+    if fmt == "RGB":
+        return list(rgb)
+    if fmt == "BGR":
+        return list(rgb[::-1])
+    raise ValueError(f"INPUT.FORMAT {fmt!r} is not supported by usdet normalization (use RGB or BGR)")
+
+
+def read_pixel_stats(path: str) -> Tuple[List[float], List[float]]:
+    """Read a converter's ``pixel_stats.json`` -> (mean RGB, std RGB) on the 0-255 scale."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            stats = json.load(fh)
+        mean = [float(v) for v in stats["mean"]]
+        std = [float(v) for v in stats["std"]]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: INPUT.NORMALIZATION_FILE not found (the converter writes "
+                                "OUT/pixel_stats.json)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a pixel_stats.json with 'mean' and 'std' lists ({e})") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"{path}: expected 3 means and 3 positive stds, got mean={mean} std={std}")
+    if max(mean) <= 1.0 and max(std) <= 1.0:
+        raise ValueError(f"{path}: statistics look 0-1 scaled (mean={mean}); usdet expects 0-255")
+    return mean, std
+
+
+def resolve_normalization(cfg: CN) -> str:
+    """Set ``MODEL.PIXEL_MEAN/STD`` from ``INPUT.NORMALIZATION`` (once) and return a log line.
+
+    Idempotent: a config already resolved (``INPUT.NORMALIZATION_RESOLVED``) is left as is, so
+    the stats are never applied twice and a saved ``config.yaml`` needs no stats file.
+    """
+    choice = str(cfg.INPUT.NORMALIZATION).lower()
+    fmt = cfg.INPUT.FORMAT
+    if choice not in NORMALIZATIONS:
+        raise ValueError(f"INPUT.NORMALIZATION must be one of {NORMALIZATIONS}, got {cfg.INPUT.NORMALIZATION!r}")
+    if not cfg.INPUT.NORMALIZATION_RESOLVED:
+        was_frozen = cfg.is_frozen()
+        cfg.defrost()
+        if choice == "imagenet":
+            cfg.MODEL.PIXEL_MEAN = _to_format(list(IMAGENET_MEAN_RGB), fmt)
+            cfg.MODEL.PIXEL_STD = _to_format(list(IMAGENET_STD_RGB), fmt)
+        elif choice == "dataset":
+            if not cfg.INPUT.NORMALIZATION_FILE:
+                raise ValueError("INPUT.NORMALIZATION 'dataset' needs INPUT.NORMALIZATION_FILE "
+                                 "(the converter's OUT/pixel_stats.json)")
+            mean, std = read_pixel_stats(os.path.expanduser(cfg.INPUT.NORMALIZATION_FILE))
+            cfg.MODEL.PIXEL_MEAN = [round(v, 4) for v in _to_format(mean, fmt)]
+            cfg.MODEL.PIXEL_STD = [round(v, 4) for v in _to_format(std, fmt)]
+        cfg.INPUT.NORMALIZATION_RESOLVED = True
+        if was_frozen:
+            cfg.freeze()
+    source = {
+        "imagenet": "ImageNet statistics",
+        "dataset": f"training-split statistics from {cfg.INPUT.NORMALIZATION_FILE}",
+        "config": "MODEL.PIXEL_MEAN/STD as written in the config",
+    }[choice]
+    return (f"Input normalization '{choice}' ({source}), applied once by the model: "
+            f"PIXEL_MEAN={list(cfg.MODEL.PIXEL_MEAN)} PIXEL_STD={list(cfg.MODEL.PIXEL_STD)} ({fmt} order, 0-255)")

@@ -1,0 +1,170 @@
+"""Honest resume: SIGKILL mid-run, then --resume, must continue as if never stopped.
+
+Also: a kill during a checkpoint save leaves last_checkpoint naming a complete file, and
+last_checkpoint never names model_best.pth.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from train_helpers import (REPO, make_datasets_root, quick_cfg, run_train_net, state_tensors, tail,
+                           train_net_cmd, train_net_env)
+
+# 8 iterations; checkpoints after iterations 1, 3, 5, 7; evaluation after 2, 5 and 7 (final).
+SCHEDULE = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "3",
+            "SOLVER.STEPS", "(5,)", "SOLVER.WARMUP_ITERS", "3", "SOLVER.BEST_CHECKPOINT.METRIC", "piou/score"]
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    return make_datasets_root(str(tmp_path_factory.mktemp("htrain_datasets")))
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _kill_after_checkpoint(datasets_root, out, checkpoint, timeout=240):
+    """Start train_net and SIGKILL it as soon as last_checkpoint names ``checkpoint``."""
+    proc = subprocess.Popen(train_net_cmd(out, *SCHEDULE), env=train_net_env(datasets_root), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tag = os.path.join(out, "last_checkpoint")
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if os.path.exists(tag) and open(tag).read().strip() == checkpoint:
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail("train_net ended before it could be killed:\n" + tail(proc.stderr.read()))
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no {checkpoint} within {timeout} s")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    r = run_train_net(datasets_root, ref, *SCHEDULE)
+    assert r.returncode == 0, tail(r.stderr)
+
+    _kill_after_checkpoint(datasets_root, run, "model_0000003.pth")
+    # last_checkpoint names the newest periodic checkpoint even though model_best.pth was saved
+    # later in wall time... (eval after iteration 2 wrote it before checkpoint 3; check both exist)
+    assert open(os.path.join(run, "last_checkpoint")).read() == "model_0000003.pth"
+    best_before = json.load(open(os.path.join(run, "best_metric.json")))
+    assert best_before["metric"] == "piou/score" and best_before["iteration"] == 2
+    best_bytes_before = open(os.path.join(run, "model_best.pth"), "rb").read()
+
+    # In-process: --resume restores iteration, LR position and optimizer momentum exactly.
+    from usdet.engine import Trainer
+
+    ckpt = _load(os.path.join(run, "model_0000003.pth"))
+    trainer = Trainer(quick_cfg(run, *SCHEDULE))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 4
+    saved_opt = ckpt["trainer"]["_trainer"]["optimizer"]
+    momentum = {k: v["momentum_buffer"] for k, v in saved_opt["state"].items()}
+    assert len(momentum) > 10 and any(float(b.abs().sum()) > 0 for b in momentum.values())
+    live = trainer.optimizer.state_dict()
+    for k, buf in momentum.items():
+        assert torch.equal(live["state"][k]["momentum_buffer"], buf)
+    assert [g["lr"] for g in live["param_groups"]] == [g["lr"] for g in saved_opt["param_groups"]]
+    assert trainer.scheduler.last_epoch == 4
+    del trainer
+
+    r = run_train_net(datasets_root, run, *SCHEDULE, resume=True)
+    assert r.returncode == 0, tail(r.stderr)
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "Starting training from iteration 4" in log
+
+    # The resumed run ends exactly where the uninterrupted one does: same weights, same
+    # momentum, same LR schedule position (no restart of schedule, optimizer or data order).
+    a, b = _load(os.path.join(ref, "model_final.pth")), _load(os.path.join(run, "model_final.pth"))
+    assert a["iteration"] == b["iteration"] == 7
+    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+    ta, tb = state_tensors(a["model"]), state_tensors(b["model"])
+    assert ta.keys() == tb.keys()
+    worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta if ta[k].numel())
+    assert worst < 1e-5, f"resumed weights differ from the uninterrupted run's by up to {worst}"
+    ma = state_tensors(a["trainer"]["_trainer"]["optimizer"]["state"])
+    mb = state_tensors(b["trainer"]["_trainer"]["optimizer"]["state"])
+    assert ma.keys() == mb.keys()
+    assert all(torch.allclose(ma[k], mb[k], atol=1e-6) for k in ma)
+
+    # Best-so-far survived the kill: the record in model_best.pth and best_metric.json agree,
+    # and a final score that is not better left the pre-kill model_best.pth untouched.
+    best_after = json.load(open(os.path.join(run, "best_metric.json")))
+    assert _load(os.path.join(run, "model_best.pth"))["usdet_best"] == best_after
+    ref_best = json.load(open(os.path.join(ref, "best_metric.json")))
+    assert best_after == ref_best
+    if best_after["iteration"] == 2:
+        assert open(os.path.join(run, "model_best.pth"), "rb").read() == best_bytes_before
+    assert "Resumed best-model record: piou/score" in log
+    assert open(os.path.join(run, "last_checkpoint")).read() == "model_final.pth"
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys, torch
+    from usdet.engine.checkpoint import UsdetCheckpointer
+    out = sys.argv[1]
+    model = torch.nn.Linear(64, 64)
+    ck = UsdetCheckpointer(model, out)
+    ck.save("model_0000001", iteration=1)
+    real_save = torch.save
+    def dying_save(obj, fh, *a, **k):
+        fh.write(b"PK\\x03\\x04 half a checkpoint")
+        fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dying_save
+    ck.save("model_0000003", iteration=3)
+""")
+
+
+def test_sigkill_during_checkpoint_save_keeps_last_checkpoint_valid(tmp_path):
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, out], env=train_net_env(str(tmp_path)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, tail(r.stderr)
+    assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000001.pth"
+    assert not os.path.exists(os.path.join(out, "model_0000003.pth"))
+    leftovers = [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".model_0000003.pth.")
+    assert _load(os.path.join(out, "model_0000001.pth"))["iteration"] == 1
+
+    from usdet.engine.checkpoint import UsdetCheckpointer
+
+    ck = UsdetCheckpointer(torch.nn.Linear(64, 64), out)  # a new run cleans the dead temp file
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert ck.get_checkpoint_file().endswith("model_0000001.pth")
+    assert ck.resume_or_load("", resume=True)["iteration"] == 1
+
+
+def test_best_model_save_never_moves_last_checkpoint(tmp_path):
+    from usdet.engine.checkpoint import UsdetCheckpointer
+
+    ck = UsdetCheckpointer(torch.nn.Linear(4, 4), str(tmp_path))
+    ck.save("model_0000009", iteration=9)
+    ck.save_model_only("model_best", iteration=4, usdet_best={"metric": "m", "value": 1.0, "iteration": 4})
+    assert open(tmp_path / "last_checkpoint").read() == "model_0000009.pth"
+    best = _load(tmp_path / "model_best.pth")
+    assert set(best) == {"model", "iteration", "usdet_best"}  # weights only: no optimizer state
+
+
+def test_missing_checkpoint_named_by_last_checkpoint_is_a_clear_error(tmp_path):
+    from usdet.engine.checkpoint import UsdetCheckpointer
+
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")
+    ck = UsdetCheckpointer(torch.nn.Linear(4, 4), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model_0000099.pth, which does not exist"):
+        ck.resume_or_load("", resume=True)

@@ -1,0 +1,87 @@
+"""Helpers shared by the trainer tests: tiny phantom datasets, the quick config, train_net runs.
+
+Everything runs the real code on CPU with one thread (two shared cores: several threads per
+process only spin against each other) and the tiny quick schedule.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def make_datasets_root(root: str) -> str:
+    """``root/ph1`` (class lesion) and ``root/ph2`` (benign, malignant): 16 phantoms of 96 px each."""
+    from usdet.data.phantom import make_phantom_dataset
+    from usdet.data.register import register_all_usdet_datasets
+
+    if not os.path.isdir(os.path.join(root, "ph1")):
+        make_phantom_dataset(os.path.join(root, "ph1"), num_images=16, size=96, seed=0, classes="lesion")
+        make_phantom_dataset(os.path.join(root, "ph2"), num_images=16, size=96, seed=1, classes="benign,malignant")
+    register_all_usdet_datasets(root)
+    return root
+
+
+def dataset_opts(name: str = "ph1") -> List[str]:
+    return ["DATASETS.TRAIN", f"('{name}_train',)", "DATASETS.TEST", f"('{name}_val',)"]
+
+
+def quick_cfg(output_dir: str, *opts: str, dataset: str = "ph1"):
+    """The quick config for an in-process Trainer (CPU, given OUTPUT_DIR, extra overrides)."""
+    from usdet.engine import build_config
+
+    num_classes = "1" if dataset == "ph1" else "2"
+    return build_config(QUICK_CFG, ["OUTPUT_DIR", str(output_dir), "MODEL.DEVICE", "cpu",
+                                    "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, *dataset_opts(dataset), *opts])
+
+
+def train_net_env(datasets_root: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(USDET_DATASETS=datasets_root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    return env
+
+
+def train_net_cmd(output_dir: str, *opts: str, resume: bool = False, eval_only: bool = False,
+                  dataset: str = "ph1") -> List[str]:
+    cmd = [sys.executable, TRAIN_NET, "--config-file", QUICK_CFG]
+    if resume:
+        cmd.append("--resume")
+    if eval_only:
+        cmd.append("--eval-only")
+    return cmd + ["OUTPUT_DIR", str(output_dir), "MODEL.DEVICE", "cpu", *dataset_opts(dataset), *opts]
+
+
+def run_train_net(datasets_root: str, output_dir: str, *opts: str, timeout: float = 240,
+                  **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(train_net_cmd(output_dir, *opts, **kw), env=train_net_env(datasets_root),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def state_tensors(sd, prefix: str = "") -> Dict[str, object]:
+    """Flatten nested dicts/lists of a checkpoint to ``{dotted.key: tensor}``."""
+    import torch
+
+    out: Dict[str, object] = {}
+    if isinstance(sd, torch.Tensor):
+        out[prefix] = sd
+    elif isinstance(sd, dict):
+        for k, v in sd.items():
+            out.update(state_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(sd, (list, tuple)):
+        for i, v in enumerate(sd):
+            out.update(state_tensors(v, f"{prefix}.{i}"))
+    return out
+
+
+def tail(text: Optional[str], n: int = 3000) -> str:
+    return (text or "")[-n:]
+
+
+def seq(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train or evaluate a usdet detector (detectron2 conventions; multi-GPU via detectron2's launch).
+
+  python tools/train_net.py --config-file configs/BUSI/faster_rcnn_R_50_FPN_scratch.yaml
+  python tools/train_net.py --config-file CFG --resume                      # continue a killed run
+  python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/x/model_best.pth
+  python tools/train_net.py --config-file CFG --num-gpus 4                  # one machine, 4 GPUs
+Trailing KEY VALUE pairs override the config.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+
+import usdet.data  # noqa: E402,F401  (registers $USDET_DATASETS/<dataset>_<split>)
+from usdet.engine import Trainer, TrainingDivergedError, check_datasets, evaluate_checkpoint, setup  # noqa: E402
+
+
+def main(args):
+    try:
+        cfg = setup(args)
+        check_datasets(cfg, eval_only=args.eval_only)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # config/dataset problems: one clear line
+        raise SystemExit(f"usdet train_net: error: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if args.eval_only:
+        return evaluate_checkpoint(cfg, resume=args.resume)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    try:
+        return trainer.train()
+    except TrainingDivergedError as e:
+        logging.getLogger("usdet").error("%s", e)
+        raise SystemExit(f"usdet: {e}") from None
+
+
+def cli(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,106 @@
+"""Checkpoints that survive a kill, and a ``last_checkpoint`` that only ever names periodic ones.
+
+detectron2's checkpointer writes the ``.pth`` in place (a kill mid-save leaves a truncated file)
+and re-points ``last_checkpoint`` at whatever it saved, so saving ``model_best`` would make
+``--resume`` restart from the best model's older iteration. Here every file is written to a
+temporary name, fsynced and renamed, and best-model saves never touch ``last_checkpoint``.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from typing import Any, Dict, List
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from usdet.utils.io import atomic_write, atomic_write_text
+
+__all__ = ["UsdetCheckpointer", "head_mismatch_message"]
+
+logger = logging.getLogger(__name__)
+
+_PREDICTOR_KEY = re.compile(r"(^|\.)(box_predictor|mask_head\.predictor|keypoint_head\.score_lowres)\.")
+
+
+def head_mismatch_message(incorrect_shapes: List[tuple], num_classes: int) -> str:
+    """One explicit line about class-dependent layers that were re-initialized (stage-2 fine-tuning)."""
+    names = ", ".join(f"{k} {tuple(ckpt)}->{tuple(model)}" for k, ckpt, model in incorrect_shapes)
+    heads = [k for k, _, _ in incorrect_shapes if _PREDICTOR_KEY.search(k)]
+    what = "class-dependent head layers" if len(heads) == len(incorrect_shapes) else "layers"
+    return (f"Loaded weights for a different class count: {len(incorrect_shapes)} {what} re-initialized "
+            f"randomly (this model has {num_classes} class(es)): {names}. All other weights were loaded.")
+
+
+class UsdetCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic saves and a ``tag_last`` switch.
+
+    ``save(name, tag_last=True)`` writes ``name.pth`` (temp file + fsync + rename) and then,
+    for periodic checkpoints only, rewrites ``last_checkpoint`` the same way. A kill at any
+    moment leaves ``last_checkpoint`` naming a complete file. ``save_model_only`` writes the
+    weights plus extra data without trainer state (``model_best.pth``) and never re-tags.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, num_classes: int = 0, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.num_classes = int(num_classes)
+        if self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir):
+            # Leftovers of a save that was killed before its rename: never valid, safe to drop.
+            for tmp in glob.glob(os.path.join(self.save_dir, ".*.pth.*.tmp")):
+                try:
+                    os.unlink(tmp)
+                    logger.info("Removed the temporary file of an interrupted save: %s", tmp)
+                except OSError:
+                    pass
+
+    def _write(self, basename: str, data: Dict[str, Any]) -> str:
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        atomic_write(save_file, lambda fh: torch.save(data, fh), "wb")
+        return save_file
+
+    def save(self, name: str, *, tag_last: bool = True, **kwargs: Any) -> None:  # type: ignore[override]
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data: Dict[str, Any] = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        self._write(basename, data)
+        if tag_last:
+            self.tag_last_checkpoint(basename)
+
+    def save_model_only(self, name: str, **kwargs: Any) -> str:
+        """Write ``name.pth`` with the model weights and ``kwargs`` only; ``last_checkpoint`` untouched."""
+        if not self.save_dir or not self.save_to_disk:
+            return ""
+        data: Dict[str, Any] = {"model": self.model.state_dict()}
+        data.update(kwargs)
+        return self._write(f"{name}.pth", data)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+    def get_checkpoint_file(self) -> str:
+        path = super().get_checkpoint_file()
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{os.path.join(self.save_dir, 'last_checkpoint')} names {os.path.basename(path)}, which does not "
+                "exist: restore it, or start a new run without --resume")
+        return path
+
+    def _load_file(self, f: str) -> Dict[str, Any]:
+        try:
+            return super()._load_file(f)
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            if f.endswith(".pkl") or "pickle" in type(e).__name__.lower():
+                raise
+            raise RuntimeError(f"{f}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        super()._log_incompatible_keys(incompatible)
+        if incompatible.incorrect_shapes:
+            self.logger.warning(head_mismatch_message(incompatible.incorrect_shapes, self.num_classes))

@@ -1,0 +1,189 @@
+"""Training hooks: best-model checkpoint that survives ``--resume``, and a validation loss.
+
+Both run only at their period; between evaluations their ``after_step`` is one modulo test,
+so they cost nothing measurable per iteration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from detectron2.engine.train_loop import HookBase
+from detectron2.utils import comm
+
+from usdet.engine.rng import preserve_rng
+from usdet.utils.io import atomic_write_json
+
+__all__ = ["BestModelHook", "ValidationLossHook", "read_best_record"]
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME = "model_best"
+BEST_JSON = "best_metric.json"
+
+
+def read_best_record(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The best-model record of a run folder, or None when it has no ``model_best.pth``.
+
+    ``model_best.pth`` carries its own record (key ``usdet_best``), so the record always
+    describes the file on disk, even if a kill fell between writing it and ``best_metric.json``.
+    """
+    pth = os.path.join(output_dir, BEST_NAME + ".pth")
+    if not os.path.isfile(pth):
+        return None
+    try:
+        data = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        logger.warning("Cannot read the best-model record from %s (%s); the best value restarts", pth, e)
+        return None
+    rec = data.get("usdet_best") if isinstance(data, dict) else None
+    if not isinstance(rec, dict) or not {"metric", "value", "iteration"} <= set(rec):
+        logger.warning("%s has no usdet best-model record; the best value restarts", pth)
+        return None
+    return {"metric": str(rec["metric"]), "value": float(rec["value"]), "iteration": int(rec["iteration"])}
+
+
+class BestModelHook(HookBase):
+    """Keep ``model_best.pth`` by one flattened eval metric; register it right after ``EvalHook``.
+
+    Unlike detectron2's ``BestCheckpointer``: the best value is restored on ``--resume`` (from
+    the record inside ``model_best.pth``), ``last_checkpoint`` is never re-pointed at the best
+    model, the file holds weights only (no optimizer), and ``best_metric.json``
+    (``{"metric", "value", "iteration"}``) is written atomically after every improvement.
+    NaN results never count as an improvement.
+    """
+
+    def __init__(self, eval_period: int, checkpointer, metric: str, mode: str = "max", output_dir: str = ""):
+        if mode not in ("max", "min"):
+            raise ValueError(f"SOLVER.BEST_CHECKPOINT.MODE must be 'max' or 'min', got {mode!r}")
+        self._period = int(eval_period)
+        self._checkpointer = checkpointer
+        self.metric = metric
+        self.mode = mode
+        self._better = operator.gt if mode == "max" else operator.lt
+        self._output_dir = output_dir or checkpointer.save_dir
+        self.best_value: Optional[float] = None
+        self.best_iter: Optional[int] = None
+        self._warned_missing = False
+
+    def restore(self, resumed: bool) -> None:
+        """Load the best-so-far of a resumed run; a fresh run (no ``--resume``) starts empty."""
+        self.best_value = self.best_iter = None
+        if not resumed:
+            return
+        rec = read_best_record(self._output_dir)
+        if rec is None:
+            return
+        if rec["metric"] != self.metric:
+            logger.warning("model_best.pth was chosen by %s, this run uses %s: the best value restarts and the "
+                           "next evaluation replaces model_best.pth", rec["metric"], self.metric)
+            return
+        self.best_value, self.best_iter = rec["value"], rec["iteration"]
+        logger.info("Resumed best-model record: %s = %.6g at iteration %d", self.metric, self.best_value,
+                    self.best_iter)
+        # Re-sync the JSON with the file on disk (a kill may have fallen between the two writes).
+        atomic_write_json(os.path.join(self._output_dir, BEST_JSON), rec)
+
+    def _check(self, iteration: int) -> None:
+        latest = self.trainer.storage.latest()
+        if self.metric not in latest:
+            if not self._warned_missing:
+                keys = sorted(k for k in latest if "/" in k)
+                logger.warning("SOLVER.BEST_CHECKPOINT.METRIC %r was not produced by the evaluation; "
+                               "model_best.pth is not kept. Available: %s", self.metric, keys)
+                self._warned_missing = True
+            return
+        value = float(latest[self.metric][0])
+        if math.isnan(value) or math.isinf(value):
+            logger.info("Best-model hook: %s is %s at iteration %d; not a candidate", self.metric, value, iteration)
+            return
+        if self.best_value is not None and not self._better(value, self.best_value):
+            logger.info("Best-model hook: %s = %.6g at iteration %d, best stays %.6g (iteration %d)",
+                        self.metric, value, iteration, self.best_value, self.best_iter)
+            return
+        record = {"metric": self.metric, "value": value, "iteration": int(iteration)}
+        self._checkpointer.save_model_only(BEST_NAME, iteration=int(iteration), usdet_best=record)
+        atomic_write_json(os.path.join(self._output_dir, BEST_JSON), record)
+        previous = "none" if self.best_value is None else f"{self.best_value:.6g} (iteration {self.best_iter})"
+        logger.info("Saved model_best.pth: %s = %.6g at iteration %d (previous best %s)",
+                    self.metric, value, iteration, previous)
+        self.best_value, self.best_iter = value, int(iteration)
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+            self._check(self.trainer.iter)
+
+    def after_train(self) -> None:
+        # EvalHook evaluates after the last iteration (trainer.iter == max_iter on success).
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            self._check(min(self.trainer.iter, self.trainer.max_iter - 1))
+
+
+def _bn_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+class ValidationLossHook(HookBase):
+    """Every ``period`` iterations, the model's training losses on a held-out loader, without gradients.
+
+    detectron2 models return losses only in training mode; that mode would also update
+    BatchNorm running statistics with validation images, so BatchNorm layers are switched to
+    eval mode for the pass (running stats used, not changed). Proposal sampling inside the
+    model draws from torch's RNG: it runs with a fixed seed and the training RNG state is
+    restored afterwards and successive values are comparable. Logs ``val_loss`` and ``val_<loss_name>``.
+    """
+
+    def __init__(self, period: int, data_loader_fn, seed: int = 0):
+        self._period = int(period)
+        self._data_loader_fn = data_loader_fn
+        self._seed = int(seed)
+
+    def _losses(self, model: torch.nn.Module, data: Iterable) -> Dict[str, float]:
+        sums: Dict[str, float] = {}
+        count = 0
+        with torch.no_grad():
+            for batch in data:
+                loss_dict = model(batch)
+                for k, v in loss_dict.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+                count += len(batch)
+        return {"count": count, **sums}
+
+    def _do(self) -> None:
+        model = self.trainer.model
+        was_training = model.training
+        model.train()
+        bns = _bn_modules(model)
+        for m in bns:
+            m.eval()
+        try:
+            with preserve_rng():
+                torch.manual_seed(self._seed)
+                part = self._losses(model, self._data_loader_fn())
+        finally:
+            for m in bns:
+                m.train()
+            model.train(was_training)
+        parts = comm.gather(part, dst=0)
+        if not comm.is_main_process():
+            return
+        count = sum(p["count"] for p in parts)
+        if count == 0:
+            logger.warning("Validation loss: the validation loader gave no images")
+            return
+        keys = [k for k in parts[0] if k != "count"]
+        means = {f"val_{k}": sum(p.get(k, 0.0) for p in parts) / count for k in keys}
+        means["val_loss"] = sum(means.values())
+        self.trainer.storage.put_scalars(**means, smoothing_hint=False)
+        logger.info("Validation loss at iteration %d over %d images: %s", self.trainer.iter, count,
+                    ", ".join(f"{k}={v:.4f}" for k, v in sorted(means.items())))
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and (next_iter % self._period == 0 or next_iter == self.trainer.max_iter):
+            self._do()
