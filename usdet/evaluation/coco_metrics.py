@@ -8,12 +8,16 @@ training-time evaluations read the same.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import io
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+from .inputs import PredictionArrays
+
+PredsLike = Union[Sequence[Dict[str, Any]], PredictionArrays]
 
 logger = logging.getLogger(__name__)
 
@@ -22,18 +26,34 @@ __all__ = ["COCO_METRICS", "coco_bbox_metrics", "class_agnostic"]
 COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def class_agnostic(gt: Dict[str, Any], preds: Sequence[Dict[str, Any]], name: str = "lesion"):
+def class_agnostic(gt: Dict[str, Any], preds: PredsLike, name: str = "lesion"):
     """Copies of ``gt`` and ``preds`` with every category merged into one (id 1, ``name``)."""
     gt2 = dict(gt)
     gt2["categories"] = [{"id": 1, "name": name}]
     gt2["annotations"] = [dict(a, category_id=1) for a in gt["annotations"]]
-    preds2 = [dict(p, category_id=1) for p in preds]
+    if isinstance(preds, PredictionArrays):
+        preds2 = dataclasses.replace(preds, category_ids=np.ones_like(preds.category_ids))
+    else:
+        preds2 = [dict(p, category_id=1) for p in preds]
     return gt2, preds2
 
 
-def _run_cocoeval(gt: Dict[str, Any], preds: Sequence[Dict[str, Any]], backend: str):
-    gt = copy.deepcopy(gt)
-    preds = copy.deepcopy(list(preds))
+def _fresh(gt: Dict[str, Any], preds: PredsLike):
+    """Copies the COCO API may add keys to (cheaper than a deep copy of a million detections)."""
+    gt = dict(gt)
+    gt["images"] = [dict(im) for im in gt["images"]]
+    gt["annotations"] = [dict(a) for a in gt["annotations"]]
+    gt["categories"] = [dict(c) for c in gt["categories"]]
+    preds = preds.to_coco() if isinstance(preds, PredictionArrays) else [dict(p) for p in preds]
+    # loadRes builds a polygon per detection unless one is present; box AP never reads it.
+    no_polygon: List[Any] = []
+    for p in preds:
+        p["segmentation"] = no_polygon
+    return gt, preds
+
+
+def _run_cocoeval(gt: Dict[str, Any], preds: PredsLike, backend: str):
+    gt, preds = _fresh(gt, preds)
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -71,7 +91,7 @@ def _default_backend() -> str:
 
 def coco_bbox_metrics(
     gt: Dict[str, Any],
-    preds: Sequence[Dict[str, Any]],
+    preds: PredsLike,
     backend: Optional[str] = None,
 ) -> Dict[str, Any]:
     """COCO bbox metrics (percent) and PR curves.
@@ -83,7 +103,7 @@ def coco_bbox_metrics(
     backend = backend or _default_backend()
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     names = [str(c.get("name", c["id"])) for c in cats]
-    if not preds:
+    if len(preds) == 0:
         logger.warning("No predictions: COCO AP is NaN")
         metrics = {m: float("nan") for m in COCO_METRICS}
         for n in names:

@@ -23,6 +23,9 @@ __all__ = [
     "EvaluationInputError",
     "load_gt_json",
     "build_detection_data",
+    "PredictionArrays",
+    "clean_gt",
+    "clean_predictions",
     "box_iou_xywh",
 ]
 
@@ -202,56 +205,119 @@ def clean_gt(gt: Dict[str, Any], source: str = "ground truth") -> Tuple[Dict[str
     return cleaned, warnings
 
 
-def clean_predictions(
-    preds: Sequence[Any], image_ids: Sequence[Any], cat_ids: Sequence[int], source: str = "predictions"
-) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """Keep detections that can be scored; report (file + problem + count) and drop the rest."""
-    warnings: List[str] = []
-    known_images = set(image_ids)
-    known_cats = set(cat_ids)
-    problems: Dict[str, List[Any]] = {}
-    out = []
-    for i, p in enumerate(preds):
-        if not isinstance(p, dict):
-            problems.setdefault("entries that are not objects", []).append(i)
-            continue
-        missing = [k for k in ("image_id", "bbox", "score") if k not in p]
-        if missing:
-            problems.setdefault(f"missing key(s) {'/'.join(missing)}", []).append(i)
-            continue
-        if p["image_id"] not in known_images:
-            problems.setdefault("unknown image_id (not in the ground truth)", []).append(p["image_id"])
-            continue
-        cat = p.get("category_id", None)
-        if cat is None:
-            if len(known_cats) == 1:
-                cat = next(iter(known_cats))
-            else:
-                problems.setdefault("missing key category_id", []).append(i)
-                continue
-        if cat not in known_cats:
-            problems.setdefault("unknown category_id", []).append(cat)
-            continue
-        box = _finite_box(p["bbox"])
-        if box is None:
-            problems.setdefault("bbox that is not 4 finite numbers", []).append(i)
-            continue
-        if box[2] < 0 or box[3] < 0:
-            problems.setdefault("bbox with negative width or height", []).append(i)
-            continue
-        try:
-            score = float(p["score"])
-        except (TypeError, ValueError):
-            score = float("nan")
-        if not math.isfinite(score):
-            problems.setdefault("non-finite score", []).append(i)
-            continue
-        out.append({"image_id": p["image_id"], "category_id": cat, "bbox": box, "score": score})
+@dataclass
+class PredictionArrays:
+    """Scorable detections as arrays (rows in input order)."""
+
+    image_index: np.ndarray  # (P,) index into the ground truth's image list
+    image_ids: np.ndarray  # (P,) original image ids
+    category_ids: np.ndarray  # (P,) int64
+    boxes: np.ndarray  # (P, 4) float64 xywh
+    scores: np.ndarray  # (P,) float64
+
+    def __len__(self) -> int:
+        return int(len(self.scores))
+
+    def to_coco(self) -> List[Dict[str, Any]]:
+        """Fresh COCO result dicts (the COCO API adds keys to them)."""
+        return [
+            {"image_id": i, "category_id": c, "bbox": b, "score": s}
+            for i, c, b, s in zip(self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(), self.scores.tolist())
+        ]
+
+
+def _report(warnings: List[str], source: str, problems: Dict[str, List[Any]]) -> None:
     for problem, items in problems.items():
         uniq = list(dict.fromkeys(items))
         shown = ", ".join(str(x) for x in uniq[:5]) + (" ..." if len(uniq) > 5 else "")
         _warn(warnings, f"{source}: ignored {len(items)} detection(s) with {problem} ({shown})")
-    return out, warnings
+
+
+def _columns(preds: Sequence[Any], default_cat: Optional[int]):
+    """Fast path: every entry a dict with the keys and a 4-number bbox (else raise)."""
+    img = [p["image_id"] for p in preds]
+    score = np.asarray([p["score"] for p in preds], dtype=np.float64)
+    boxes = np.asarray([p["bbox"] for p in preds], dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError("ragged bbox")
+    if default_cat is None:
+        cat = [p["category_id"] for p in preds]
+    else:
+        cat = [p.get("category_id", default_cat) for p in preds]
+    return img, cat, boxes.reshape(-1, 4), score.reshape(-1)
+
+
+def clean_predictions(
+    preds: Sequence[Any], image_ids: Sequence[Any], cat_ids: Sequence[int], source: str = "predictions"
+) -> Tuple[PredictionArrays, List[str]]:
+    """Keep detections that can be scored; report (file + problem + count) and drop the rest.
+
+    A missing ``category_id`` is allowed only when the ground truth has a single category.
+    """
+    warnings: List[str] = []
+    index = {iid: k for k, iid in enumerate(image_ids)}
+    known_cats = set(cat_ids)
+    default_cat = next(iter(known_cats)) if len(known_cats) == 1 else None
+    problems: Dict[str, List[Any]] = {}
+    try:
+        img, cat, boxes, scores = _columns(preds, default_cat)
+        rows = np.arange(len(preds))
+    except (KeyError, TypeError, ValueError, IndexError):
+        # Slow path: find the malformed entries one by one.
+        img, cat, box_list, score_list, row_list = [], [], [], [], []
+        for i, p in enumerate(preds):
+            if not isinstance(p, dict):
+                problems.setdefault("entries that are not objects", []).append(i)
+                continue
+            need = ("image_id", "bbox", "score") + (() if default_cat is not None else ("category_id",))
+            missing = [k for k in need if k not in p]
+            if missing:
+                problems.setdefault(f"missing key(s) {'/'.join(missing)}", []).append(i)
+                continue
+            box = _finite_box(p["bbox"])
+            if box is None and not (isinstance(p["bbox"], (list, tuple)) and len(p["bbox"]) == 4):
+                problems.setdefault("bbox that is not 4 numbers", []).append(i)
+                continue
+            try:
+                s = float(p["score"])
+            except (TypeError, ValueError):
+                s = float("nan")
+            img.append(p["image_id"])
+            cat.append(p.get("category_id", default_cat))
+            box_list.append(box if box is not None else [float("nan")] * 4)
+            score_list.append(s)
+            row_list.append(i)
+        boxes = np.asarray(box_list, dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(score_list, dtype=np.float64)
+        rows = np.asarray(row_list, dtype=np.int64)
+    n = len(img)
+    img_idx = np.fromiter((index.get(i, -1) for i in img), dtype=np.int64, count=n)
+    cat_ok = np.fromiter((c in known_cats for c in cat), dtype=bool, count=n)
+    keep = np.ones(n, dtype=bool)
+    checks = [
+        (img_idx < 0, "unknown image_id (not in the ground truth)", lambda k: img[k]),
+        (~cat_ok, "unknown category_id", lambda k: cat[k]),
+        (~np.isfinite(boxes).all(1), "bbox that is not 4 finite numbers", lambda k: int(rows[k])),
+        ((boxes[:, 2] < 0) | (boxes[:, 3] < 0), "bbox with negative width or height", lambda k: int(rows[k])),
+        (~np.isfinite(scores), "non-finite score", lambda k: int(rows[k])),
+    ]
+    for bad, problem, label in checks:
+        bad = bad & keep
+        if bad.any():
+            problems.setdefault(problem, []).extend(label(k) for k in np.flatnonzero(bad))
+            keep &= ~bad
+    _report(warnings, source, problems)
+    kept = np.flatnonzero(keep)
+    ids = np.empty(len(kept), dtype=object)
+    ids[:] = [img[k] for k in kept]
+    arrays = PredictionArrays(
+        image_index=img_idx[kept],
+        image_ids=ids,
+        category_ids=np.asarray([cat[k] for k in kept], dtype=np.int64).reshape(-1),
+        boxes=boxes[kept],
+        scores=scores[kept],
+    )
+    return arrays, warnings
 
 
 GtLike = Union[Mapping[str, Any], Mapping[Any, Sequence[Any]], "DetectionData"]
@@ -259,7 +325,7 @@ GtLike = Union[Mapping[str, Any], Mapping[Any, Sequence[Any]], "DetectionData"]
 
 def build_detection_data(
     gt: GtLike,
-    preds: Sequence[Mapping[str, Any]] = (),
+    preds: Union[Sequence[Mapping[str, Any]], "PredictionArrays"] = (),
     *,
     check: bool = True,
     source_gt: str = "ground truth",
@@ -286,7 +352,10 @@ def build_detection_data(
                     anns.append(dict(a, image_id=img_id))
                 else:  # a bare [x, y, w, h]
                     anns.append({"image_id": img_id, "bbox": list(a), "category_id": 1})
-        cat_ids = sorted({int(a.get("category_id", 1)) for a in anns} | {int(p.get("category_id", 1)) for p in preds if isinstance(p, Mapping)} | {1})
+        seen = {a.get("category_id", 1) for a in anns}
+        if not isinstance(preds, PredictionArrays):
+            seen |= {p.get("category_id", 1) for p in preds if isinstance(p, Mapping)}
+        cat_ids = sorted({c for c in seen if isinstance(c, (int, np.integer))} | {1})
         for a in anns:
             a.setdefault("category_id", 1)
         coco = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in cat_ids]}
@@ -298,30 +367,27 @@ def build_detection_data(
     image_ids = [im["id"] for im in coco["images"]]
     index = {iid: k for k, iid in enumerate(image_ids)}
     cats = {c["id"]: str(c.get("name", c["id"])) for c in coco["categories"]}
-    if check:
-        preds, w = clean_predictions(preds, image_ids, list(cats), source_pred)
-        warnings += w
+    if isinstance(preds, PredictionArrays):
+        arr = preds
+    else:
+        arr, w = clean_predictions(preds, image_ids, list(cats), source_pred)
+        if check:
+            warnings += w
     anns = [a for a in coco["annotations"] if not a.get("iscrowd", 0)]
     gt_boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     gt_image = np.asarray([index[a["image_id"]] for a in anns], dtype=np.int64)
     gt_classes = np.asarray([a["category_id"] for a in anns], dtype=np.int64)
     # Stable sort by image keeps the annotation order inside each image (tie rule of the matching).
     order = np.argsort(gt_image, kind="stable")
-    n = len(preds)
-    pred_boxes = np.asarray([p["bbox"] for p in preds], dtype=np.float64).reshape(n, 4)
-    pred_image = np.fromiter((index[p["image_id"]] for p in preds), dtype=np.int64, count=n)
-    pred_scores = np.fromiter((p["score"] for p in preds), dtype=np.float64, count=n)
-    default_cat = next(iter(cats)) if cats else 1
-    pred_classes = np.fromiter((p.get("category_id", default_cat) for p in preds), dtype=np.int64, count=n)
     return DetectionData(
         image_ids=np.asarray(image_ids),
         gt_boxes=gt_boxes[order],
         gt_image=gt_image[order],
         gt_classes=gt_classes[order],
-        pred_boxes=pred_boxes,
-        pred_image=pred_image,
-        pred_scores=pred_scores,
-        pred_classes=pred_classes,
+        pred_boxes=arr.boxes,
+        pred_image=arr.image_index,
+        pred_scores=arr.scores,
+        pred_classes=arr.category_ids,
         categories=cats,
         warnings=warnings,
     )

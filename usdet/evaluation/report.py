@@ -117,7 +117,7 @@ def evaluate_predictions(
     gt, warnings = clean_gt(gt_raw, gt_name)
     image_ids = [im["id"] for im in gt["images"]]
     cat_ids = [c["id"] for c in gt["categories"]]
-    preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)
+    preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)  # arrays
     warnings += w
     data = build_detection_data(gt, preds, check=False)
     os.makedirs(output_dir, exist_ok=True)
