@@ -41,10 +41,11 @@ def group_stratified_split(
 ) -> Dict[str, str]:
     """Map each key to ``"train"``/``"val"``/``"test"``; members of a group never straddle splits.
 
-    Groups go largest first (a seeded shuffle orders equal sizes) to the split that best keeps
-    every label's image counts at the requested fractions (least squared shortfall, each label
-    weighted by its size), so mixed-label groups are handled too. The result depends only on the
-    inputs and ``seed``, not on their order.
+    Groups are taken in a seeded random order (not largest first, which would send every
+    multi-frame group to train) and each goes to the split that is, for the group's labels,
+    the least filled relative to its target; so every label's counts track the fractions
+    (off by at most about one group's size) and near-duplicate groups spread over all splits.
+    The result depends only on the inputs and ``seed``, not on their order.
     """
     if not (len(keys) == len(groups) == len(labels)):
         raise ValueError(f"keys, groups and labels differ in length ({len(keys)}, {len(groups)}, {len(labels)})")
@@ -63,22 +64,22 @@ def group_stratified_split(
     target = {lbl: [f * totals[lbl] for f in fracs] for lbl in label_names}
     filled = {lbl: [0, 0, 0] for lbl in label_names}
 
+    rng = random.Random(seed)
     order = sorted(members)  # sorted first, so the shuffle is input-order independent
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda g: -len(members[g]))  # stable: the shuffle breaks ties
+    rng.shuffle(order)
+    candidates = [i for i in range(3) if fracs[i] > 0]
 
-    def cost_of(group: str, split: int) -> float:
-        cost = 0.0
+    def fill_level(group: str, split: int) -> float:
+        """Image-weighted relative fill of ``split`` for this group's labels (-1 empty, 0 on target)."""
+        level = 0.0
         for lbl, n in group_labels[group].items():
-            before = filled[lbl][split] - target[lbl][split]
-            after = before + n
-            cost += (after * after - before * before) / totals[lbl]
-        return cost
+            level += n * (filled[lbl][split] - target[lbl][split]) / target[lbl][split]
+        return level
 
     assignment: Dict[str, str] = {}
-    candidates = [i for i in range(3) if fracs[i] > 0]
     for group in order:
-        best = min(candidates, key=lambda i: (cost_of(group, i), i))
+        tie_break = {i: rng.random() for i in candidates}
+        best = min(candidates, key=lambda i: (round(fill_level(group, i), 9), tie_break[i]))
         for lbl, n in group_labels[group].items():
             filled[lbl][best] += n
         for key in members[group]:
