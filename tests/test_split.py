@@ -57,3 +57,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="three fractions"):
         parse_fractions("0.5,0.5")
     assert parse_fractions("7,1.5,1.5") == pytest.approx((0.7, 0.15, 0.15))
+
+
+def test_multi_member_groups_spread_over_splits():
+    """Large groups must not all go to train (that would leave val/test without any sequence)."""
+    keys, groups, labels = _toy()
+    split = group_stratified_split(keys, groups, labels, seed=0)
+    big = {split[k] for k, g in zip(keys, groups) if int(g[1:]) < 20}
+    assert big == {"train", "val", "test"}
