@@ -51,7 +51,7 @@ def make_fake_busi(root, n_lesion=4, n_normal=2, size=(72, 96), pad=None, seed=0
     for label in ("benign", "malignant", "normal"):
         os.makedirs(os.path.join(root, label), exist_ok=True)
         for i in range(1, (n_normal if label == "normal" else n_lesion) + 1):
-            rng = np.random.default_rng([seed, hash(label) % 1000, i])
+            rng = np.random.default_rng([seed, ("benign", "malignant", "normal").index(label), i])
             kinds = [] if label == "normal" else [label] * (2 if i == 1 else 1)
             rgb, boxes, _, masks = render_phantom(rng, size, kinds, return_masks=True)
             masks = [m.astype(np.uint8) * 255 for m in masks] or [np.zeros(size, np.uint8)]
@@ -173,6 +173,7 @@ def test_bad_inputs_get_per_file_reasons(tmp_path):
     os.remove(b / "benign (5)_mask.png")  # mask missing
     (b / "README.txt").write_text("notes")  # non-image file
     Image.new("1", (96, 72)).save(b / "benign (99)_mask.png")  # mask without image
+    os.remove(root / "normal" / "normal (2)_mask.png")  # a normal needs no mask: kept, with a note
     m = root / "malignant"
     rgb = np.asarray(Image.open(m / "malignant (1).png").convert("RGB"))
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(m / "malignant (1).png")  # RGBA
@@ -200,6 +201,7 @@ def test_bad_inputs_get_per_file_reasons(tmp_path):
     notes = {(n["file"], n["note"]) for n in report["notes"]}
     assert ("malignant/malignant (1).png", "RGBA image: opaque alpha dropped") in notes
     assert ("malignant/malignant (3).png", "16-bit image rescaled to 8 bits (min-max)") in notes
+    assert ("normal/normal (2).png", "normal image without a mask file: kept as a negative") in notes
     for name in ("malignant (1)", "malignant (2)"):  # RGBA and palette keep their (decoded) pixels
         out = cv2.imread(str(tmp_path / "out" / images[f"malignant/{name}.png"]["file_name"]))
         ref = np.asarray(Image.open(root / "malignant" / f"{name}.png").convert("RGB"))
