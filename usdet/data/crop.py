@@ -268,6 +268,7 @@ def _refine_side(img: np.ndarray, colours: np.ndarray, tol: Tuple[int, int], blo
                 break
             chosen = nxt
             lo, hi = max(0, lo - 2) + int(hit.min()), max(0, lo - 2) + int(hit.max()) + 1
+        chosen = int(np.clip(chosen - step, 0, n - 1))  # a fan's last tip pixel is faint: keep a 1 px margin
     inside = float(prof[int(np.clip(chosen + 2 * step, 0, n - 1))])
     o = chosen - 2 * step
     outside = float(prof[o]) if 0 <= o < n else 0.0
@@ -362,6 +363,12 @@ def find_image_region(frame_rgb: np.ndarray) -> CropResult:
     # texture: real images have speckle; flat panels (a coloured header bar) do not
     textured = float((rng[blob] > max(2, tol)).mean()) if area else 0.0
     fill = float(blob.sum()) / max(1.0, float((cx1 - cx0) * (cy1 - cy0)))
+    # dim images exported lossy: their dark parts sink into the JPEG tolerance, so the region
+    # found may be only the brighter part of the image
+    level = float(np.median(d[blob])) if area else 0.0
+    if tol > 0 and level < 1.6 * tol:
+        return _refuse(f"image too dim for its compression noise (median level {level:.0f} vs noise {tol}): its "
+                       "dark parts cannot be told from the background", 0.3)
     if textured < 0.03:
         return _refuse(f"candidate region is flat (textured fraction {textured:.3f}): a panel, not an image",
                        textured)

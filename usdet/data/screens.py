@@ -158,8 +158,14 @@ def make_screen(
     mapped = []
     sx, sy = rw / iw, rh / ih
     for bx0, by0, bx1, by1 in lesion_boxes:
-        mapped.append((x0 + int(np.floor(bx0 * sx)), y0 + int(np.floor(by0 * sy)),
-                       x0 + min(rw, int(np.ceil(bx1 * sx))), y0 + min(rh, int(np.ceil(by1 * sy)))))
+        lx0, ly0 = int(np.floor(bx0 * sx)), int(np.floor(by0 * sy))
+        lx1, ly1 = min(rw, int(np.ceil(bx1 * sx))), min(rh, int(np.ceil(by1 * sy)))
+        if probe == "sector":  # only the part inside the fan is visible
+            ys_, xs_ = np.nonzero(mask[ly0:ly1, lx0:lx1])
+            if not ys_.size:
+                continue
+            lx0, ly0, lx1, ly1 = lx0 + xs_.min(), ly0 + ys_.min(), lx0 + xs_.max() + 1, ly0 + ys_.max() + 1
+        mapped.append((x0 + int(lx0), y0 + int(ly0), x0 + int(lx1), y0 + int(ly1)))
 
     # ---- workspace around the image ----
     tcol = fg
