@@ -1,0 +1,162 @@
+"""DICOM reading: every shared real sample, and synthetic files made with pydicom for the cases the
+samples lack (MONOCHROME1, plain RGB, multi-frame grey, no pixel data, undecodable syntax)."""
+import os
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, UltrasoundImageStorage, generate_uid  # noqa: E402
+
+from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file, read_dicom_frames  # noqa: E402
+from usdet.data.image_io import ImageReadError  # noqa: E402
+from usdet.data.sources import iter_source_frames, list_sources  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DICOM_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us"))
+
+
+def sample(name):
+    path = os.path.join(DICOM_DIR, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"DICOM sample not found at {path} (see ../shared/data/dicom_us/SOURCE.md)")
+    return path
+
+
+def make_dicom(path, pixels, photometric="MONOCHROME2", frames=1, syntax=ExplicitVRLittleEndian, **tags):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = UltrasoundImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    if pixels is not None:
+        arr = np.asarray(pixels)
+        spp = 3 if photometric in ("RGB", "YBR_FULL") else 1
+        ds.SamplesPerPixel = spp
+        ds.PhotometricInterpretation = photometric
+        ds.Rows, ds.Columns = (arr.shape[1], arr.shape[2]) if frames > 1 else arr.shape[:2]
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        if spp == 3:
+            ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8 * arr.dtype.itemsize
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ---- real samples ---------------------------------------------------------------------------
+def test_multiframe_rgb_jpeg_lossless():
+    p = sample("JPEGLosslessP14SV1_3s_2f_u_08_08.dcm")
+    frames = read_dicom_frames(p)
+    assert len(frames) == 2
+    for f in frames:
+        assert f.shape == (768, 1024, 3) and f.dtype == np.uint8 and f.flags.c_contiguous
+    assert not np.array_equal(frames[0], frames[1])  # a real cine: the frames differ
+    # white GUI around a dark tissue window [80, 28, 944, 568]
+    assert frames[0][700:760, 200:600].mean() > 200
+    assert frames[0][100:500, 300:700].mean() < 120
+    assert dicom_patient_id(p) == "Case Report 1"
+    assert [i for i, _ in iter_source_frames(p)] == [0, 1]
+
+
+def test_jpeg2000_ybr_rct_is_rgb():
+    frames = read_dicom_frames(sample("US1_J2KR.dcm"))
+    assert len(frames) == 1 and frames[0].shape == (480, 640, 3) and frames[0].dtype == np.uint8
+    f = frames[0].astype(int)
+    # power Doppler: strongly red/orange pixels exist (R >> B), i.e. colour survived the YBR_RCT decode
+    assert ((f[..., 0] - f[..., 2]) > 100).sum() > 1000
+
+
+def test_palette_color():
+    frames = read_dicom_frames(sample("OBXXXX1A.dcm"))
+    assert len(frames) == 1 and frames[0].shape == (600, 800, 3)
+    f = frames[0].astype(int)
+    # the Philips title bar is blue (the palette was applied), the sector is near-black grey
+    bar = f[5:40, 200:500].reshape(-1, 3).mean(axis=0)
+    assert bar[2] > bar[0] + 30
+    assert np.median(f[300:500, 300:600]) < 5 and f[300:500, 300:600].max() > 200  # caliper "+" marks
+
+
+def test_monochrome2_jpeg_lossless():
+    frames = read_dicom_frames(sample("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    f = frames[0]
+    assert f.shape == (768, 1024, 3) and np.array_equal(f[..., 0], f[..., 2])  # grey replicated
+    assert f[300:500, 350:650].mean() > 30 and f[700:760, 500:700].mean() < 20
+    assert dicom_patient_id(sample("JPGLosslessP14SV1_1s_1f_8b.dcm")) is None  # no PatientID in the file
+
+
+def test_every_shared_sample_decodes():
+    names = sorted(n for n in os.listdir(DICOM_DIR) if n.endswith(".dcm")) if os.path.isdir(DICOM_DIR) else []
+    if not names:
+        pytest.skip(f"no DICOM samples at {DICOM_DIR}")
+    assert len(list_sources(DICOM_DIR)) == len(names)
+    for n in names:
+        frames = read_dicom_frames(os.path.join(DICOM_DIR, n))
+        assert frames and all(f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8 for f in frames), n
+        assert all(f.std() > 10 for f in frames), n  # real content, not a constant frame
+
+
+# ---- synthetic ------------------------------------------------------------------------------
+def test_monochrome1_is_inverted(tmp_path):
+    ramp = np.tile(np.arange(0, 250, 2, dtype=np.uint8), (40, 1))
+    p = make_dicom(str(tmp_path / "m1.dcm"), ramp, "MONOCHROME1", PatientID="X1")
+    f = read_dicom_frames(p)[0]
+    assert f.shape == (40, 125, 3)
+    assert np.array_equal(f[..., 0], 255 - ramp)
+
+
+def test_rgb_and_multiframe(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    f = read_dicom_frames(make_dicom(str(tmp_path / "rgb.dcm"), rgb, "RGB"))[0]
+    assert np.array_equal(f, rgb)
+    cine = rng.integers(0, 256, (4, 24, 32), dtype=np.uint8)
+    p = make_dicom(str(tmp_path / "cine"), cine, frames=4)  # no extension: found by the DICM magic
+    assert is_dicom_file(p) and list_sources(str(tmp_path)) == sorted([p, str(tmp_path / "rgb.dcm")])
+    frames = read_dicom_frames(p)
+    assert len(frames) == 4
+    for i in range(4):
+        assert np.array_equal(frames[i][..., 1], cine[i])
+
+
+def test_16bit_is_scaled(tmp_path):
+    img = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 100)
+    f = read_dicom_frames(make_dicom(str(tmp_path / "w.dcm"), img))[0]
+    assert f.dtype == np.uint8 and f.min() == 0 and f.max() == 255
+    assert np.all(np.diff(f[..., 0].ravel().astype(int)) >= 0)  # order kept
+
+
+def test_no_pixel_data_and_undecodable(tmp_path):
+    p = make_dicom(str(tmp_path / "sr.dcm"), None, PatientID="ABC")
+    with pytest.raises(DicomReadError) as e:
+        read_dicom_frames(p)
+    assert "no pixel data" in e.value.reason and e.value.path == p
+    assert isinstance(e.value, ImageReadError)
+    assert dicom_patient_id(p) == "ABC"
+    # JPEG-LS encapsulated garbage: no installed handler decodes it -> a clear reason, not a crash
+    q = make_dicom(str(tmp_path / "jls.dcm"), np.zeros((16, 16), np.uint8))
+    ds = pydicom.dcmread(q)
+    from pydicom.encaps import encapsulate
+
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(q)
+    with pytest.raises(DicomReadError) as e:
+        read_dicom_frames(q)
+    assert "JPEG-LS" in e.value.reason or "decode" in e.value.reason
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"hello")
+    with pytest.raises(DicomReadError) as e:
+        read_dicom_frames(str(bad))
+    assert "not a DICOM" in e.value.reason or "corrupt" in e.value.reason
