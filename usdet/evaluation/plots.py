@@ -6,7 +6,7 @@ written atomically as PNG.
 from __future__ import annotations
 
 import io
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -23,6 +23,8 @@ __all__ = [
     "plot_roc_curves",
     "plot_confusion_matrix",
     "plot_piou_sweep",
+    "read_event_metrics",
+    "plot_training_curves",
 ]
 
 FIGSIZE = (6.4, 4.8)
@@ -152,5 +154,137 @@ def plot_piou_sweep(sweep: Mapping[str, Sequence[float]], score_thresh: float, s
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Score threshold s", ylabel="Penalized IoU", title="Penalized IoU vs score threshold")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves from detectron2's event file (OUTPUT_DIR/metrics.json)
+# --------------------------------------------------------------------------------------------
+def read_event_metrics(path: str) -> Tuple[Dict[int, Dict[str, float]], List[str]]:
+    """Read detectron2's ``metrics.json`` (one JSON object per line) into ``{iteration: {key: value}}``.
+
+    A run killed mid-write leaves a partial last line, and a resumed run logs some iterations
+    again: unreadable lines are skipped with a message, and the latest value of a key wins.
+    """
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: metrics file not found")
+    records: Dict[int, Dict[str, float]] = {}
+    problems: List[str] = []
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                problems.append(f"{path}:{lineno}: not a complete JSON line (skipped)")
+                continue
+            if not isinstance(rec, dict) or "iteration" not in rec:
+                problems.append(f"{path}:{lineno}: no 'iteration' (skipped)")
+                continue
+            it = int(rec["iteration"])
+            slot = records.setdefault(it, {})
+            for k, v in rec.items():
+                if k == "iteration" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                slot[k] = float(v)
+    return dict(sorted(records.items())), problems
+
+
+_TIMING_KEYS = ("time", "data_time", "eta_seconds")
+
+
+def training_curve_panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """Group event keys into panels: each loss, validation loss, learning rate, eval metrics by prefix."""
+    keys = [k for k in keys if k not in _TIMING_KEYS and not k.startswith("rank_data_time")]
+    panels: List[Tuple[str, List[str]]] = []
+    losses = sorted(k for k in keys if "loss" in k and "/" not in k and not k.startswith("val"))
+    if "total_loss" in losses:
+        losses.remove("total_loss")
+        losses.insert(0, "total_loss")
+    panels += [(k, [k]) for k in losses]
+    val = sorted(k for k in keys if k.startswith("val") and "loss" in k)
+    if val:
+        panels.append(("validation loss", val + (["total_loss"] if "total_loss" in keys else [])))
+    if "lr" in keys:
+        panels.append(("learning rate", ["lr"]))
+    groups: Dict[str, List[str]] = {}
+    for k in keys:
+        if "/" in k:
+            groups.setdefault(k.split("/", 1)[0], []).append(k)
+    for prefix, ks in sorted(groups.items()):
+        ks = sorted(ks)
+        if prefix == "bbox":
+            ks = [k for k in ks if k.split("/", 1)[1] in ("AP", "AP50", "AP75")] or ks
+        elif prefix == "piou":
+            ks = [k for k in ks if k.split("/", 1)[1] in ("score", "best_score")] or ks
+        panels.append((f"{prefix} (evaluation)", ks))
+    other = sorted(k for k in keys if k not in {x for _, ks in panels for x in ks} and "/" not in k)
+    panels += [(k, [k]) for k in other if k.endswith("accuracy") or k.startswith("fast_rcnn") or k.startswith("roi_head")]
+    return panels
+
+
+def plot_training_curves(
+    runs: Mapping[str, Mapping[int, Mapping[str, float]]],
+    path: str,
+    sequential: bool = True,
+    keys: Optional[Sequence[str]] = None,
+) -> str:
+    """One figure of training curves for one or several runs (e.g. stage 1 then stage 2).
+
+    ``sequential`` draws each run after the previous one on the iteration axis (stage 2 starts
+    at iteration 0 on its own schedule), with a dashed line at each boundary; otherwise runs are
+    overlaid from 0.
+    """
+    all_keys = sorted({k for recs in runs.values() for r in recs.values() for k in r})
+    if keys:
+        all_keys = [k for k in all_keys if k in set(keys) or any(k.startswith(x) for x in keys)]
+    panels = training_curve_panels(all_keys)
+    if not panels:
+        raise ValueError("no plottable keys (losses, lr, evaluation metrics) in the metrics file(s)")
+    ncol = min(3, len(panels))
+    nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 3.4 * nrow), squeeze=False)
+    offsets: Dict[str, int] = {}
+    off = 0
+    for name, recs in runs.items():
+        offsets[name] = off if sequential else 0
+        if sequential and recs:
+            off += max(recs) + 1
+    for ax, (title, ks) in zip(axes.ravel(), panels):
+        for ri, (run, recs) in enumerate(runs.items()):
+            for ki, k in enumerate(ks):
+                pts = [(it + offsets[run], r[k]) for it, r in recs.items() if k in r and np.isfinite(r[k])]
+                if not pts:
+                    continue
+                x, y = zip(*pts)
+                label = (f"{run}: " if len(runs) > 1 else "") + k
+                style = "-" if ki == 0 else ["--", ":", "-."][(ki - 1) % 3]
+                marker = "o" if len(pts) < 30 else None
+                ax.plot(x, y, style, color=f"C{ri}" if len(ks) == 1 else f"C{(ri * len(ks) + ki) % 10}",
+                        lw=1.5, marker=marker, ms=3, label=label)
+        if sequential and len(runs) > 1:
+            for run in list(runs)[1:]:
+                ax.axvline(offsets[run], ls="--", color="0.5", lw=1)
+        if title == "learning rate" or ("loss" in title and all(
+                min((r[k] for recs in runs.values() for r in recs.values() if k in r), default=1) > 0 for k in ks)):
+            if title == "learning rate":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            else:
+                ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("iteration" + (" (runs in sequence)" if sequential and len(runs) > 1 else ""))
+        ax.set_ylabel(ks[0] if len(ks) == 1 else "value")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0] and (len(ks) > 1 or len(runs) > 1):
+            ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Training curves: " + ", ".join(runs), fontsize=12)
     fig.tight_layout()
     return save_figure(fig, path)
