@@ -8,21 +8,21 @@ Each subcommand lives in its usdet.data module (``add_arguments`` + ``main``); t
 dispatches. ``--help`` after a subcommand lists its options.
 """
 import argparse
+import importlib
 import sys
 
-from usdet.data import busi, frames
-
-SUBCOMMANDS = {"busi": busi, "frames": frames}
+SUBCOMMANDS = {"busi": "usdet.data.busi", "frames": "usdet.data.frames"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="dataset", required=True)
-    for name, module in SUBCOMMANDS.items():
+    modules = {name: importlib.import_module(mod) for name, mod in SUBCOMMANDS.items()}
+    for name, module in modules.items():
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(p)
     args = ap.parse_args(argv)
-    return SUBCOMMANDS[args.dataset].main(args)
+    return modules[args.dataset].main(args)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ import numpy as np
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "wb", fsync: bool = True) -> None:
     """Call ``write_fn(fh)`` on a temp file beside ``path``, fsync it, then rename onto ``path``.
 
     On any error (disk full included) the temp file is removed and ``path`` is untouched.
+    ``fsync=False`` suits bulk image writes whose caller syncs once before writing the index
+    (JSON) that makes them visible: the rename still keeps every file whole or absent.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -28,7 +30,8 @@ def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "w
         with os.fdopen(fd, mode) as fh:
             write_fn(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,9 +41,9 @@ def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "w
         raise
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically."""
-    atomic_write(path, lambda fh: fh.write(data), "wb")
+    atomic_write(path, lambda fh: fh.write(data), "wb", fsync=fsync)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
