@@ -7,7 +7,6 @@ import os
 
 import cv2
 import numpy as np
-import pytest
 
 from usdet.data import frames as frames_mod
 from usdet.data.crop import find_image_region
