@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from train_helpers import (REPO, make_datasets_root, quick_cfg, run_train_net, state_tensors, tail,
+from train_helpers import (REPO, capture_log, make_datasets_root, quick_cfg, run_train_net, state_tensors, tail,
                            train_net_cmd, train_net_env)
 
 # 8 iterations; checkpoints after iterations 1, 3, 5, 7; evaluation after 2, 5 and 7 (final).
@@ -168,3 +168,65 @@ def test_missing_checkpoint_named_by_last_checkpoint_is_a_clear_error(tmp_path):
     ck = UsdetCheckpointer(torch.nn.Linear(4, 4), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model_0000099.pth, which does not exist"):
         ck.resume_or_load("", resume=True)
+
+
+# ---------------------------------------------------------------------------- data order
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batch_sampler_skips_to_any_iteration_exactly():
+    from usdet.data.loader import ResumableBatchSampler
+
+    sizes = [(120, 90) if i % 3 else (90, 120) for i in range(11)]  # two aspect-ratio buckets
+    fresh = ResumableBatchSampler(sizes, 2, seed=5, rank=0, world_size=1)
+    batches = _take(iter(fresh), 40)
+    for k in (1, 7, 23):
+        resumed = ResumableBatchSampler(sizes, 2, seed=5, rank=0, world_size=1)
+        resumed.start_batch = k
+        assert _take(iter(resumed), 10) == batches[k:k + 10]
+    for batch in batches:  # grouped: one bucket per batch
+        assert len({sizes[i][0] > sizes[i][1] for _, i in batch}) == 1
+    positions = sorted(p for b in batches for p, _ in b)
+    assert len(set(positions)) == len(positions)
+    # every epoch is a permutation; another seed gives another order
+    flat = ResumableBatchSampler(sizes, 11, seed=5, aspect_ratio_grouping=False, rank=0, world_size=1)
+    epoch0, epoch1 = _take(iter(flat), 2)
+    assert sorted(i for _, i in epoch0) == list(range(11)) == sorted(i for _, i in epoch1)
+    other = ResumableBatchSampler(sizes, 11, seed=6, aspect_ratio_grouping=False, rank=0, world_size=1)
+    assert [i for _, i in next(iter(other))] != [i for _, i in epoch0]
+
+
+def test_batch_sampler_ranks_split_the_stream():
+    from usdet.data.loader import ResumableBatchSampler
+
+    sizes = [(100, 80)] * 9
+    per_rank = [_take(iter(ResumableBatchSampler(sizes, 2, seed=1, rank=r, world_size=2)), 6) for r in range(2)]
+    pos = [[p for b in batches for p, _ in b] for batches in per_rank]
+    assert set(pos[0]).isdisjoint(pos[1])
+    assert sorted(pos[0] + pos[1]) == list(range(24))
+
+
+def test_seeded_dataset_is_a_function_of_position(tmp_path):
+    import numpy as np
+
+    from usdet.data.image_io import ImageReadError
+    from usdet.data.loader import SeededMapDataset
+
+    def mapper(d):
+        if d["bad"]:
+            raise ImageReadError(d["file_name"], "corrupt or truncated image")
+        return (d["file_name"], float(np.random.uniform()))
+
+    dicts = [{"file_name": f"f{i}.png", "bad": i == 2} for i in range(4)]
+    ds = SeededMapDataset(dicts, mapper, seed=9)
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    with capture_log("usdet.data.loader") as log:
+        a = [ds[(p, p % 4)] for p in range(8)]
+    assert np.array_equal(state, np.random.get_state()[1])  # the caller's NumPy stream is untouched
+    b = [ds[(p, p % 4)] for p in reversed(range(8))][::-1]
+    assert a == b  # order of calls does not matter: worker count and resume cannot change it
+    assert a[0] != SeededMapDataset(dicts, mapper, seed=10)[(0, 0)]
+    assert a[2][0] == "f3.png"  # the unreadable frame is replaced by the next readable one
+    assert "f2.png: corrupt or truncated image" in log.text

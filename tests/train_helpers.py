@@ -85,3 +85,37 @@ def tail(text: Optional[str], n: int = 3000) -> str:
 
 def seq(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.4f}" for v in values)
+
+
+class capture_log:
+    """Collect messages of one logger directly (pytest's caplog misses loggers that detectron2's
+    ``setup_logger`` has set to not propagate, which depends on what ran before)."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger = logging.getLogger(name)
+        self.messages: List[str] = []
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer.messages.append(record.getMessage())
+
+        self.handler = _Handler(level=logging.DEBUG)
+
+    def __enter__(self):
+        import logging
+
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self._level)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)

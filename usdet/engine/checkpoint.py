@@ -26,12 +26,14 @@ _PREDICTOR_KEY = re.compile(r"(^|\.)(box_predictor|mask_head\.predictor|keypoint
 
 
 def head_mismatch_message(incorrect_shapes: List[tuple], num_classes: int) -> str:
-    """One explicit line about class-dependent layers that were re-initialized (stage-2 fine-tuning)."""
+    """One explicit line about the layers left at random init because their shapes differ."""
     names = ", ".join(f"{k} {tuple(ckpt)}->{tuple(model)}" for k, ckpt, model in incorrect_shapes)
-    heads = [k for k, _, _ in incorrect_shapes if _PREDICTOR_KEY.search(k)]
-    what = "class-dependent head layers" if len(heads) == len(incorrect_shapes) else "layers"
-    return (f"Loaded weights for a different class count: {len(incorrect_shapes)} {what} re-initialized "
-            f"randomly (this model has {num_classes} class(es)): {names}. All other weights were loaded.")
+    if all(_PREDICTOR_KEY.search(k) for k, _, _ in incorrect_shapes):
+        return (f"Loaded weights for a different class count: {len(incorrect_shapes)} class-dependent head "
+                f"parameters re-initialized randomly (this model has {num_classes} class(es)): {names}. "
+                "All other weights were loaded.")
+    return (f"Loaded weights from a different architecture: {len(incorrect_shapes)} parameters with other shapes "
+            f"were re-initialized randomly: {names}. Check that the config matches the one the weights came from.")
 
 
 class UsdetCheckpointer(DetectionCheckpointer):

@@ -48,7 +48,7 @@ def build_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
 
 def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
     """Fail early, with the fix, when a dataset named by the config is not registered."""
-    names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
+    names = ([] if eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     known = set(DatasetCatalog.list())
     missing = [n for n in names if n not in known]
     if missing:

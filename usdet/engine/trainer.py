@@ -212,15 +212,18 @@ def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:
     ``OUTPUT_DIR/inference/<dataset>/`` beside the COCO evaluator's ``coco_instances_results.json``.
     """
     model = Trainer.build_model(cfg)
-    UsdetCheckpointer(model, save_dir=cfg.OUTPUT_DIR, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume)
+    ckpt = UsdetCheckpointer(model, save_dir=cfg.OUTPUT_DIR, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    weights = ckpt.get_checkpoint_file() if resume and ckpt.has_checkpoint() else cfg.MODEL.WEIGHTS
+    if not weights:
+        logger.warning("--eval-only with no MODEL.WEIGHTS (and nothing to --resume): evaluating random weights")
+    ckpt.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
-        write_reports(cfg)
+        write_reports(cfg, weights)
     return results
 
 
-def write_reports(cfg) -> List[str]:
+def write_reports(cfg, weights: str = "") -> List[str]:
     """Write the full evaluation report of each test dataset from the saved predictions."""
     try:
         from usdet.evaluation.report import evaluate_predictions
@@ -236,7 +239,8 @@ def write_reports(cfg) -> List[str]:
             logger.warning("No report for %s: %s", name,
                            "the dataset has no json_file" if not gt else f"{preds} was not written")
             continue
-        evaluate_predictions(gt, preds, out, **_report_options(cfg))
+        title = f"{weights or 'random weights'} on {name}"
+        evaluate_predictions(gt, preds, out, title=title, **_report_options(cfg))
         logger.info("Evaluation report for %s written to %s", name, out)
         written.append(out)
     return written
@@ -244,9 +248,10 @@ def write_reports(cfg) -> List[str]:
 
 def _report_options(cfg) -> Dict[str, Any]:
     return {
-        "score_thresh": float(cfg.TEST.PIOU.SCORE_THRESH),
-        "iou_thresh": float(cfg.TEST.PIOU.IOU_THRESH),
-        "topk": int(cfg.TEST.PIOU.TOPK),
-        "class_aware": bool(cfg.TEST.PIOU.CLASS_AWARE),
+        "piou_score_thresh": float(cfg.TEST.PIOU.SCORE_THRESH),
+        "piou_iou_thresh": float(cfg.TEST.PIOU.IOU_THRESH),
+        "piou_topk": int(cfg.TEST.PIOU.TOPK),
+        "piou_class_aware": bool(cfg.TEST.PIOU.CLASS_AWARE),
         "bootstrap": int(cfg.TEST.BOOTSTRAP),
+        "seed": max(int(cfg.SEED), 0),
     }

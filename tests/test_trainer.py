@@ -1,0 +1,216 @@
+"""usdet Trainer on phantoms: loss falls, metrics and reports written, hooks, NaN guard."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from train_helpers import capture_log, make_datasets_root, quick_cfg
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    return make_datasets_root(str(tmp_path_factory.mktemp("htrain_datasets")))
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores are shared by everyone: one torch thread is much faster than two fighting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _events(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_end_to_end_loss_falls_metrics_val_loss_and_report(datasets_root, tmp_path, one_thread):
+    from usdet.engine import Trainer, evaluate_checkpoint
+
+    out = tmp_path / "run"
+    cfg = quick_cfg(out, "SOLVER.MAX_ITER", "24", "SOLVER.STEPS", "(18,)", "TEST.EVAL_PERIOD", "12",
+                    "TEST.VAL_LOSS_PERIOD", "12", "SOLVER.CHECKPOINT_PERIOD", "12")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < 0.85 * first, f"loss did not fall: first {first:.3f}, last {last:.3f}"
+
+    events = _events(out / "metrics.json")
+    keys = set().union(*events)
+    assert {"bbox/AP50", "piou/score", "piou/tp", "piou/fn", "val_loss", "val_loss_rpn_cls", "lr"} <= keys
+    val = [e["val_loss"] for e in events if "val_loss" in e]
+    assert len(val) == 2 and all(math.isfinite(v) and v > 0 for v in val)
+    assert (out / "inference" / "ph1_val" / "coco_instances_results.json").is_file()
+    best = json.load(open(out / "best_metric.json"))
+    assert best["metric"] == "piou/score" and best["iteration"] in (11, 23)
+    assert open(out / "last_checkpoint").read() == "model_final.pth"
+
+    # --eval-only path: the full report lands beside the saved predictions.
+    cfg_eval = quick_cfg(tmp_path / "eval", "MODEL.WEIGHTS", str(out / "model_final.pth"))
+    results = evaluate_checkpoint(cfg_eval)
+    assert "piou" in results and "bbox" in results
+    report_dir = tmp_path / "eval" / "inference" / "ph1_val"
+    metrics = json.load(open(report_dir / "metrics.json"))
+    assert "piou" in metrics and "bbox" in metrics
+    assert metrics["piou"]["fn"] + metrics["piou"]["tp"] == results["piou"]["fn"] + results["piou"]["tp"]
+    assert (report_dir / "report.md").is_file()
+
+
+def test_validation_loss_leaves_bn_stats_and_rng_untouched(datasets_root, tmp_path, one_thread):
+    from usdet.engine import Trainer, ValidationLossHook
+
+    cfg = quick_cfg(tmp_path / "run", "TEST.VAL_LOSS_PERIOD", "1")
+    trainer = Trainer(cfg)
+    hook = next(h for h in trainer._hooks if isinstance(h, ValidationLossHook))
+    bn_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}
+    assert bn_before, "the quick config uses BN: running stats expected"
+    rng_before = torch.get_rng_state()
+    trainer.iter, trainer.max_iter = 0, 5
+    with EventStorage(0) as trainer.storage:
+        hook._do()
+        first = trainer.storage.latest()["val_loss"][0]
+        hook._do()
+        second = trainer.storage.latest()["val_loss"][0]
+    assert math.isfinite(first) and first > 0
+    assert first == pytest.approx(second, rel=1e-6)  # fixed seed: comparable between calls
+    assert torch.equal(rng_before, torch.get_rng_state())
+    for k, v in trainer.model.state_dict().items():
+        if k in bn_before:
+            assert torch.equal(v, bn_before[k]), f"{k} changed during the validation-loss pass"
+    assert trainer.model.training and all(m.training for m in trainer.model.modules())
+
+
+def _poison_from(trainer, start_iter):
+    def hook(module, inputs, output):
+        if module.training and trainer.iter >= start_iter:
+            return {k: v * float("nan") for k, v in output.items()}
+        return output
+
+    trainer.model.register_forward_hook(hook)
+
+
+def test_nan_loss_stops_with_iteration_checkpoint_and_causes(datasets_root, tmp_path, one_thread):
+    from usdet.engine import Trainer, TrainingDivergedError
+
+    out = tmp_path / "run"
+    cfg = quick_cfg(out, "SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    _poison_from(trainer, 3)
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "Training diverged at iteration 3" in msg
+    assert f"last good checkpoint is {out / 'model_0000001.pth'}" in msg
+    assert "SOLVER.BASE_LR 0.01" in msg and "SOLVER.CLIP_GRADIENTS" in msg
+    assert isinstance(info.value, FloatingPointError)
+    assert not (out / "model_0000003.pth").exists()
+    assert open(out / "last_checkpoint").read() == "model_0000001.pth"
+
+
+def test_nan_message_names_frozen_bn_from_scratch(datasets_root, tmp_path, one_thread):
+    from usdet.engine import Trainer, TrainingDivergedError
+
+    cfg = quick_cfg(tmp_path / "run", "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "", "TEST.EVAL_PERIOD", "0")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    _poison_from(trainer, 0)
+    with pytest.raises(TrainingDivergedError, match="iteration 0") as info:
+        trainer.train()
+    assert "FrozenBN with random initial weights (MODEL.WEIGHTS is empty: THIS config)" in str(info.value)
+    assert "no checkpoint was written yet" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- best-model hook
+def _hook_env(tmp_path, metric="piou/score", mode="max"):
+    from usdet.engine import BestModelHook, UsdetCheckpointer
+
+    model = torch.nn.Linear(3, 2)
+    ck = UsdetCheckpointer(model, str(tmp_path))
+    hook = BestModelHook(2, ck, metric, mode, str(tmp_path))
+    hook.trainer = SimpleNamespace(storage=EventStorage(0), iter=0, max_iter=100)
+    return model, hook
+
+
+def _evaluate(model, hook, iteration, value, metric="piou/score"):
+    """What EvalHook does at ``iteration``, then the best-model hook's turn."""
+    with torch.no_grad():
+        model.weight.fill_(float(iteration))  # weights identify the iteration they come from
+    hook.trainer.iter = iteration
+    hook.trainer.storage.iter = iteration
+    hook.trainer.storage.put_scalars(**{metric: value}, smoothing_hint=False)
+    hook.after_step()
+
+
+def _best(tmp_path):
+    rec = json.load(open(tmp_path / "best_metric.json"))
+    weights = torch.load(tmp_path / "model_best.pth", weights_only=True)
+    assert weights["usdet_best"] == rec and weights["iteration"] == rec["iteration"]
+    assert float(weights["model"]["weight"][0, 0]) == rec["iteration"]
+    return rec["value"], rec["iteration"]
+
+
+def test_best_model_hook_keeps_best_across_resume(tmp_path):
+    model, hook = _hook_env(tmp_path)
+    hook.restore(resumed=False)
+    _evaluate(model, hook, 1, 0.3)
+    assert _best(tmp_path) == (0.3, 1)
+    _evaluate(model, hook, 3, 0.5)
+    _evaluate(model, hook, 5, 0.4)
+    _evaluate(model, hook, 7, float("nan"))
+    assert _best(tmp_path) == (0.5, 3)
+    assert not (tmp_path / "last_checkpoint").exists()  # best saves never tag last_checkpoint
+
+    # --resume: a new process, a new hook; the best value comes back from model_best.pth.
+    model, hook = _hook_env(tmp_path)
+    hook.restore(resumed=True)
+    assert (hook.best_value, hook.best_iter) == (0.5, 3)
+    _evaluate(model, hook, 9, 0.45)  # detectron2's BestCheckpointer would overwrite here
+    assert _best(tmp_path) == (0.5, 3)
+    _evaluate(model, hook, 11, 0.6)
+    assert _best(tmp_path) == (0.6, 11)
+
+    # A kill between the two writes: model_best.pth (the file on disk) is the truth.
+    model.weight.data.fill_(13.0)
+    hook._checkpointer.save_model_only("model_best", iteration=13,
+                                       usdet_best={"metric": "piou/score", "value": 0.7, "iteration": 13})
+    model, hook = _hook_env(tmp_path)
+    hook.restore(resumed=True)
+    assert _best(tmp_path) == (0.7, 13) and hook.best_value == 0.7
+
+    # Without --resume a run starts a fresh record.
+    model, hook = _hook_env(tmp_path)
+    hook.restore(resumed=False)
+    _evaluate(model, hook, 1, 0.1)
+    assert _best(tmp_path) == (0.1, 1)
+
+
+def test_best_model_hook_min_mode_other_metric_and_missing_metric(tmp_path):
+    model, hook = _hook_env(tmp_path, metric="bbox/AP50", mode="min")
+    _evaluate(model, hook, 1, 40.0, metric="bbox/AP50")
+    _evaluate(model, hook, 3, 30.0, metric="bbox/AP50")
+    _evaluate(model, hook, 5, 35.0, metric="bbox/AP50")
+    assert _best(tmp_path) == (30.0, 3)
+    # The record names its metric: a resumed run choosing by another metric starts afresh.
+    model2, other = _hook_env(tmp_path, metric="piou/score")
+    other.restore(resumed=True)
+    assert other.best_value is None
+    _evaluate(model2, other, 7, 0.2)  # storage of this hook has piou/score now
+    assert json.load(open(tmp_path / "best_metric.json"))["metric"] == "piou/score"
+
+    model, hook = _hook_env(tmp_path / "x", metric="bbox/AP75")
+    with capture_log("usdet.engine.hooks") as log:
+        _evaluate(model, hook, 1, 0.5, metric="piou/score")
+    assert "bbox/AP75" in log.text and "piou/score" in log.text
+    assert not (tmp_path / "x" / "model_best.pth").exists()
+    with pytest.raises(ValueError, match="MODE"):
+        _hook_env(tmp_path, mode="best")
