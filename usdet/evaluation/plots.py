@@ -61,7 +61,7 @@ def plot_pr_curves(pr_curves: Mapping[str, Mapping[str, Sequence[float]]], path:
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Recall", ylabel="Precision", title="Precision-recall (COCO, 101 points)")
     ax.grid(alpha=0.3)
     if pr_curves:
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
