@@ -80,3 +80,17 @@ def test_malignancy_auc_confusion_matrix():
 def test_malignancy_only_for_benign_malignant_sets():
     gt = coco([1], [(1, 1)], ["lesion"])
     assert malignancy(build_detection_data(gt, [P(1, 0.9)])) is None
+
+
+def test_roc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from usdet.evaluation.classification import roc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    s = np.round(rng.random(300) + 0.3 * y, 2)  # rounding makes ties
+    r = roc(y, s)
+    assert r["auc"] == pytest.approx(roc_auc_score(y, s))
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(r["fpr"], fpr) and np.allclose(r["tpr"], tpr)

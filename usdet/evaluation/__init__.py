@@ -1,8 +1,17 @@
 """usdet evaluation: penalized IoU, COCO AP, FROC, image-level ROC, bootstrap CIs, reports, plots.
 
-``PenalizedIoUEvaluator`` (a detectron2 ``DatasetEvaluator``) is in
-:mod:`usdet.evaluation.penalized_iou`; ``evaluate_predictions`` (metrics.json, report.md, plots)
-in :mod:`usdet.evaluation.report`. Function names are not re-exported here on purpose, so that
-``usdet.evaluation.penalized_iou`` always names the module.
+``PenalizedIoUEvaluator`` (a detectron2 ``DatasetEvaluator``, loaded on first use so that offline
+scoring does not import detectron2) is reachable as
+``usdet.evaluation.penalized_iou.PenalizedIoUEvaluator``; ``evaluate_predictions`` (metrics.json,
+report.md, plots) is in :mod:`usdet.evaluation.report`. Function names are not re-exported here
+on purpose, so that ``usdet.evaluation.penalized_iou`` always names the module.
 """
-from .penalized_iou import PenalizedIoUEvaluator  # noqa: F401
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PenalizedIoUEvaluator":
+        from .evaluator import PenalizedIoUEvaluator
+
+        return PenalizedIoUEvaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

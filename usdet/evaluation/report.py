@@ -19,7 +19,7 @@ from usdet.utils.io import atomic_write_json, atomic_write_text
 
 from .classification import image_level, malignancy
 from .coco_metrics import class_agnostic, coco_bbox_metrics
-from .froc import FROC_RATES, froc
+from .froc import froc
 from .inputs import (
     EvaluationInputError,
     build_detection_data,
