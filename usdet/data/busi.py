@@ -207,6 +207,22 @@ class _Skip(Exception):
         self.reason = reason
 
 
+def _header_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
+    """(width, height) from the file header without decoding pixels; None when unknown."""
+    head = data[:24].tobytes()
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as img:  # reads the header only
+            return img.size
+    except Exception:  # not something Pillow knows: OpenCV (and its fallback) will say why
+        return None
+
+
 def _decode(root: str, rel: str, is_mask: bool) -> Tuple[np.ndarray, List[str]]:
     """Decode with OpenCV (fast), falling back to Pillow for formats and errors OpenCV can't explain.
 
@@ -220,6 +236,15 @@ def _decode(root: str, rel: str, is_mask: bool) -> Tuple[np.ndarray, List[str]]:
         raise _Skip(rel, f"{kind} unreadable ({e.strerror or e})") from None
     if data.size == 0:
         raise _Skip(rel, f"{kind} is a zero-byte file")
+    size = _header_size(data)
+    if size is not None:
+        from usdet.data.image_io import MAX_PIXELS
+
+        w, h = size
+        if w * h > MAX_PIXELS:  # refuse before decoding: a tiny file can claim gigabytes of pixels
+            raise _Skip(rel, f"{kind} is {w}x{h}, over the {MAX_PIXELS} pixel limit (decompression-bomb guard)")
+        if w < 2 or h < 2:
+            raise _Skip(rel, f"{kind} is {w}x{h}, too small to be an ultrasound {kind}")
     notes: List[str] = []
     # masks: one channel at native depth is all a mask needs (and decodes faster than colour)
     flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH if is_mask else cv2.IMREAD_UNCHANGED
@@ -347,6 +372,10 @@ _WORKER: Dict[str, Any] = {}
 
 def _init_worker(root: str, out_dir: str, options: ConvertOptions, cat_ids: Dict[str, int]) -> None:
     cv2.setNumThreads(1)
+    try:  # OpenCV's own warnings (e.g. "PNG input buffer is incomplete") would only repeat the report
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:
+        pass
     _WORKER.update(root=root, out_dir=out_dir, options=options, cat_ids=cat_ids)
 
 
@@ -450,24 +479,32 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
 # Duplicates and groups
 # ----------------------------------------------------------------------------------------------
 def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float,
-                              ham_thresh: int, block: int = 1024) -> np.ndarray:
-    """Connected components of the 'near-duplicate' graph (correlation or dHash distance), blockwise."""
+                              ham_thresh: int, block: int = 512) -> np.ndarray:
+    """Connected components of the 'near-duplicate' graph (correlation or dHash distance).
+
+    Pairs are compared in ``block`` x ``block`` tiles of the upper triangle, converted to float32
+    tile by tile, so the working memory beyond the fingerprints themselves stays constant
+    however many images there are.
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(vecs)
     if n == 0:
         return np.zeros(0, np.int64)
-    v = vecs.astype(np.float32)
-    bits = np.unpackbits(hashes, axis=1).astype(np.float32)
     rows, cols = [], []
-    for start in range(0, n, block):
-        vb, bb = v[start:start + block], bits[start:start + block]
-        corr = vb @ v.T
-        ham = bb @ (1 - bits).T + (1 - bb) @ bits.T
-        r, c = np.nonzero((corr >= corr_thresh) | (ham <= ham_thresh))
-        rows.append(r + start)
-        cols.append(c)
+    for i0 in range(0, n, block):
+        vi = vecs[i0:i0 + block].astype(np.float32)
+        bi = np.unpackbits(hashes[i0:i0 + block], axis=1).astype(np.float32)
+        for j0 in range(i0, n, block):
+            vj = vi if j0 == i0 else vecs[j0:j0 + block].astype(np.float32)
+            bj = bi if j0 == i0 else np.unpackbits(hashes[j0:j0 + block], axis=1).astype(np.float32)
+            corr = vi @ vj.T
+            # Hamming distance of 0/1 vectors: popcount(a) + popcount(b) - 2 a.b
+            ham = bi.sum(axis=1)[:, None] + bj.sum(axis=1)[None, :] - 2 * (bi @ bj.T)
+            r, c = np.nonzero((corr >= corr_thresh) | (ham <= ham_thresh))
+            rows.append(r + i0)
+            cols.append(c + j0)
     r, c = np.concatenate(rows), np.concatenate(cols)
     graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
@@ -573,8 +610,9 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
     kept = [i for i in kept if i not in excluded]
 
     # near-duplicate groups from pixels (exact duplicates fall in the same group automatically)
-    vecs = np.stack([results[i]["vec"] for i in kept]) if kept else np.zeros((0, 4096), np.float16)
-    hashes = np.stack([np.frombuffer(results[i]["dhash"], np.uint8) for i in kept]) if kept else np.zeros((0, 32), np.uint8)
+    # (fingerprints move out of the per-image results: one copy of them is held, not two)
+    vecs = np.stack([results[i].pop("vec") for i in kept]) if kept else np.zeros((0, 4096), np.float16)
+    hashes = np.stack([np.frombuffer(results[i].pop("dhash"), np.uint8) for i in kept]) if kept else np.zeros((0, 32), np.uint8)
     comp = near_duplicate_components(vecs, hashes, opt.near_dup_corr, opt.near_dup_hamming)
     members_of: Dict[int, List[int]] = defaultdict(list)
     for pos, c in enumerate(comp):

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""``convert_to_coco.py busi`` on the BUSI images vs the floor of decoding and writing them.
+
+The floor is the bare I/O any converter must do, in one process: ``cv2.imread(IMREAD_UNCHANGED)``
+of every source PNG (images and masks) and ``cv2.imwrite`` of every image as PNG with OpenCV's
+default settings. The converter runs as the user runs it (a subprocess of
+``tools/convert_to_coco.py``, start-up and imports included) into a fresh output folder each time
+(a re-run into the same folder skips identical images and would flatter it). Both are timed
+alternately, best of ``--repeat``, after one untimed pass that warms the page cache.
+
+Figures: ``ratio_1_worker`` = converter (1 worker) / floor (target <= 1.3);
+``ratio_1_worker_vs_same_output_floor`` = the same against a tighter floor that writes what the
+converter writes (one channel for BUSI's gray images, masks decoded as gray), for information;
+``speedup_2_workers`` = converter time with 1 worker / with ``--workers 2`` (target >= 1.5, judged
+only when the load average leaves two cores free, else recorded with ``speedup_judged: false``);
+``peak_rss_ratio`` = peak RSS of the converter on all images / on a ``--subset`` image subset
+(streaming means flat memory: target <= 1.25).
+
+  python benchmarks/bench_convert.py [--root BUSI] [--repeat 2] [--subset 200]
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, write_result  # noqa: E402
+
+CONVERT = os.path.join(REPO, "tools", "convert_to_coco.py")
+TARGET_RATIO = 1.3
+TARGET_SPEEDUP = 1.5
+TARGET_RSS_RATIO = 1.25
+
+
+def busi_root(arg):
+    root = arg or os.environ.get("USDET_BUSI_ROOT") or os.path.normpath(os.path.join(REPO, "..", "shared", "data", "busi"))
+    if all(os.path.isdir(os.path.join(root, c)) for c in ("benign", "malignant", "normal")):
+        return root
+    return None
+
+
+def source_files(root):
+    """(image PNGs, mask PNGs) under the three class folders, sorted."""
+    images, masks = [], []
+    for label in ("benign", "malignant", "normal"):
+        for name in sorted(os.listdir(os.path.join(root, label))):
+            if name.lower().endswith(".png"):
+                (masks if "_mask" in name else images).append(os.path.join(root, label, name))
+    return images, masks
+
+
+def floor_pass(images, masks, out_dir):
+    """Decode every source PNG and write every image with OpenCV defaults; returns seconds."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    for p in masks:
+        if cv2.imread(p, cv2.IMREAD_UNCHANGED) is None:
+            raise RuntimeError(f"{p}: OpenCV could not decode it")
+    for i, p in enumerate(images):
+        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise RuntimeError(f"{p}: OpenCV could not decode it")
+        cv2.imwrite(os.path.join(out_dir, f"{i:05d}.png"), img)
+    return time.perf_counter() - t0
+
+
+def floor_same_output_pass(images, masks, out_dir):
+    """The floor for the output the converter actually writes: masks decoded as gray, and an image
+    whose three channels are equal (BUSI's are) written as one channel. Returns seconds."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    for p in masks:
+        if cv2.imread(p, cv2.IMREAD_GRAYSCALE) is None:
+            raise RuntimeError(f"{p}: OpenCV could not decode it")
+    for i, p in enumerate(images):
+        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise RuntimeError(f"{p}: OpenCV could not decode it")
+        if img.ndim == 3 and (img[..., 0] == img[..., 1]).all() and (img[..., 0] == img[..., 2]).all():
+            img = img[..., 0]
+        cv2.imwrite(os.path.join(out_dir, f"{i:05d}.png"), img)
+    return time.perf_counter() - t0
+
+
+def run_converter(root, out_dir, workers):
+    """Run the converter as a user does; returns (seconds, peak RSS MiB of the converter process)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, CONVERT, "busi", "--root", root, "--output", out_dir, "--no-progress",
+           "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"converter failed ({proc.returncode}):\n{out.decode(errors='replace')}")
+    return seconds, usage.ru_maxrss / 1024.0
+
+
+def make_subset(root, n, dest):
+    """A BUSI-layout folder of symlinks to ``n`` evenly spaced images (with their masks), classes in proportion.
+
+    Evenly spaced, not the first ``n``: the subset keeps the full set's spread of image sizes, so
+    a difference in peak memory comes from the number of images and not from its largest one.
+    """
+    import numpy as np
+
+    images, masks = source_files(root)
+    by_label = {}
+    for p in images:
+        by_label.setdefault(os.path.basename(os.path.dirname(p)), []).append(p)
+    total = len(images)
+    chosen = []
+    for label, paths in by_label.items():
+        k = max(1, round(n * len(paths) / total))
+        chosen += [paths[int(j)] for j in np.linspace(0, len(paths) - 1, k).round().astype(int)]
+    stems = {os.path.splitext(p)[0] for p in chosen}
+    for p in chosen + [m for m in masks if m.rsplit("_mask", 1)[0] in stems]:
+        rel = os.path.relpath(p, root)
+        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+        os.symlink(p, os.path.join(dest, rel))
+    return len(chosen)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=None, help="BUSI folder (default: $USDET_BUSI_ROOT or ../shared/data/busi)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs of each (best is kept)")
+    ap.add_argument("--subset", type=int, default=200, help="images in the small run of the memory check")
+    args = ap.parse_args()
+    root = busi_root(args.root)
+    if root is None:
+        print("bench_convert: skipped: BUSI not found (set USDET_BUSI_ROOT to a folder holding "
+              "benign/, malignant/, normal/)")
+        return 0
+    images, masks = source_files(root)
+    tmp = tempfile.mkdtemp(prefix="bench_convert_")
+    try:
+        floor_pass(images, masks, os.path.join(tmp, "warm"))  # page cache, lazy imports
+        load_before = os.getloadavg()[0]
+        floors, floors_same, conv1, conv2, rss_full = [], [], [], [], []
+        for _ in range(args.repeat):
+            floors.append(floor_pass(images, masks, os.path.join(tmp, "floor")))
+            floors_same.append(floor_same_output_pass(images, masks, os.path.join(tmp, "floor_same")))
+            t, rss = run_converter(root, os.path.join(tmp, "out1"), 1)
+            conv1.append(t)
+            rss_full.append(rss)
+            conv2.append(run_converter(root, os.path.join(tmp, "out2"), 2)[0])
+        sub_root = os.path.join(tmp, "subset")
+        n_sub = make_subset(root, args.subset, sub_root)
+        rss_sub = [run_converter(sub_root, os.path.join(tmp, "out_sub"), 1)[1] for _ in range(args.repeat)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    floor, floor_same, t1, t2 = min(floors), min(floors_same), min(conv1), min(conv2)
+    ratio = t1 / floor
+    speedup = t1 / t2
+    rss_ratio = max(rss_full) / max(rss_sub)
+    per_image_kib = 1024 * (max(rss_full) - max(rss_sub)) / max(1, len(images) - n_sub)
+    cores = os.cpu_count() or 1
+    # two workers can only beat one where two cores are free: on a busier machine the figure is
+    # recorded but not judged (it measures the other load, not the converter)
+    judge_speedup = cores >= 2 and load_before <= cores - 1.5
+    ok_speedup = speedup >= TARGET_SPEEDUP or not judge_speedup
+    met = ratio <= TARGET_RATIO and ok_speedup and rss_ratio <= TARGET_RSS_RATIO
+    write_result("convert", {
+        "images": len(images), "source_pngs": len(images) + len(masks),
+        "floor_s": round(floor, 3), "convert_1_worker_s": round(t1, 3), "convert_2_workers_s": round(t2, 3),
+        "ratio_1_worker": round(ratio, 3), "target_ratio": TARGET_RATIO,
+        "floor_same_output_s": round(floor_same, 3), "ratio_1_worker_vs_same_output_floor": round(t1 / floor_same, 3),
+        "speedup_2_workers": round(speedup, 3), "target_speedup": TARGET_SPEEDUP,
+        "speedup_judged": judge_speedup, "load_average_before": round(load_before, 2),
+        "peak_rss_mib_all": round(max(rss_full), 1), "subset_images": n_sub,
+        "peak_rss_mib_subset": round(max(rss_sub), 1), "peak_rss_ratio": round(rss_ratio, 3),
+        "peak_rss_kib_per_extra_image": round(per_image_kib, 1),
+        "target_peak_rss_ratio": TARGET_RSS_RATIO,
+        "floor": "cv2.imread(IMREAD_UNCHANGED) of every source PNG + cv2.imwrite PNG (defaults) of every image, "
+                 "one process",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "target_met": met,
+    })
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Penalized IoU and the whole evaluation report vs pycocotools' COCOeval on the same detections.
+
+A synthetic evaluation set of ``--images`` images (default 10,000; 60% with one or two lesions,
+benign or malignant) with ``--dets`` predictions each (default 100: a few jittered copies of the
+truth boxes with high scores, the rest random boxes with random scores). Measured in one run:
+
+* ``cocoeval_s``: pycocotools ``COCOeval`` bbox (loadRes + evaluate + accumulate + summarize),
+  the reference every detection project pays at each evaluation;
+* ``piou_s``: ``usdet.evaluation.penalized_iou`` from the same list of dicts (input checks,
+  matching, the score-threshold sweep): target ``cocoeval_s / piou_s >= 10``;
+* ``report_s``: ``tools/evaluate_json.py`` as a user runs it (subprocess; reading the JSON files,
+  COCO AP, penalized IoU, FROC, image-level and malignancy ROC, 1000 bootstrap resamples,
+  metrics.json, report.md and the plots): target < 30 s.
+
+  python benchmarks/bench_piou.py [--images 10000] [--dets 100] [--bootstrap 1000]
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, best_time, write_result  # noqa: E402
+
+TARGET_SPEEDUP = 10.0
+TARGET_REPORT_S = 30.0
+
+
+def make_data(num_images: int, dets: int, seed: int = 0):
+    """(COCO ground-truth dict, list of COCO result dicts), deterministic in ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    size = 512
+    images = [{"id": i + 1, "file_name": f"img_{i + 1:05d}.png", "width": size, "height": size}
+              for i in range(num_images)]
+    n_gt = np.where(rng.random(num_images) < 0.6, 1 + (rng.random(num_images) < 0.15), 0)
+    anns, gt_boxes = [], {}
+    for i in np.flatnonzero(n_gt):
+        cat = int(rng.integers(1, 3))  # one class per image (benign or malignant), as in BUSI
+        boxes = []
+        for _ in range(int(n_gt[i])):
+            w, h = rng.uniform(20, 160, 2)
+            x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+            box = [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)]
+            anns.append({"id": len(anns) + 1, "image_id": int(i + 1), "category_id": cat, "bbox": box,
+                         "area": round(box[2] * box[3], 2), "iscrowd": 0})
+            boxes.append((box, cat))
+        gt_boxes[int(i + 1)] = boxes
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}]}
+
+    # predictions: random boxes and scores, then the first few of a lesion image moved onto its truth
+    n = num_images * dets
+    image_id = np.repeat(np.arange(1, num_images + 1), dets)
+    wh = rng.uniform(10, 200, (n, 2))
+    xy = rng.uniform(0, 1, (n, 2)) * (size - wh)
+    score = rng.beta(1.2, 4.0, n)
+    cat = rng.integers(1, 3, n)
+    for img, boxes in gt_boxes.items():
+        base = (img - 1) * dets
+        for k, (box, c) in enumerate(boxes):
+            for j in range(3):
+                r = base + 3 * k + j
+                jitter = rng.normal(0, 0.08, 4) * np.array([box[2], box[3], box[2], box[3]])
+                xy[r] = np.clip(np.array(box[:2]) + jitter[:2], 0, size - 1)
+                wh[r] = np.maximum(np.array(box[2:]) + jitter[2:], 4)
+                score[r] = rng.uniform(0.3, 0.99)
+                cat[r] = c if rng.random() < 0.8 else 3 - c
+    bbox = np.round(np.concatenate([xy, wh], axis=1), 2).tolist()
+    score = np.round(score, 5).tolist()
+    preds = [{"image_id": int(i), "category_id": int(c), "bbox": b, "score": s}
+             for i, c, b, s in zip(image_id.tolist(), cat.tolist(), bbox, score)]
+    return gt, preds
+
+
+def run_cocoeval(gt, preds) -> float:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(preds)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--dets", type=int, default=100, help="predictions per image")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of penalized IoU (best is kept)")
+    args = ap.parse_args()
+
+    from usdet.evaluation.penalized_iou import penalized_iou
+
+    gt, preds = make_data(args.images, args.dets)
+    tmp = tempfile.mkdtemp(prefix="bench_piou_")
+    try:
+        gt_path, pred_path = os.path.join(tmp, "gt.json"), os.path.join(tmp, "pred.json")
+        with open(gt_path, "w") as fh:
+            json.dump(gt, fh)
+        with open(pred_path, "w") as fh:
+            json.dump(preds, fh)
+
+        piou_result = {}
+
+        def run_piou():
+            piou_result.update(penalized_iou(gt, preds, score_thresh=0.45))
+
+        piou_s = best_time(run_piou, repeat=args.repeat)
+        cocoeval_s = run_cocoeval(gt, preds)
+
+        out = os.path.join(tmp, "report")
+        cmd = [sys.executable, os.path.join(REPO, "tools", "evaluate_json.py"), "--gt", gt_path, "--pred", pred_path,
+               "--output", out, "--bootstrap", str(args.bootstrap)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        report_s = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            raise SystemExit(f"bench_piou: evaluate_json.py failed with exit {proc.returncode}")
+        with open(os.path.join(out, "metrics.json")) as fh:
+            metrics = json.load(fh)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    speedup = cocoeval_s / piou_s
+    met = speedup >= TARGET_SPEEDUP and report_s < TARGET_REPORT_S
+    write_result("piou", {
+        "images": args.images, "predictions": len(preds), "truth_boxes": len(gt["annotations"]),
+        "piou_s": round(piou_s, 3), "cocoeval_s": round(cocoeval_s, 3),
+        "speedup_vs_cocoeval": round(speedup, 2), "target_speedup": TARGET_SPEEDUP,
+        "report_s": round(report_s, 2), "bootstrap": args.bootstrap, "target_report_s": TARGET_REPORT_S,
+        "piou_score": piou_result.get("score"), "report_AP50": metrics.get("bbox", {}).get("AP50"),
+        "report_piou": metrics.get("piou", {}).get("score"),
+        "reference": "pycocotools COCOeval bbox: loadRes + evaluate + accumulate + summarize",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "target_met": met,
+    })
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
