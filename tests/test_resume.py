@@ -31,9 +31,14 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# The interrupted run loads data in 2 worker processes, the reference in the main process: the
+# batches (images and augmentation) must not depend on that either.
+WORKERS = ["DATALOADER.NUM_WORKERS", "2"]
+
+
 def _kill_after_checkpoint(datasets_root, out, checkpoint, timeout=240):
     """Start train_net and SIGKILL it as soon as last_checkpoint names ``checkpoint``."""
-    proc = subprocess.Popen(train_net_cmd(out, *SCHEDULE), env=train_net_env(datasets_root), cwd=REPO,
+    proc = subprocess.Popen(train_net_cmd(out, *SCHEDULE, *WORKERS), env=train_net_env(datasets_root), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tag = os.path.join(out, "last_checkpoint")
     deadline = time.time() + timeout
@@ -83,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
     assert trainer.scheduler.last_epoch == 4
     del trainer
 
-    r = run_train_net(datasets_root, run, *SCHEDULE, resume=True)
+    r = run_train_net(datasets_root, run, *SCHEDULE, *WORKERS, resume=True)
     assert r.returncode == 0, tail(r.stderr)
     log = open(os.path.join(run, "log.txt")).read()
     assert "Starting training from iteration 4" in log
