@@ -213,12 +213,17 @@ def _header_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
     if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     import io
+    import warnings
 
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as img:  # reads the header only
-            return img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.tobytes())) as img:  # reads the header only
+                return img.size
+    except Image.DecompressionBombError:  # Pillow refuses to even open it: far over any limit
+        return (1 << 16, 1 << 16)
     except Exception:  # not something Pillow knows: OpenCV (and its fallback) will say why
         return None
 
