@@ -17,9 +17,11 @@ import torch
 from train_helpers import (REPO, capture_log, make_datasets_root, quick_cfg, run_train_net, state_tensors, tail,
                            train_net_cmd, train_net_env)
 
-# 8 iterations; checkpoints after iterations 1, 3, 5, 7; evaluation after 2, 5 and 7 (final).
+# 8 iterations; checkpoints after iterations 1, 3, 5, 7; evaluation after 2, 5 and 7 (final);
+# weight EMA on, so its state must resume too.
 SCHEDULE = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "3",
-            "SOLVER.STEPS", "(5,)", "SOLVER.WARMUP_ITERS", "3", "SOLVER.BEST_CHECKPOINT.METRIC", "piou/score"]
+            "SOLVER.STEPS", "(5,)", "SOLVER.WARMUP_ITERS", "3", "SOLVER.BEST_CHECKPOINT.METRIC", "piou/score",
+            "MODEL.EMA.ENABLED", "True", "MODEL.EMA.DECAY", "0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
     assert ta.keys() == tb.keys()
     worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta if ta[k].numel())
     assert worst < 1e-5, f"resumed weights differ from the uninterrupted run's by up to {worst}"
+    ea, eb = state_tensors(a["trainer"]["hooks"]["EMAHook"]), state_tensors(b["trainer"]["hooks"]["EMAHook"])
+    assert ea.keys() == eb.keys() and len(ea) == len(ta)
+    assert all(torch.allclose(ea[k].double(), eb[k].double(), atol=1e-5) for k in ea)
+    assert a["trainer"]["hooks"]["EMAHook"]["updates"] == b["trainer"]["hooks"]["EMAHook"]["updates"] == 8
     ma = state_tensors(a["trainer"]["_trainer"]["optimizer"]["state"])
     mb = state_tensors(b["trainer"]["_trainer"]["optimizer"]["state"])
     assert ma.keys() == mb.keys()

@@ -214,3 +214,59 @@ def test_best_model_hook_min_mode_other_metric_and_missing_metric(tmp_path):
     assert not (tmp_path / "x" / "model_best.pth").exists()
     with pytest.raises(ValueError, match="MODE"):
         _hook_env(tmp_path, mode="best")
+
+
+# ---------------------------------------------------------------------------- EMA, test-time flip
+def test_ema_hook_averages_and_round_trips():
+    from usdet.engine import EMAHook
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMAHook(model, decay=0.5)
+    ema.before_train()
+    expected = 0.0
+    for step, w in enumerate([1.0, 3.0, -2.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.after_step()
+        d = min(0.5, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * w
+        assert float(ema.ema_state_dict()["weight"][0, 0]) == pytest.approx(expected)
+    with ema.averaged_weights():
+        assert float(model.weight[0, 0]) == pytest.approx(expected)
+    assert float(model.weight[0, 0]) == -2.0  # raw weights back after evaluation
+
+    resumed = EMAHook(torch.nn.Linear(2, 1, bias=False), decay=0.5)
+    resumed.load_state_dict(ema.state_dict())
+    resumed.before_train()  # must not re-initialize a restored average
+    assert resumed.updates == 3
+    assert torch.equal(resumed.ema_state_dict()["weight"], ema.ema_state_dict()["weight"])
+    with pytest.raises(ValueError, match="DECAY"):
+        EMAHook(model, decay=1.0)
+
+
+def test_ema_weights_are_evaluated_and_kept_as_best_and_flip_tta(datasets_root, tmp_path, one_thread):
+    from usdet.engine import Trainer, evaluate_checkpoint
+
+    out = tmp_path / "run"
+    cfg = quick_cfg(out, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "3",
+                    "MODEL.EMA.ENABLED", "True", "MODEL.EMA.DECAY", "0.9")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    best = torch.load(out / "model_best.pth", weights_only=True)
+    assert best["iteration"] == 2  # the first evaluation always sets the best
+    ckpt = torch.load(out / "model_0000002.pth", weights_only=True)
+    ema, raw = ckpt["trainer"]["hooks"]["EMAHook"]["ema"], ckpt["model"]
+    assert all(torch.equal(best["model"][k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+    # --eval-only of a periodic checkpoint evaluates its EMA weights; TEST.FLIP adds the flip.
+    low = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.EMA.ENABLED", "True"]
+    preds = {}
+    for flip in ("False", "True"):
+        ev = tmp_path / f"eval_flip_{flip}"
+        evaluate_checkpoint(quick_cfg(ev, "MODEL.WEIGHTS", str(out / "model_0000002.pth"), "TEST.FLIP", flip, *low))
+        preds[flip] = json.load(open(ev / "inference" / "ph1_val" / "coco_instances_results.json"))
+    assert preds["False"] and preds["True"] and preds["False"] != preds["True"]

@@ -68,12 +68,14 @@ def add_usdet_config(cfg: CN) -> None:
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.PROB = 0.5  # chance that an image is cropped at all
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.KEEP_BOXES = True  # only crops holding every box whole
 
-    # Weight EMA for evaluation (off by default).
+    # Weight EMA (usdet/engine/hooks.py EMAHook), off by default: periodic evaluation and
+    # model_best.pth use the averaged weights; checkpoints carry the average for --resume.
     _C.MODEL.EMA = CN()
     _C.MODEL.EMA.ENABLED = False
     _C.MODEL.EMA.DECAY = 0.999
 
-    # Test-time horizontal flip (off by default).
+    # Test-time horizontal flip (off by default): original + flipped image at the test size,
+    # merged by detectron2's GeneralizedRCNNWithTTA. TEST.AUG.ENABLED gives its multi-scale set.
     _C.TEST.FLIP = False
 
 

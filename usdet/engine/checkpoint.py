@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -75,11 +75,14 @@ class UsdetCheckpointer(DetectionCheckpointer):
         if tag_last:
             self.tag_last_checkpoint(basename)
 
-    def save_model_only(self, name: str, **kwargs: Any) -> str:
-        """Write ``name.pth`` with the model weights and ``kwargs`` only; ``last_checkpoint`` untouched."""
+    def save_model_only(self, name: str, model_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> str:
+        """Write ``name.pth`` with weights (the model's, or ``model_state``) and ``kwargs`` only.
+
+        ``last_checkpoint`` is left untouched.
+        """
         if not self.save_dir or not self.save_to_disk:
             return ""
-        data: Dict[str, Any] = {"model": self.model.state_dict()}
+        data: Dict[str, Any] = {"model": self.model.state_dict() if model_state is None else model_state}
         data.update(kwargs)
         return self._write(f"{name}.pth", data)
 

@@ -5,6 +5,7 @@ so they cost nothing measurable per iteration.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -18,7 +19,7 @@ from detectron2.utils import comm
 from usdet.engine.rng import preserve_rng
 from usdet.utils.io import atomic_write_json
 
-__all__ = ["BestModelHook", "ValidationLossHook", "read_best_record"]
+__all__ = ["BestModelHook", "EMAHook", "ValidationLossHook", "read_best_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class BestModelHook(HookBase):
     NaN results never count as an improvement.
     """
 
-    def __init__(self, eval_period: int, checkpointer, metric: str, mode: str = "max", output_dir: str = ""):
+    def __init__(self, eval_period: int, checkpointer, metric: str, mode: str = "max", output_dir: str = "",
+                 state_fn=None):
         if mode not in ("max", "min"):
             raise ValueError(f"SOLVER.BEST_CHECKPOINT.MODE must be 'max' or 'min', got {mode!r}")
         self._period = int(eval_period)
@@ -66,6 +68,7 @@ class BestModelHook(HookBase):
         self.mode = mode
         self._better = operator.gt if mode == "max" else operator.lt
         self._output_dir = output_dir or checkpointer.save_dir
+        self._state_fn = state_fn  # the weights that were evaluated (EMA), default the model's
         self.best_value: Optional[float] = None
         self.best_iter: Optional[int] = None
         self._warned_missing = False
@@ -106,7 +109,8 @@ class BestModelHook(HookBase):
                         self.metric, value, iteration, self.best_value, self.best_iter)
             return
         record = {"metric": self.metric, "value": value, "iteration": int(iteration)}
-        self._checkpointer.save_model_only(BEST_NAME, iteration=int(iteration), usdet_best=record)
+        self._checkpointer.save_model_only(BEST_NAME, iteration=int(iteration), usdet_best=record,
+                                           model_state=self._state_fn() if self._state_fn else None)
         atomic_write_json(os.path.join(self._output_dir, BEST_JSON), record)
         previous = "none" if self.best_value is None else f"{self.best_value:.6g} (iteration {self.best_iter})"
         logger.info("Saved model_best.pth: %s = %.6g at iteration %d (previous best %s)",
@@ -187,3 +191,72 @@ class ValidationLossHook(HookBase):
         next_iter = self.trainer.iter + 1
         if self._period > 0 and (next_iter % self._period == 0 or next_iter == self.trainer.max_iter):
             self._do()
+
+
+class EMAHook(HookBase):
+    """Exponential moving average of the weights, used for evaluation and for ``model_best.pth``.
+
+    After every step: ``ema = d * ema + (1 - d) * weights`` for parameters and floating buffers
+    (BN statistics), with ``d = min(decay, (1 + n) / (10 + n))`` so early, random weights fade
+    fast. The average lives in the hook's state, hence in every periodic checkpoint, and
+    ``--resume`` continues it. Started from the weights present at ``before_train`` (so
+    ``MODEL.WEIGHTS`` of a stage-2 run is its starting point).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"MODEL.EMA.DECAY must be in (0, 1), got {decay}")
+        self._model = model.module if hasattr(model, "module") else model
+        self.decay = float(decay)
+        self.updates = 0
+        self._ema: Dict[str, torch.Tensor] = {}
+        self._loaded = False
+
+    def _init_from_model(self) -> None:
+        self._ema = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+        self.updates = 0
+
+    def before_train(self) -> None:
+        if not self._loaded:
+            self._init_from_model()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        current = self._model.state_dict()
+        floats_ema, floats_now = [], []
+        for k, e in self._ema.items():
+            v = current[k]
+            if e.is_floating_point():
+                floats_ema.append(e)
+                floats_now.append(v.detach())
+            else:
+                e.copy_(v)
+        if floats_ema:
+            torch._foreach_lerp_(floats_ema, floats_now, 1.0 - d)
+
+    def ema_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The averaged weights, as a model state dict."""
+        if not self._ema:
+            self._init_from_model()
+        return self._ema
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Temporarily put the averaged weights into the model (e.g. to evaluate it)."""
+        backup = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+        self._model.load_state_dict(self.ema_state_dict())
+        try:
+            yield
+        finally:
+            self._model.load_state_dict(backup)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"ema": self.ema_state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        device = next(iter(self._model.state_dict().values())).device
+        self._ema = {k: v.to(device).clone() for k, v in state["ema"].items()}
+        self.updates = int(state["updates"])
+        self._loaded = True

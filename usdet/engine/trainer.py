@@ -24,13 +24,14 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from usdet.config import resolve_normalization
 from usdet.data.loader import ResumableTrainLoader, build_resumable_train_loader
 from usdet.data.mapper import UsdetDatasetMapper
 from usdet.engine.checkpoint import UsdetCheckpointer
-from usdet.engine.hooks import BestModelHook, ValidationLossHook
+from usdet.engine.hooks import BestModelHook, EMAHook, ValidationLossHook
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
 
 __all__ = ["Trainer", "TrainingDivergedError", "evaluate_checkpoint"]
@@ -88,7 +89,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's evaluation loop, leaving the training RNG streams untouched."""
+        """detectron2's evaluation loop (with test-time augmentation if configured), leaving the
+        training RNG streams untouched."""
+        if cfg.TEST.FLIP or cfg.TEST.AUG.ENABLED:
+            model = GeneralizedRCNNWithTTA(tta_config(cfg), model)
         with preserve_rng():
             return super().test(cfg, model, evaluators)
 
@@ -109,7 +113,15 @@ class Trainer(DefaultTrainer):
         self.checkpointer = UsdetCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
                                               num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         ret = super().build_hooks()
+        self._ema_hook = None
+        if cfg.MODEL.EMA.ENABLED:
+            # Updated right after the optimizer step, before the periodic checkpoint saves it.
+            self._ema_hook = EMAHook(self.model, cfg.MODEL.EMA.DECAY)
+            ckpt_pos = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer)),
+                            next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)))
+            ret.insert(ckpt_pos, self._ema_hook)
         eval_pos = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+        ret[eval_pos] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate)
         extra_before: List[Any] = []
         if cfg.TEST.VAL_LOSS_PERIOD > 0 and len(cfg.DATASETS.TEST):
             loader = self.build_val_loss_loader(cfg)
@@ -119,9 +131,19 @@ class Trainer(DefaultTrainer):
         if cfg.SOLVER.BEST_CHECKPOINT.ENABLED and comm.is_main_process() and len(cfg.DATASETS.TEST):
             self._best_hook = BestModelHook(cfg.TEST.EVAL_PERIOD, self.checkpointer,
                                             cfg.SOLVER.BEST_CHECKPOINT.METRIC, cfg.SOLVER.BEST_CHECKPOINT.MODE,
-                                            cfg.OUTPUT_DIR)
+                                            cfg.OUTPUT_DIR,
+                                            state_fn=self._ema_hook.ema_state_dict if self._ema_hook else None)
             extra_after.append(self._best_hook)
         return ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
+
+    def _evaluate(self):
+        """The periodic evaluation: of the averaged weights when MODEL.EMA is on."""
+        if self._ema_hook is not None:
+            with self._ema_hook.averaged_weights():
+                self._last_eval_results = self.test(self.cfg, self.model)
+        else:
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume: bool = True) -> None:
@@ -216,7 +238,11 @@ def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:
     weights = ckpt.get_checkpoint_file() if resume and ckpt.has_checkpoint() else cfg.MODEL.WEIGHTS
     if not weights:
         logger.warning("--eval-only with no MODEL.WEIGHTS (and nothing to --resume): evaluating random weights")
-    ckpt.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    extra = ckpt.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    ema = (extra.get("trainer") or {}).get("hooks", {}).get("EMAHook") if isinstance(extra, dict) else None
+    if cfg.MODEL.EMA.ENABLED and ema is not None:
+        model.load_state_dict(ema["ema"])
+        logger.info("Evaluating the EMA weights stored in %s", weights)
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
         write_reports(cfg, weights)
@@ -244,6 +270,20 @@ def write_reports(cfg, weights: str = "") -> List[str]:
         logger.info("Evaluation report for %s written to %s", name, out)
         written.append(out)
     return written
+
+
+def tta_config(cfg):
+    """The config for detectron2's ``GeneralizedRCNNWithTTA``: ``TEST.FLIP`` alone means
+    original + horizontal flip at the test size; ``TEST.AUG.*`` gives the full multi-scale set."""
+    if cfg.TEST.AUG.ENABLED:
+        return cfg
+    tta = cfg.clone()
+    tta.defrost()
+    tta.TEST.AUG.MIN_SIZES = (cfg.INPUT.MIN_SIZE_TEST,)
+    tta.TEST.AUG.MAX_SIZE = cfg.INPUT.MAX_SIZE_TEST
+    tta.TEST.AUG.FLIP = True
+    tta.freeze()
+    return tta
 
 
 def _report_options(cfg) -> Dict[str, Any]:
