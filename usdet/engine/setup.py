@@ -83,7 +83,8 @@ def _environment_info() -> str:
 
 def default_run_setup(cfg: CfgNode, args) -> None:
     """What detectron2's ``default_setup`` does (loggers, environment and config in the log,
-    ``OUTPUT_DIR/config.yaml``, seeding, cudnn), tolerant of a detectron2 without compiled ops."""
+    ``OUTPUT_DIR/config.yaml``, seeding, cudnn), tolerant of a detectron2 without compiled ops.
+    ``--eval-only`` writes ``config_eval.yaml`` instead, keeping the training run's record."""
     output_dir = cfg.OUTPUT_DIR
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
@@ -95,7 +96,8 @@ def default_run_setup(cfg: CfgNode, args) -> None:
     logger.info("Environment info:\n%s", _environment_info())
     logger.info("Command line arguments: %s", args)
     if comm.is_main_process() and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
+        # --eval-only into a training folder must not replace the training run's config.yaml.
+        path = os.path.join(output_dir, "config_eval.yaml" if getattr(args, "eval_only", False) else "config.yaml")
         logger.info("Running with full config:\n%s", cfg.dump())
         atomic_write_text(path, cfg.dump())
         logger.info("Full config saved to %s", path)
