@@ -54,6 +54,22 @@ class BusiLayoutError(ValueError):
     """ROOT does not look like BUSI; the message says what was expected."""
 
 
+class OutputWriteError(Exception):
+    """An output file could not be written (disk full, quota, read-only): the run stops.
+
+    Not a per-image problem: skipping the image and going on would leave a dataset that silently
+    lacks it. (A plain Exception with (path, reason) args, so it crosses worker processes.)
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the conversion; returns a process exit code (0 ok, 1 nothing converted, 2 bad arguments)."""
+    """Run the conversion; returns a process exit code (0 ok, 1 nothing converted or the output could not be
+    written, 2 bad arguments)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.root:
         print("busi: --root is required (or set USDET_BUSI_ROOT)", file=sys.stderr)
@@ -104,6 +121,13 @@ def main(args: argparse.Namespace) -> int:
     except (BusiLayoutError, ValueError) as e:
         print(f"busi: {e}", file=sys.stderr)
         return 2
+    except (OutputWriteError, OSError) as e:
+        where = getattr(e, "filename", None) or getattr(e, "path", None) or args.output
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        print(f"busi: error: cannot write {where}: {reason}. The conversion stopped; {args.output} holds no "
+              f"report.json, so it is marked incomplete: free space (or fix permissions) and re-run the same "
+              f"command", file=sys.stderr)
+        return 1
     total = report["counts"]["total"]
     print(f"busi: wrote {total['images']} images ({total['annotations']} boxes) to {args.output} "
           f"in {time.time() - t0:.1f} s; "
@@ -366,9 +390,11 @@ def _write_output_image(path: str, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputWriteError(path, e.strerror or str(e)) from None
         raise
 
 
@@ -475,6 +501,8 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         result.update(ok=True, image=entry, anns=anns, moments=(n, s, ss))
     except _Skip as e:
         result.update(ok=False, skip={"file": e.file, "reason": e.reason})
+    except OutputWriteError:
+        raise
     except Exception as e:  # one bad file must not lose the rest; report it with its reason
         result.update(ok=False, skip={"file": src.image, "reason": f"unexpected error: {type(e).__name__}: {e}"})
     return result
@@ -707,11 +735,22 @@ def _invalidate_previous_output(out_dir: str) -> None:
     Otherwise a run killed half-way would leave old JSONs that look valid but describe images
     this run has already replaced (e.g. with another --max-size).
     """
-    for rel in ["report.json", "pixel_stats.json"] + [f"annotations/{s}.json" for s in SPLITS]:
+    names = ["report.json", "pixel_stats.json"] + [f"annotations/{s}.json" for s in SPLITS]
+    for rel in names:
         try:
             os.remove(os.path.join(out_dir, rel))
         except FileNotFoundError:
             pass
+    # temp files of JSONs a killed run was writing (usdet.utils.io.atomic_write names them
+    # ".<name>.<random>.tmp"); only this converter's own JSON names are matched
+    for folder in (out_dir, os.path.join(out_dir, "annotations")):
+        if not os.path.isdir(folder):
+            continue
+        ours = {os.path.basename(n) for n in names if os.path.dirname(os.path.join(out_dir, n)) == folder}
+        for fname in os.listdir(folder):
+            if fname.startswith(".") and fname.endswith(".tmp") and any(
+                    fname.startswith(f".{n}.") for n in ours):
+                os.remove(os.path.join(folder, fname))
 
 
 def _remove_stale_images(out_dir: str, keep: set) -> None:

@@ -193,30 +193,43 @@ def write_coco_dataset(
 
     Call after every image is on disk. Entries are sorted by id so equal inputs give
     byte-identical files; annotations without an ``id`` get 1-based ids in image order.
-    report.json is written last, so its presence marks a finished conversion.
+    report.json is written last, so its presence marks a finished conversion; if any write
+    fails (disk full), the JSONs this call already wrote are removed before the error propagates.
     Returns ``{split: json_path}``.
     """
     categories = sorted(categories, key=lambda c: c["id"])
     paths: Dict[str, str] = {}
-    splits = [s for s in SPLIT_ORDER if s in images_by_split] + sorted(set(images_by_split) - set(SPLIT_ORDER))
-    for split in splits:
-        images = sorted(images_by_split[split], key=lambda im: im["id"])
-        anns = list(annotations_by_split.get(split, []))
-        order = {im["id"]: i for i, im in enumerate(images)}
-        if any("id" not in a for a in anns):
-            anns.sort(key=lambda a: (order.get(a["image_id"], -1), a.get("bbox", [])))
-            anns = [dict(a, id=i + 1) if "id" not in a else a for i, a in enumerate(anns)]
-        anns.sort(key=lambda a: a["id"])
-        validate_coco(images, anns, categories, where=f"{out_dir} split {split!r}")
-        doc: Dict[str, Any] = {}
-        if info is not None:
-            doc["info"] = dict(info, split=split)
-        doc.update({"images": images, "annotations": anns, "categories": categories})
-        path = os.path.join(out_dir, "annotations", f"{split}.json")
-        atomic_write_json(path, doc)
-        paths[split] = path
-    if pixel_stats is not None:
-        atomic_write_json(os.path.join(out_dir, "pixel_stats.json"), pixel_stats)
-    if report is not None:
-        atomic_write_json(os.path.join(out_dir, "report.json"), report)
+    written: List[str] = []
+    try:
+        splits = [s for s in SPLIT_ORDER if s in images_by_split] + sorted(set(images_by_split) - set(SPLIT_ORDER))
+        for split in splits:
+            images = sorted(images_by_split[split], key=lambda im: im["id"])
+            anns = list(annotations_by_split.get(split, []))
+            order = {im["id"]: i for i, im in enumerate(images)}
+            if any("id" not in a for a in anns):
+                anns.sort(key=lambda a: (order.get(a["image_id"], -1), a.get("bbox", [])))
+                anns = [dict(a, id=i + 1) if "id" not in a else a for i, a in enumerate(anns)]
+            anns.sort(key=lambda a: a["id"])
+            validate_coco(images, anns, categories, where=f"{out_dir} split {split!r}")
+            doc: Dict[str, Any] = {}
+            if info is not None:
+                doc["info"] = dict(info, split=split)
+            doc.update({"images": images, "annotations": anns, "categories": categories})
+            path = os.path.join(out_dir, "annotations", f"{split}.json")
+            atomic_write_json(path, doc)
+            written.append(path)
+            paths[split] = path
+        if pixel_stats is not None:
+            atomic_write_json(os.path.join(out_dir, "pixel_stats.json"), pixel_stats)
+            written.append(os.path.join(out_dir, "pixel_stats.json"))
+        if report is not None:
+            atomic_write_json(os.path.join(out_dir, "report.json"), report)
+    except BaseException:
+        # all or nothing: a dataset missing some of its JSONs (disk full half-way) must not look usable
+        for path in written:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        raise
     return paths
