@@ -241,3 +241,12 @@ def test_seeded_dataset_is_a_function_of_position(tmp_path):
     assert a[0] != SeededMapDataset(dicts, mapper, seed=10)[(0, 0)]
     assert a[2][0] == "f3.png"  # the unreadable frame is replaced by the next readable one
     assert "f2.png: corrupt or truncated image" in log.text
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    from usdet.engine.checkpoint import UsdetCheckpointer
+
+    (tmp_path / "model_0000001.pth").write_bytes(b"\x00not a checkpoint")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    with pytest.raises(RuntimeError, match=r"model_0000001.pth: not a readable checkpoint"):
+        UsdetCheckpointer(torch.nn.Linear(4, 4), str(tmp_path)).resume_or_load("", resume=True)

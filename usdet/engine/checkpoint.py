@@ -98,11 +98,11 @@ class UsdetCheckpointer(DetectionCheckpointer):
         return path
 
     def _load_file(self, f: str) -> Dict[str, Any]:
+        if f.endswith(".pkl"):  # detectron2 / Caffe2 model-zoo weights: detectron2's own reader
+            return super()._load_file(f)
         try:
             return super()._load_file(f)
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            if f.endswith(".pkl") or "pickle" in type(e).__name__.lower():
-                raise
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise RuntimeError(f"{f}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
     def _log_incompatible_keys(self, incompatible) -> None:
