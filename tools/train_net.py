@@ -37,7 +37,7 @@ def main(args):
 
 
 def cli(argv=None) -> int:
-    args = default_argument_parser().parse_args(argv)
+    args = default_argument_parser(epilog=__doc__).parse_args(argv)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
     return 0
