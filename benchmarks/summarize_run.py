@@ -69,6 +69,17 @@ def summarize(args: argparse.Namespace) -> dict:
             for line in fh:
                 if line.strip().startswith("IMS_PER_BATCH:"):
                     ims_per_batch = int(line.split(":")[1])
+    ablation = {}
+    if args.ablation_root:
+        for name in sorted(os.listdir(args.ablation_root)):
+            bm = os.path.join(args.ablation_root, name, "best_metric.json")
+            if name.startswith("cpu_") and os.path.isfile(bm):
+                with open(bm) as fh:
+                    b = json.load(fh)
+                evs = [e for e in _events(os.path.join(args.ablation_root, name, "metrics.json"))
+                       if e.get("iteration") == b.get("iteration") and "piou/score" in e]
+                ablation[name] = {"val_" + str(b.get("metric")): b.get("value"), "iteration": b.get("iteration"),
+                                  "val_piou": evs[-1]["piou/score"] if evs else None}
     bbox = rep.get("bbox", {})
     boot = rep.get("bootstrap", {})
     return {
@@ -78,7 +89,9 @@ def summarize(args: argparse.Namespace) -> dict:
         "seconds_per_iter": s_iter,
         "train_images_per_s": (ims_per_batch / s_iter) if (s_iter and ims_per_batch) else None,
         "ims_per_batch": ims_per_batch,
+        "variant": args.variant,
         "chosen_on_val": best,
+        "ablation_val": ablation,
         "val_curve": val_curve,
         "test": {
             "AP": bbox.get("AP"), "AP50": bbox.get("AP50"), "AP75": bbox.get("AP75"),
@@ -99,6 +112,8 @@ def main() -> int:
     ap.add_argument("--test-dir", required=True)
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--max-iter", type=int, default=None)
+    ap.add_argument("--variant", default=None, help="name of the variant chosen on val")
+    ap.add_argument("--ablation-root", default=None, help="folder holding cpu_* variant runs")
     ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     result = summarize(args)

@@ -63,6 +63,9 @@ def test_installed_detectron2_works_with_current_stack():
 
     with pytest.raises(ImportError, match="compiled extension"):
         C.nms_rotated  # noqa: B018
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert "without its compiled extension" in collect_env_info()
     import numpy as np
 
     from detectron2.structures.masks import polygons_to_bitmask

@@ -52,6 +52,18 @@ Faster R-CNN with axis-aligned boxes does not need them.
 """
 
 
+def get_compiler_version():
+    return "none (detectron2 installed without its compiled extension)"
+
+
+def get_cuda_version():
+    return "none (detectron2 installed without its compiled extension)"
+
+
+def has_cuda():
+    return False
+
+
 def __getattr__(name):
     raise ImportError(
         "detectron2._C." + name + " is unavailable: detectron2 was installed without its compiled "
