@@ -164,6 +164,11 @@ def test_best_model_hook_keeps_best_across_resume(tmp_path):
     hook.restore(resumed=False)
     _evaluate(model, hook, 1, 0.3)
     assert _best(tmp_path) == (0.3, 1)
+    hook.best_value = 0.0  # pretend a lower best: a stale value must still not be re-saved
+    hook.trainer.iter = hook.trainer.storage.iter = 3  # no evaluation at this step
+    hook.after_step()
+    assert _best(tmp_path) == (0.3, 1)
+    hook.best_value = 0.3
     _evaluate(model, hook, 3, 0.5)
     _evaluate(model, hook, 5, 0.4)
     _evaluate(model, hook, 7, float("nan"))

@@ -100,7 +100,10 @@ class BestModelHook(HookBase):
                                "model_best.pth is not kept. Available: %s", self.metric, keys)
                 self._warned_missing = True
             return
-        value = float(latest[self.metric][0])
+        value, produced_at = latest[self.metric]
+        if produced_at != self.trainer.storage.iter:
+            return  # a stale value from an earlier evaluation: nothing new to compare
+        value = float(value)
         if math.isnan(value) or math.isinf(value):
             logger.info("Best-model hook: %s is %s at iteration %d; not a candidate", self.metric, value, iteration)
             return
