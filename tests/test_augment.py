@@ -1,5 +1,4 @@
 """Ultrasound augmentations and usdet's dataset mapper."""
-import json
 import os
 
 import numpy as np
