@@ -276,6 +276,12 @@ def test_ema_weights_are_evaluated_and_kept_as_best_and_flip_tta(datasets_root, 
         preds[flip] = json.load(open(ev / "inference" / "ph1_val" / "coco_instances_results.json"))
     assert preds["False"] and preds["True"] and preds["False"] != preds["True"]
 
+    # --eval-only --resume evaluates the run's last periodic checkpoint (model_final.pth here).
+    with capture_log("usdet.engine.trainer") as log:
+        evaluate_checkpoint(quick_cfg(out, "MODEL.EMA.ENABLED", "True"), resume=True)
+    assert f"Evaluating the EMA weights stored in {out / 'model_final.pth'}" in log.text
+    assert (out / "inference" / "ph1_val" / "report.md").is_file()
+
 
 def test_end_to_end_on_a_busi_subset(busi_root, tmp_path, one_thread):
     """Real BUSI frames (a 24-image subset, converted by usdet at 160 px): loss falls, metrics written."""
