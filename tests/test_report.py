@@ -123,6 +123,7 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tmp_path):
         P(1, [0, 0, 5, 5], 0.9, 7),  # unknown category
         {"image_id": 1, "bbox": [0, 0, 5, 5], "category_id": 1},  # no score
         P(1, [0, 0, float("nan"), 5], 0.9, 1),
+        P([1], [0, 0, 5, 5], 0.9, 1),  # unhashable image id
     ]
     pred_path = str(tmp_path / "bad_pred.json")
     with open(pred_path, "w") as fh:
@@ -132,11 +133,11 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tmp_path):
     assert "bad_gt.json: 1 annotation(s) with bbox with non-positive width or height" in w
     assert "bad_gt.json: 1 annotation(s) with unknown image_id" in w
     assert "bad_gt.json: 1 annotation(s) with bbox extends outside the image (kept as is): ids 12" in w
-    assert "bad_pred.json: ignored 1 detection(s) with unknown image_id (not in the ground truth) (42)" in w
+    assert "bad_pred.json: ignored 2 detection(s) with unknown image_id (not in the ground truth) (42, [1])" in w
     assert "bad_pred.json: ignored 1 detection(s) with unknown category_id (7)" in w
     assert "bad_pred.json: ignored 1 detection(s) with missing key(s) score" in w
     assert "bad_pred.json: ignored 1 detection(s) with bbox that is not 4 finite numbers" in w
-    assert m["inputs"]["num_predictions"] == 4 and m["inputs"]["num_predictions_ignored"] == 4
+    assert m["inputs"]["num_predictions"] == 4 and m["inputs"]["num_predictions_ignored"] == 5
     assert m["inputs"]["num_truth_boxes"] == 4  # 3 + the out-of-image one
     # image 3 now has a lesion (outside the image): with t = 0 its prediction matches it at IoU 0
     assert (m["piou"]["tp"], m["piou"]["fp"], m["piou"]["fn"]) == (3, 0, 1)
@@ -267,3 +268,15 @@ def test_evaluate_json_cli(tmp_path, capsys):
     assert "piou=" in capsys.readouterr().out
     assert tool.main(["--gt", str(tmp_path / "nope.json"), "--pred", pred, "--output", str(out)]) == 2
     assert "nope.json: ground-truth file not found" in capsys.readouterr().err
+
+
+def test_class_agnostic_run_in_a_forked_child_equals_sequential():
+    from usdet.evaluation.coco_metrics import class_agnostic, coco_bbox_metrics_and_agnostic
+
+    gt, preds = random_case(3)
+    seq = coco_bbox_metrics_and_agnostic(gt, [dict(p) for p in preds], parallel=False)
+    par = coco_bbox_metrics_and_agnostic(gt, [dict(p) for p in preds], parallel=True)
+    assert seq[0]["metrics"] == pytest.approx(par[0]["metrics"], nan_ok=True)
+    assert seq[1]["metrics"] == pytest.approx(par[1]["metrics"], nan_ok=True)
+    ref = coco_bbox_metrics(*class_agnostic(gt, preds), backend="pycocotools")["metrics"]
+    assert par[1]["metrics"]["AP50"] == pytest.approx(ref["AP50"]) and "AP-lesion" in par[1]["metrics"]

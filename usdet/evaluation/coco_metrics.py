@@ -15,13 +15,17 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .inputs import PredictionArrays
+from .inputs import PredictionArrays, gc_paused
 
 PredsLike = Union[Sequence[Dict[str, Any]], PredictionArrays]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCO_METRICS", "coco_bbox_metrics", "class_agnostic"]
+__all__ = ["COCO_METRICS", "coco_bbox_metrics", "class_agnostic", "coco_bbox_metrics_and_agnostic"]
+
+#: From this many detections on, the class-agnostic run goes to a forked process beside the
+#: per-class one (two COCO evaluations of a million detections take tens of seconds each).
+PARALLEL_MIN_DETECTIONS = 100_000
 
 COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -38,22 +42,31 @@ def class_agnostic(gt: Dict[str, Any], preds: PredsLike, name: str = "lesion"):
     return gt2, preds2
 
 
-def _fresh(gt: Dict[str, Any], preds: PredsLike):
+def _fresh(gt: Dict[str, Any], preds: PredsLike, copy_preds: bool = True):
     """Copies the COCO API may add keys to (cheaper than a deep copy of a million detections)."""
     gt = dict(gt)
     gt["images"] = [dict(im) for im in gt["images"]]
     gt["annotations"] = [dict(a) for a in gt["annotations"]]
     gt["categories"] = [dict(c) for c in gt["categories"]]
-    preds = preds.to_coco() if isinstance(preds, PredictionArrays) else [dict(p) for p in preds]
+    if isinstance(preds, PredictionArrays):
+        return gt, preds.to_coco()
+    if copy_preds:
+        preds = [dict(p) for p in preds]
     # loadRes builds a polygon per detection unless one is present; box AP never reads it.
     no_polygon: List[Any] = []
     for p in preds:
-        p["segmentation"] = no_polygon
-    return gt, preds
+        if "segmentation" not in p:
+            p["segmentation"] = no_polygon
+    return gt, list(preds)
 
 
-def _run_cocoeval(gt: Dict[str, Any], preds: PredsLike, backend: str):
-    gt, preds = _fresh(gt, preds)
+def _run_cocoeval(gt: Dict[str, Any], preds: PredsLike, backend: str, copy_preds: bool = True):
+    gt, preds = _fresh(gt, preds, copy_preds)
+    with gc_paused():
+        return _evaluate(gt, preds, backend)
+
+
+def _evaluate(gt: Dict[str, Any], preds: List[Dict[str, Any]], backend: str):
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -93,12 +106,14 @@ def coco_bbox_metrics(
     gt: Dict[str, Any],
     preds: PredsLike,
     backend: Optional[str] = None,
+    copy_preds: bool = True,
 ) -> Dict[str, Any]:
     """COCO bbox metrics (percent) and PR curves.
 
     Returns ``{"metrics": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...},
     "pr_curves": {<class>: {"recall": [...], "precision_50": [...], "precision_75": [...]}}}``;
-    NaN where a value is undefined (no predictions, or no truth of a class).
+    NaN where a value is undefined (no predictions, or no truth of a class). With
+    ``copy_preds=False`` a list of result dicts is handed to the COCO API as is (it adds keys).
     """
     backend = backend or _default_backend()
     cats = sorted(gt["categories"], key=lambda c: c["id"])
@@ -109,7 +124,7 @@ def coco_bbox_metrics(
         for n in names:
             metrics[f"AP-{n}"] = float("nan")
         return {"metrics": metrics, "pr_curves": {}}
-    ev = _run_cocoeval(gt, preds, backend)
+    ev = _run_cocoeval(gt, preds, backend, copy_preds)
     stats = np.asarray(ev.stats, dtype=np.float64)
     metrics: Dict[str, float] = {
         m: float(stats[i] * 100) if stats[i] >= 0 else float("nan") for i, m in enumerate(COCO_METRICS)
@@ -138,3 +153,77 @@ def coco_bbox_metrics(
                 "precision_75": np.where(p75 > -1, p75, np.nan).tolist(),
             }
     return {"metrics": metrics, "pr_curves": pr_curves}
+
+
+def _in_fork(fn):
+    """Start ``fn()`` in a forked child (inherits memory, nothing pickled but the small result)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target():
+        try:
+            send.send(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which falls back
+            send.send(("error", repr(e)))
+        finally:
+            send.close()
+
+    proc = ctx.Process(target=target, daemon=True)
+    proc.start()
+    send.close()
+    return proc, recv
+
+
+def coco_bbox_metrics_and_agnostic(
+    gt: Dict[str, Any],
+    preds: List[Dict[str, Any]],
+    backend: Optional[str] = None,
+    parallel: Optional[bool] = None,
+):
+    """Per-class COCO metrics and, with more than one class, class-agnostic ones (``lesion``).
+
+    ``preds`` (COCO result dicts) is handed to the COCO API as is and modified. Large inputs run
+    the two evaluations side by side (a forked child takes the class-agnostic one) where the
+    machine has more than one CPU and ``fork`` exists; any failure there falls back to running
+    them one after the other. Returns ``(per_class, agnostic_or_None)``.
+    """
+    import multiprocessing
+    import os
+
+    agnostic_needed = len(gt["categories"]) > 1
+    gt_a = class_agnostic(gt, [])[0] if agnostic_needed else None
+
+    def agnostic():
+        for p in preds:
+            p["category_id"] = 1
+        return coco_bbox_metrics(gt_a, preds, backend, copy_preds=False)
+
+    if parallel is None:
+        parallel = (
+            agnostic_needed
+            and len(preds) >= PARALLEL_MIN_DETECTIONS
+            and (os.cpu_count() or 1) > 1
+            and "fork" in multiprocessing.get_all_start_methods()
+        )
+    child = None
+    if parallel and agnostic_needed:
+        try:
+            child = _in_fork(agnostic)
+        except OSError as e:
+            logger.warning("Could not fork for the class-agnostic COCO run (%s); running it after", e)
+    per_class = coco_bbox_metrics(gt, preds, backend, copy_preds=False)
+    if not agnostic_needed:
+        return per_class, None
+    if child is not None:
+        proc, recv = child
+        try:
+            status, result = recv.recv()
+        except EOFError:
+            status, result = "error", "child exited without a result"
+        proc.join()
+        if status == "ok":
+            return per_class, result
+        logger.warning("Class-agnostic COCO run in a child process failed (%s); running it here", result)
+    return per_class, agnostic()

@@ -7,6 +7,8 @@ is reported once, clearly (file name and problem), and the valid rest is still s
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -72,6 +74,21 @@ def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return iou
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic GC while building millions of small dicts/lists (2-5x faster).
+
+    Nothing built here has reference cycles; the collector would only rescan them repeatedly.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _warn(warnings: List[str], message: str) -> None:
     warnings.append(message)
     logger.warning(message)
@@ -105,7 +122,7 @@ def load_predictions_json(path: str) -> List[Dict[str, Any]]:
     if not os.path.isfile(path):
         raise EvaluationInputError(f"{path}: prediction file not found")
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, "r", encoding="utf-8") as fh, gc_paused():
             preds = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvaluationInputError(f"{path}: not valid JSON ({e})") from e
@@ -219,16 +236,24 @@ class PredictionArrays:
         return int(len(self.scores))
 
     def to_coco(self) -> List[Dict[str, Any]]:
-        """Fresh COCO result dicts (the COCO API adds keys to them)."""
-        return [
-            {"image_id": i, "category_id": c, "bbox": b, "score": s}
-            for i, c, b, s in zip(self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(), self.scores.tolist())
-        ]
+        """Fresh COCO result dicts (the COCO API adds keys to them).
+
+        Each carries an empty ``segmentation`` so that the COCO API does not build a polygon per
+        detection (box AP never reads it).
+        """
+        no_polygon: List[Any] = []
+        with gc_paused():
+            return [
+                {"image_id": i, "category_id": c, "bbox": b, "score": s, "segmentation": no_polygon}
+                for i, c, b, s in zip(
+                    self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(), self.scores.tolist()
+                )
+            ]
 
 
 def _report(warnings: List[str], source: str, problems: Dict[str, List[Any]]) -> None:
     for problem, items in problems.items():
-        uniq = list(dict.fromkeys(items))
+        uniq = list(dict.fromkeys(repr(x) if isinstance(x, (list, dict)) else x for x in items))
         shown = ", ".join(str(x) for x in uniq[:5]) + (" ..." if len(uniq) > 5 else "")
         _warn(warnings, f"{source}: ignored {len(items)} detection(s) with {problem} ({shown})")
 
@@ -247,6 +272,21 @@ def _columns(preds: Sequence[Any], default_cat: Optional[int]):
     return img, cat, boxes.reshape(-1, 4), score.reshape(-1)
 
 
+def _lookup(table: Dict[Any, int], keys: List[Any]) -> np.ndarray:
+    """``table[key]`` for each key, -1 where absent or unhashable (e.g. a list given as an id)."""
+    try:
+        return np.fromiter((table.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+    except TypeError:
+
+        def get(k: Any) -> int:
+            try:
+                return table.get(k, -1)
+            except TypeError:
+                return -1
+
+        return np.fromiter((get(k) for k in keys), dtype=np.int64, count=len(keys))
+
+
 def clean_predictions(
     preds: Sequence[Any], image_ids: Sequence[Any], cat_ids: Sequence[int], source: str = "predictions"
 ) -> Tuple[PredictionArrays, List[str]]:
@@ -260,7 +300,8 @@ def clean_predictions(
     default_cat = next(iter(known_cats)) if len(known_cats) == 1 else None
     problems: Dict[str, List[Any]] = {}
     try:
-        img, cat, boxes, scores = _columns(preds, default_cat)
+        with gc_paused():
+            img, cat, boxes, scores = _columns(preds, default_cat)
         rows = np.arange(len(preds))
     except (KeyError, TypeError, ValueError, IndexError):
         # Slow path: find the malformed entries one by one.
@@ -291,8 +332,10 @@ def clean_predictions(
         scores = np.asarray(score_list, dtype=np.float64)
         rows = np.asarray(row_list, dtype=np.int64)
     n = len(img)
-    img_idx = np.fromiter((index.get(i, -1) for i in img), dtype=np.int64, count=n)
-    cat_ok = np.fromiter((c in known_cats for c in cat), dtype=bool, count=n)
+    img_idx = _lookup(index, img)
+    cat_list = sorted(known_cats)
+    cat_idx = _lookup({c: k for k, c in enumerate(cat_list)}, cat)
+    cat_ok = cat_idx >= 0
     keep = np.ones(n, dtype=bool)
     checks = [
         (img_idx < 0, "unknown image_id (not in the ground truth)", lambda k: img[k]),
@@ -308,12 +351,12 @@ def clean_predictions(
             keep &= ~bad
     _report(warnings, source, problems)
     kept = np.flatnonzero(keep)
-    ids = np.empty(len(kept), dtype=object)
-    ids[:] = [img[k] for k in kept]
+    gt_ids = np.empty(len(image_ids), dtype=object)
+    gt_ids[:] = list(image_ids)
     arrays = PredictionArrays(
         image_index=img_idx[kept],
-        image_ids=ids,
-        category_ids=np.asarray([cat[k] for k in kept], dtype=np.int64).reshape(-1),
+        image_ids=gt_ids[img_idx[kept]],
+        category_ids=np.asarray(cat_list, dtype=np.int64)[cat_idx[kept]],
         boxes=boxes[kept],
         scores=scores[kept],
     )

@@ -18,7 +18,7 @@ import numpy as np
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
 from .classification import image_level, malignancy
-from .coco_metrics import class_agnostic, coco_bbox_metrics
+from .coco_metrics import coco_bbox_metrics_and_agnostic
 from .froc import froc
 from .inputs import (
     EvaluationInputError,
@@ -134,21 +134,30 @@ def evaluate_predictions(
         "categories": [str(c.get("name", c["id"])) for c in gt["categories"]],
     }
 
+    timing = {"read_and_check": time.perf_counter() - t0}
+    lap = time.perf_counter()
+
+    def mark(stage: str) -> None:
+        nonlocal lap
+        now = time.perf_counter()
+        timing[stage] = round(now - lap, 3)
+        lap = now
+
     # Penalized IoU
     m = match_penalized_iou(data, piou_iou_thresh, piou_topk, piou_class_aware)
     piou = penalized_iou_from_matches(m, piou_score_thresh)
     metrics["piou"] = piou
+    mark("piou")
 
     # COCO AP
-    coco = coco_bbox_metrics(gt, preds)
+    coco, coco_a = coco_bbox_metrics_and_agnostic(gt, preds.to_coco())
     metrics["bbox"] = coco["metrics"]
     pr_curves = dict(coco["pr_curves"])
-    if len(gt["categories"]) > 1:
-        gt_a, preds_a = class_agnostic(gt, preds)
-        coco_a = coco_bbox_metrics(gt_a, preds_a)
+    if coco_a is not None:
         metrics["bbox_agnostic"] = {k: v for k, v in coco_a["metrics"].items() if not k.startswith("AP-")}
         if "lesion" in coco_a["pr_curves"]:
             pr_curves["lesion (any class)"] = coco_a["pr_curves"]["lesion"]
+    mark("coco")
 
     # FROC
     fr = froc(data, froc_hit, froc_iou)
@@ -164,6 +173,7 @@ def evaluate_predictions(
     if mal is not None:
         mal_roc = mal.pop("roc")
         metrics["malignancy"] = mal
+    mark("froc_and_image_level")
 
     # Bootstrap CIs
     if bootstrap and bootstrap > 0:
@@ -186,6 +196,8 @@ def evaluate_predictions(
                 "malignancy_auc": mal["auc"] if mal is not None else None,
             },
         )
+
+        mark("bootstrap")
 
     # Plots
     plot_files: Dict[str, str] = {}
@@ -229,9 +241,12 @@ def evaluate_predictions(
             piou["sweep"], piou_score_thresh, piou["score"], os.path.join(output_dir, "piou_vs_score_thresh.png")
         )
         plot_files = {k: os.path.basename(v) for k, v in plot_files.items() if v}
+        mark("plots")
     metrics["plots"] = plot_files
     metrics["warnings"] = warnings
+    timing["read_and_check"] = round(timing["read_and_check"], 3)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    metrics["timing"] = timing
 
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(metrics, title=title))
