@@ -34,5 +34,22 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/run_all.py
 
+# The from-scratch BUSI recipes (README "Results"). BUSI_ROOT: the raw BUSI folder.
+BUSI_ROOT ?= $(or $(USDET_BUSI_ROOT),../shared/data/busi)
+datasets/busi/annotations/test.json: | setup
+	$(PY) tools/convert_to_coco.py busi --root $(BUSI_ROOT) --output datasets/busi --workers 2 --seed 0
+
+train-busi-cpu: setup datasets/busi/annotations/test.json
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_cpu.yaml
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_cpu.yaml --eval-only \
+	  MODEL.WEIGHTS output/busi_recipe_cpu/model_best.pth DATASETS.TEST "('busi_test',)" \
+	  TEST.BOOTSTRAP 1000 OUTPUT_DIR output/busi_recipe_cpu/test
+
+train-busi-gpu: setup datasets/busi/annotations/test.json
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_gpu.yaml
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_gpu.yaml --eval-only \
+	  MODEL.WEIGHTS output/busi_recipe_gpu/model_best.pth DATASETS.TEST "('busi_test',)" \
+	  TEST.BOOTSTRAP 1000 OUTPUT_DIR output/busi_recipe_gpu/test
+
 clean-venv:
 	rm -rf $(VENV)

@@ -46,6 +46,24 @@ if [ -n "${DRY_RUN:-}" ]; then
          DATALOADER.NUM_WORKERS 0 SOLVER.WARMUP_ITERS 2 MODEL.RPN.POST_NMS_TOPK_TEST 50
          MODEL.RPN.PRE_NMS_TOPK_TEST 100 SOLVER.IMS_PER_BATCH 2)
   PROBE_ITERS=3; BUDGET_S=${BUDGET_S_DRY:-8}; EVALS=1; VARIANT_ITERS_SCALE=0
+  # ... and a 6-images-per-split subset of the carried BUSI copy, so evaluations take seconds.
+  TINY="$OUT/tiny_datasets"
+  $PY - "$USDET_DATASETS/busi" "$TINY/busi" <<'PYEOF'
+import json, os, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.join(dst, "annotations"), exist_ok=True)
+for split in ("train", "val", "test"):
+    d = json.load(open(os.path.join(src, "annotations", split + ".json")))
+    d["images"] = d["images"][:6]
+    ids = {im["id"] for im in d["images"]}
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] in ids]
+    for im in d["images"]:
+        im["file_name"] = os.path.join(os.path.abspath(src), im["file_name"])
+    json.dump(d, open(os.path.join(dst, "annotations", split + ".json"), "w"))
+PYEOF
+  cp "$USDET_DATASETS/busi/pixel_stats.json" "$TINY/busi/"
+  export USDET_DATASETS="$TINY"
+  STATS="$TINY/busi/pixel_stats.json"; COMMON=(INPUT.NORMALIZATION_FILE "$STATS")
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || log "no GPU visible"
 
@@ -80,7 +98,7 @@ fi
 
 # --- GPU recipe: speed probe, then the fitted run --------------------------------------------
 log "GPU recipe speed probe ($PROBE_ITERS iterations)"
-$PY tools/train_net.py --config-file "$GPU_CFG" SOLVER.MAX_ITER $PROBE_ITERS TEST.EVAL_PERIOD 0 \
+$PY tools/train_net.py --config-file "$GPU_CFG" SOLVER.MAX_ITER $PROBE_ITERS TEST.EVAL_PERIOD 0 DATASETS.TEST "()" \
   SOLVER.CHECKPOINT_PERIOD 100000 SOLVER.BEST_CHECKPOINT.ENABLED False "${COMMON[@]}" "${SMALL[@]}" \
   OUTPUT_DIR "$OUT/probe" > "$OUT/probe.log" 2>&1 || { tail -40 "$OUT/probe.log"; }
 MAX_ITER=$($PY - "$OUT/probe/metrics.json" "$BUDGET_S" <<'PYEOF'
