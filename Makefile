@@ -7,7 +7,7 @@ STAMP := $(VENV)/.usdet-setup-stamp
 # Set USDET_SYSTEM_SITE=1 to build the venv on top of an environment that already has
 # torch and detectron2 (e.g. detectron2 built from upstream git): they are then reused.
 VENV_FLAGS := $(if $(USDET_SYSTEM_SITE),--system-site-packages,)
-QUIET_PIP := grep -v -e "is ignored: it is neither" || true
+QUIET_PIP := { grep -v -e "is ignored: it is neither" || true; }
 
 .PHONY: setup test demo bench train-busi-cpu train-busi-gpu clean-venv
 
