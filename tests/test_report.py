@@ -280,3 +280,17 @@ def test_class_agnostic_run_in_a_forked_child_equals_sequential():
     assert seq[1]["metrics"] == pytest.approx(par[1]["metrics"], nan_ok=True)
     ref = coco_bbox_metrics(*class_agnostic(gt, preds), backend="pycocotools")["metrics"]
     assert par[1]["metrics"]["AP50"] == pytest.approx(ref["AP50"]) and "AP-lesion" in par[1]["metrics"]
+
+
+def test_report_with_forked_side_job_equals_in_process(tmp_path, monkeypatch):
+    import usdet.evaluation.report as report_mod
+    from usdet.evaluation.parallel import can_fork
+
+    if not can_fork():
+        pytest.skip("no fork or a single CPU")
+    gt, preds = random_case(4)
+    here = evaluate_predictions(gt, preds, str(tmp_path / "a"), bootstrap=50, plots=False)
+    monkeypatch.setattr(report_mod, "PARALLEL_MIN_DETECTIONS", 1)
+    forked = evaluate_predictions(gt, preds, str(tmp_path / "b"), bootstrap=50, plots=False)
+    for key in ("bbox", "bbox_agnostic", "bootstrap", "piou", "froc"):
+        assert json.dumps(here[key], sort_keys=True) == json.dumps(forked[key], sort_keys=True), key

@@ -155,27 +155,6 @@ def coco_bbox_metrics(
     return {"metrics": metrics, "pr_curves": pr_curves}
 
 
-def _in_fork(fn):
-    """Start ``fn()`` in a forked child (inherits memory, nothing pickled but the small result)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-
-    def target():
-        try:
-            send.send(("ok", fn()))
-        except BaseException as e:  # noqa: BLE001 - reported to the parent, which falls back
-            send.send(("error", repr(e)))
-        finally:
-            send.close()
-
-    proc = ctx.Process(target=target, daemon=True)
-    proc.start()
-    send.close()
-    return proc, recv
-
-
 def coco_bbox_metrics_and_agnostic(
     gt: Dict[str, Any],
     preds: List[Dict[str, Any]],
@@ -184,16 +163,15 @@ def coco_bbox_metrics_and_agnostic(
 ):
     """Per-class COCO metrics and, with more than one class, class-agnostic ones (``lesion``).
 
-    ``preds`` (COCO result dicts) is handed to the COCO API as is and modified. Large inputs run
-    the two evaluations side by side (a forked child takes the class-agnostic one) where the
-    machine has more than one CPU and ``fork`` exists; any failure there falls back to running
-    them one after the other. Returns ``(per_class, agnostic_or_None)``.
+    ``preds`` (COCO result dicts) is handed to the COCO API as is and modified. Large inputs
+    (``PARALLEL_MIN_DETECTIONS``) run the class-agnostic evaluation in a forked child beside the
+    per-class one. Returns ``(per_class, agnostic_or_None)``.
     """
-    import multiprocessing
-    import os
+    from .parallel import Beside
 
-    agnostic_needed = len(gt["categories"]) > 1
-    gt_a = class_agnostic(gt, [])[0] if agnostic_needed else None
+    if len(gt["categories"]) < 2:
+        return coco_bbox_metrics(gt, preds, backend, copy_preds=False), None
+    gt_a = class_agnostic(gt, [])[0]
 
     def agnostic():
         for p in preds:
@@ -201,29 +179,9 @@ def coco_bbox_metrics_and_agnostic(
         return coco_bbox_metrics(gt_a, preds, backend, copy_preds=False)
 
     if parallel is None:
-        parallel = (
-            agnostic_needed
-            and len(preds) >= PARALLEL_MIN_DETECTIONS
-            and (os.cpu_count() or 1) > 1
-            and "fork" in multiprocessing.get_all_start_methods()
-        )
-    child = None
-    if parallel and agnostic_needed:
-        try:
-            child = _in_fork(agnostic)
-        except OSError as e:
-            logger.warning("Could not fork for the class-agnostic COCO run (%s); running it after", e)
+        parallel = len(preds) >= PARALLEL_MIN_DETECTIONS
+    side = Beside(agnostic, enabled=parallel)
+    if side.forked:  # the child has its own copy of ``preds``
+        return coco_bbox_metrics(gt, preds, backend, copy_preds=False), side.result()
     per_class = coco_bbox_metrics(gt, preds, backend, copy_preds=False)
-    if not agnostic_needed:
-        return per_class, None
-    if child is not None:
-        proc, recv = child
-        try:
-            status, result = recv.recv()
-        except EOFError:
-            status, result = "error", "child exited without a result"
-        proc.join()
-        if status == "ok":
-            return per_class, result
-        logger.warning("Class-agnostic COCO run in a child process failed (%s); running it here", result)
-    return per_class, agnostic()
+    return per_class, agnostic()  # after: it relabels ``preds``

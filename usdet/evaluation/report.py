@@ -18,7 +18,7 @@ import numpy as np
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
 from .classification import image_level, malignancy
-from .coco_metrics import coco_bbox_metrics_and_agnostic
+from .coco_metrics import PARALLEL_MIN_DETECTIONS, class_agnostic, coco_bbox_metrics
 from .froc import froc
 from .inputs import (
     EvaluationInputError,
@@ -28,6 +28,7 @@ from .inputs import (
     load_gt_json,
     load_predictions_json,
 )
+from .parallel import Beside
 from .penalized_iou import match_penalized_iou, penalized_iou_from_matches
 
 logger = logging.getLogger(__name__)
@@ -149,16 +150,6 @@ def evaluate_predictions(
     metrics["piou"] = piou
     mark("piou")
 
-    # COCO AP
-    coco, coco_a = coco_bbox_metrics_and_agnostic(gt, preds.to_coco())
-    metrics["bbox"] = coco["metrics"]
-    pr_curves = dict(coco["pr_curves"])
-    if coco_a is not None:
-        metrics["bbox_agnostic"] = {k: v for k, v in coco_a["metrics"].items() if not k.startswith("AP-")}
-        if "lesion" in coco_a["pr_curves"]:
-            pr_curves["lesion (any class)"] = coco_a["pr_curves"]["lesion"]
-    mark("coco")
-
     # FROC
     fr = froc(data, froc_hit, froc_iou)
     froc_curve = fr.pop("curve")
@@ -175,29 +166,57 @@ def evaluate_predictions(
         metrics["malignancy"] = mal
     mark("froc_and_image_level")
 
-    # Bootstrap CIs
-    if bootstrap and bootstrap > 0:
-        from .bootstrap import bootstrap_metrics
+    # COCO AP per class (here) and class-agnostic + bootstrap CIs (beside it, in a forked child
+    # for large sets: each COCO evaluation of a million detections takes many seconds).
+    coco_preds = preds.to_coco()  # the COCO API adds keys to these dicts
+    two_classes = len(gt["categories"]) > 1
+    gt_agnostic = class_agnostic(gt, [])[0] if two_classes else None
 
-        metrics["bootstrap"] = bootstrap_metrics(
-            data,
-            n_resamples=int(bootstrap),
-            seed=int(seed),
-            piou_matches=m,
-            piou_score_thresh=piou_score_thresh,
-            froc_hit=froc_hit,
-            froc_iou=froc_iou,
-            with_malignancy=mal is not None,
-            estimates={
-                "AP50": metrics["bbox"].get("AP50"),
-                "piou": piou["score"],
-                "cpm": fr["cpm"],
-                "image_auc": il["auc"],
-                "malignancy_auc": mal["auc"] if mal is not None else None,
-            },
-        )
+    def side_job() -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if two_classes:
+            for p in coco_preds:
+                p["category_id"] = 1
+            out["agnostic"] = coco_bbox_metrics(gt_agnostic, coco_preds, copy_preds=False)
+        if bootstrap and bootstrap > 0:
+            from .bootstrap import bootstrap_metrics
 
-        mark("bootstrap")
+            out["bootstrap"] = bootstrap_metrics(
+                data,
+                n_resamples=int(bootstrap),
+                seed=int(seed),
+                piou_matches=m,
+                piou_score_thresh=piou_score_thresh,
+                froc_hit=froc_hit,
+                froc_iou=froc_iou,
+                with_malignancy=mal is not None,
+                estimates={
+                    "piou": piou["score"],
+                    "cpm": fr["cpm"],
+                    "image_auc": il["auc"],
+                    "malignancy_auc": mal["auc"] if mal is not None else None,
+                },
+            )
+        return out
+
+    side = Beside(side_job, enabled=len(coco_preds) >= PARALLEL_MIN_DETECTIONS)
+    if side.forked:
+        coco = coco_bbox_metrics(gt, coco_preds, copy_preds=False)
+        side_out = side.result()
+    else:
+        coco = coco_bbox_metrics(gt, coco_preds, copy_preds=False)
+        side_out = side_job()
+    metrics["bbox"] = coco["metrics"]
+    pr_curves = dict(coco["pr_curves"])
+    if "agnostic" in side_out:
+        coco_a = side_out["agnostic"]
+        metrics["bbox_agnostic"] = {k: v for k, v in coco_a["metrics"].items() if not k.startswith("AP-")}
+        if "lesion" in coco_a["pr_curves"]:
+            pr_curves["lesion (any class)"] = coco_a["pr_curves"]["lesion"]
+    if "bootstrap" in side_out:
+        metrics["bootstrap"] = side_out["bootstrap"]
+        metrics["bootstrap"]["metrics"]["AP50"]["estimate"] = metrics["bbox"].get("AP50")
+    mark("coco_and_bootstrap")
 
     # Plots
     plot_files: Dict[str, str] = {}
@@ -248,6 +267,8 @@ def evaluate_predictions(
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     metrics["timing"] = timing
 
+    order = ["inputs", "piou", "bbox", "bbox_agnostic", "froc", "image_level", "malignancy", "bootstrap"]
+    metrics = OrderedDict([(k, metrics[k]) for k in order if k in metrics] + [(k, v) for k, v in metrics.items() if k not in order])
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(metrics, title=title))
     logger.info(
