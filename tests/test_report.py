@@ -294,3 +294,12 @@ def test_report_with_forked_side_job_equals_in_process(tmp_path, monkeypatch):
     forked = evaluate_predictions(gt, preds, str(tmp_path / "b"), bootstrap=50, plots=False)
     for key in ("bbox", "bbox_agnostic", "bootstrap", "piou", "froc"):
         assert json.dumps(here[key], sort_keys=True) == json.dumps(forked[key], sort_keys=True), key
+
+
+def test_non_integer_image_ids_are_scored(tmp_path):
+    gt = {"images": [{"id": "a"}, {"id": "b"}], "categories": [{"id": 3, "name": "lesion"}],
+          "annotations": [{"id": 1, "image_id": "a", "bbox": [0, 0, 5, 5], "category_id": 3}]}
+    preds = [P("a", [0, 0, 5, 5], 0.9, 3), {"image_id": "b", "bbox": [0, 0, 5, 5], "score": 0.2}]  # 1 class: id implied
+    m = evaluate_predictions(gt, preds, str(tmp_path), bootstrap=10, plots=False)
+    assert m["bbox"]["AP50"] == pytest.approx(100.0) and m["bbox"]["AP-lesion"] == pytest.approx(100.0)
+    assert m["piou"]["score"] == 1.0 and m["piou"]["tn"] == 1 and m["inputs"]["num_predictions"] == 2

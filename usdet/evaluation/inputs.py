@@ -28,6 +28,7 @@ __all__ = [
     "PredictionArrays",
     "clean_gt",
     "clean_predictions",
+    "coco_with_index_ids",
     "box_iou_xywh",
 ]
 
@@ -235,20 +236,32 @@ class PredictionArrays:
     def __len__(self) -> int:
         return int(len(self.scores))
 
-    def to_coco(self) -> List[Dict[str, Any]]:
+    def to_coco(self, index_ids: bool = False) -> List[Dict[str, Any]]:
         """Fresh COCO result dicts (the COCO API adds keys to them).
 
-        Each carries an empty ``segmentation`` so that the COCO API does not build a polygon per
-        detection (box AP never reads it).
+        ``index_ids`` numbers images 1..N in ground-truth order (see :func:`coco_with_index_ids`).
+        Each dict carries an empty ``segmentation`` so that the COCO API does not build a polygon
+        per detection (box AP never reads it).
         """
         no_polygon: List[Any] = []
+        ids = (self.image_index + 1).tolist() if index_ids else self.image_ids.tolist()
         with gc_paused():
             return [
                 {"image_id": i, "category_id": c, "bbox": b, "score": s, "segmentation": no_polygon}
-                for i, c, b, s in zip(
-                    self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(), self.scores.tolist()
-                )
+                for i, c, b, s in zip(ids, self.category_ids.tolist(), self.boxes.tolist(), self.scores.tolist())
             ]
+
+
+def coco_with_index_ids(gt: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a (cleaned) COCO dict whose images are numbered 1..N in file order.
+
+    COCO evaluators require integer image ids; detectron2 datasets may use any hashable id.
+    """
+    index = {im["id"]: k + 1 for k, im in enumerate(gt["images"])}
+    out = dict(gt)
+    out["images"] = [dict(im, id=index[im["id"]]) for im in gt["images"]]
+    out["annotations"] = [dict(a, image_id=index[a["image_id"]]) for a in gt["annotations"]]
+    return out
 
 
 def _report(warnings: List[str], source: str, problems: Dict[str, List[Any]]) -> None:

@@ -25,6 +25,7 @@ from .inputs import (
     build_detection_data,
     clean_gt,
     clean_predictions,
+    coco_with_index_ids,
     load_gt_json,
     load_predictions_json,
 )
@@ -168,9 +169,10 @@ def evaluate_predictions(
 
     # COCO AP per class (here) and class-agnostic + bootstrap CIs (beside it, in a forked child
     # for large sets: each COCO evaluation of a million detections takes many seconds).
-    coco_preds = preds.to_coco()  # the COCO API adds keys to these dicts
+    gt_coco = coco_with_index_ids(gt)
+    coco_preds = preds.to_coco(index_ids=True)  # the COCO API adds keys to these dicts
     two_classes = len(gt["categories"]) > 1
-    gt_agnostic = class_agnostic(gt, [])[0] if two_classes else None
+    gt_agnostic = class_agnostic(gt_coco, [])[0] if two_classes else None
 
     def side_job() -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -201,10 +203,10 @@ def evaluate_predictions(
 
     side = Beside(side_job, enabled=len(coco_preds) >= PARALLEL_MIN_DETECTIONS)
     if side.forked:
-        coco = coco_bbox_metrics(gt, coco_preds, copy_preds=False)
+        coco = coco_bbox_metrics(gt_coco, coco_preds, copy_preds=False)
         side_out = side.result()
     else:
-        coco = coco_bbox_metrics(gt, coco_preds, copy_preds=False)
+        coco = coco_bbox_metrics(gt_coco, coco_preds, copy_preds=False)
         side_out = side_job()
     metrics["bbox"] = coco["metrics"]
     pr_curves = dict(coco["pr_curves"])
