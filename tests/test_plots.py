@@ -88,9 +88,12 @@ def test_read_event_metrics_tolerates_partial_lines_and_resume(tmp_path):
 def test_training_curve_panels():
     keys = ["total_loss", "loss_cls", "loss_box_reg", "lr", "val_loss", "bbox/AP", "bbox/AP50", "bbox/APs",
             "piou/score", "piou/tp", "time", "data_time", "eta_seconds"]
+    keys += ["val_loss_cls", "val_loss_extra"]
     panels = dict(P.training_curve_panels(keys))
-    assert list(panels)[:3] == ["total_loss", "loss_box_reg", "loss_cls"]
-    assert panels["validation loss"] == ["val_loss", "total_loss"]
+    assert list(panels)[:3] == ["total_loss (train, validation)", "loss_box_reg", "loss_cls (train, validation)"]
+    assert panels["total_loss (train, validation)"] == ["total_loss", "val_loss"]
+    assert panels["loss_cls (train, validation)"] == ["loss_cls", "val_loss_cls"]
+    assert panels["validation loss"] == ["val_loss_extra"]
     assert panels["learning rate"] == ["lr"]
     assert panels["bbox (evaluation)"] == ["bbox/AP", "bbox/AP50"]
     assert panels["piou (evaluation)"] == ["piou/score"]
@@ -109,8 +112,8 @@ def test_plot_metrics_tool_two_stages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "s1.json:" in err and "not a complete JSON line" in err
     img = check_png(out, size=None)
-    # 6 panels (total, box_reg, cls, val loss, lr, bbox, piou -> 7) in 3 columns of 500 px at 100 dpi
-    assert img.shape[1] == 1500 and img.shape[0] == 3 * 340
+    # 6 panels (total + val, box_reg, cls, lr, bbox, piou) in 3 columns of 500 px at 100 dpi
+    assert img.shape[1] == 1500 and img.shape[0] == 2 * 340
     assert coloured_fraction(img) > 0.005
     assert tool.main([str(tmp_path / "missing.json"), "--output", str(out)]) == 2
     assert "missing.json: metrics file not found" in capsys.readouterr().err

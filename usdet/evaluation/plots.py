@@ -207,10 +207,15 @@ def training_curve_panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
     if "total_loss" in losses:
         losses.remove("total_loss")
         losses.insert(0, "total_loss")
-    panels += [(k, [k]) for k in losses]
-    val = sorted(k for k in keys if k.startswith("val") and "loss" in k)
+    val = {k for k in keys if k.startswith("val") and "loss" in k and "/" not in k}
+    for k in losses:
+        # the validation counterpart of a training loss goes on the same panel
+        twins = ["val_loss", "val_total_loss"] if k == "total_loss" else [f"val_{k}"]
+        pair = [t for t in twins if t in val][:1]
+        val -= set(pair)
+        panels.append((k + (" (train, validation)" if pair else ""), [k] + pair))
     if val:
-        panels.append(("validation loss", val + (["total_loss"] if "total_loss" in keys else [])))
+        panels.append(("validation loss", sorted(val)))
     if "lr" in keys:
         panels.append(("learning rate", ["lr"]))
     groups: Dict[str, List[str]] = {}
