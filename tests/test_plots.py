@@ -87,7 +87,8 @@ def test_read_event_metrics_tolerates_partial_lines_and_resume(tmp_path):
 
 def test_training_curve_panels():
     keys = ["total_loss", "loss_cls", "loss_box_reg", "lr", "val_loss", "bbox/AP", "bbox/AP50", "bbox/APs",
-            "piou/score", "piou/tp", "time", "data_time", "eta_seconds"]
+            "piou/score", "piou/tp", "time", "data_time", "eta_seconds", "fast_rcnn/cls_accuracy",
+            "rpn/num_pos_anchors"]
     keys += ["val_loss_cls", "val_loss_extra"]
     panels = dict(P.training_curve_panels(keys))
     assert list(panels)[:3] == ["total_loss (train, validation)", "loss_box_reg", "loss_cls (train, validation)"]
@@ -97,7 +98,9 @@ def test_training_curve_panels():
     assert panels["learning rate"] == ["lr"]
     assert panels["bbox (evaluation)"] == ["bbox/AP", "bbox/AP50"]
     assert panels["piou (evaluation)"] == ["piou/score"]
-    assert not any("time" in k for ks in panels.values() for k in ks)
+    assert panels["fast_rcnn (training)"] == ["fast_rcnn/cls_accuracy"]
+    assert not any("time" in k or k.startswith("rpn/") for ks in panels.values() for k in ks)
+    assert ["rpn/num_pos_anchors"] in dict(P.training_curve_panels(keys, everything=True)).values()
 
 
 def test_plot_metrics_tool_two_stages(tmp_path, capsys):

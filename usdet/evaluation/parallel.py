@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -17,8 +18,16 @@ __all__ = ["Beside", "can_fork"]
 
 
 def can_fork() -> bool:
-    """More than one CPU and the ``fork`` start method (Linux, macOS with fork)."""
-    return (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    """More than one CPU, the ``fork`` start method, and no CUDA context that a child would inherit."""
+    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return False
+    except Exception:  # noqa: BLE001 - an odd torch build: play safe
+        return False
+    return True
 
 
 class Beside:

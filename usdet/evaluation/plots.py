@@ -197,10 +197,14 @@ def read_event_metrics(path: str) -> Tuple[Dict[int, Dict[str, float]], List[str
 
 
 _TIMING_KEYS = ("time", "data_time", "eta_seconds")
+_TRAINING_PREFIXES = ("fast_rcnn", "roi_head", "rpn")
 
 
-def training_curve_panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
-    """Group event keys into panels: each loss, validation loss, learning rate, eval metrics by prefix."""
+def training_curve_panels(keys: Sequence[str], everything: bool = False) -> List[Tuple[str, List[str]]]:
+    """Group event keys into panels: each loss (with its validation twin), LR, eval metrics by prefix.
+
+    ``everything`` keeps every key of a group (else: AP/AP50/AP75, piou score, accuracies).
+    """
     keys = [k for k in keys if k not in _TIMING_KEYS and not k.startswith("rank_data_time")]
     panels: List[Tuple[str, List[str]]] = []
     losses = sorted(k for k in keys if "loss" in k and "/" not in k and not k.startswith("val"))
@@ -224,13 +228,19 @@ def training_curve_panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
             groups.setdefault(k.split("/", 1)[0], []).append(k)
     for prefix, ks in sorted(groups.items()):
         ks = sorted(ks)
-        if prefix == "bbox":
+        if prefix in _TRAINING_PREFIXES:
+            # detectron2's per-iteration training statistics: accuracies are worth a panel,
+            # sample counts only when asked for (``everything``)
+            if not everything:
+                ks = [k for k in ks if "accuracy" in k]
+            if ks:
+                panels.append((f"{prefix} (training)", ks))
+            continue
+        if prefix == "bbox" and not everything:
             ks = [k for k in ks if k.split("/", 1)[1] in ("AP", "AP50", "AP75")] or ks
-        elif prefix == "piou":
+        elif prefix == "piou" and not everything:
             ks = [k for k in ks if k.split("/", 1)[1] in ("score", "best_score")] or ks
         panels.append((f"{prefix} (evaluation)", ks))
-    other = sorted(k for k in keys if k not in {x for _, ks in panels for x in ks} and "/" not in k)
-    panels += [(k, [k]) for k in other if k.endswith("accuracy") or k.startswith("fast_rcnn") or k.startswith("roi_head")]
     return panels
 
 
@@ -249,7 +259,13 @@ def plot_training_curves(
     all_keys = sorted({k for recs in runs.values() for r in recs.values() for k in r})
     if keys:
         all_keys = [k for k in all_keys if k in set(keys) or any(k.startswith(x) for x in keys)]
-    panels = training_curve_panels(all_keys)
+    panels = training_curve_panels(all_keys, everything=bool(keys))
+
+    def finite(k: str) -> bool:
+        return any(k in r and np.isfinite(r[k]) for recs in runs.values() for r in recs.values())
+
+    panels = [(t, [k for k in ks if finite(k)]) for t, ks in panels]
+    panels = [(t, ks) for t, ks in panels if ks]  # e.g. AP is NaN before the model detects anything
     if not panels:
         raise ValueError("no plottable keys (losses, lr, evaluation metrics) in the metrics file(s)")
     ncol = min(3, len(panels))
