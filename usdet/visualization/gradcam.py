@@ -76,6 +76,43 @@ class Detection:
     label: int
 
 
+def _eigencam_class():
+    from pytorch_grad_cam import EigenCAM
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    class DetectionEigenCAM(EigenCAM):
+        """EigenCAM with the principal component's sign set by the detections.
+
+        The first principal component of the activations has no sign of its own (SVD gives
+        either); on ultrasound the lesion is hypoechoic, and the plain projection often marks
+        it as the *minimum*, so after EigenCAM's ReLU the map lights up the tissue around it.
+        The sign is therefore chosen so that the map is higher in the middle of the detected
+        boxes than over the whole image (the detections are what the map explains); with no
+        detection, the library's choice is kept.
+        """
+
+        boxes_xyxy: Optional[np.ndarray] = None  # in input-tensor pixels
+
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
+            proj = get_2d_projection(activations)
+            if self.boxes_xyxy is None or len(self.boxes_xyxy) == 0:
+                return proj
+            H, W = input_tensor.shape[-2:]
+            for i in range(proj.shape[0]):
+                h, w = proj[i].shape
+                core = np.zeros((h, w), bool)
+                for x0, y0, x1, y1 in self.boxes_xyxy:
+                    cx, cy, bw, bh = (x0 + x1) / 2 * w / W, (y0 + y1) / 2 * h / H, (x1 - x0) * w / W, (y1 - y0) * h / H
+                    r0, r1 = int(np.floor(cy - bh / 4)), int(np.ceil(cy + bh / 4))
+                    c0, c1 = int(np.floor(cx - bw / 4)), int(np.ceil(cx + bw / 4))
+                    core[max(r0, 0):max(r1, r0 + 1), max(c0, 0):max(c1, c0 + 1)] = True
+                if core.any() and proj[i][core].mean() < proj[i].mean():
+                    proj[i] = -proj[i]
+            return proj
+
+    return DetectionEigenCAM
+
+
 @dataclass
 class CamResult:
     """Heatmap (HxW float in [0, 1], input image size) for one detection (``None``: image-level)."""
@@ -121,10 +158,10 @@ class DetectorCAM:
         return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)), dtype=torch.float32)[None].to(self.device)
 
     def _cam(self) -> Callable:
-        from pytorch_grad_cam import AblationCAM, EigenCAM
+        from pytorch_grad_cam import AblationCAM
 
         if self.method == "eigencam":
-            return EigenCAM(self.adapter, self.layers, reshape_transform=_dict_reshape)
+            return _eigencam_class()(self.adapter, self.layers, reshape_transform=_dict_reshape)
         from pytorch_grad_cam.ablation_layer import AblationLayer
 
         return AblationCAM(self.adapter, self.layers, reshape_transform=None, ablation_layer=AblationLayer(),
@@ -154,6 +191,7 @@ class DetectorCAM:
         cam = self._cam()
         try:
             if self.method == "eigencam":
+                cam.boxes_xyxy = boxes
                 target = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
                 with torch.no_grad():
                     heat = to_image(cam(x, targets=target)[0])
