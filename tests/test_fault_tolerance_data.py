@@ -463,8 +463,8 @@ def test_frames_kill_at_random_times_then_rerun(tmp_path, frames_src):
     want = tree(str(clean))
     out = tmp_path / "out"
     rng = random.Random(99)
-    # (hidden temp files a kill may leave are not compared: this converter does not sweep them, see
-    # the module docstring of usdet/data/busi.py for how the BUSI converter does)
+    # hidden temp files a kill may leave are not compared: unlike the BUSI converter (whose test
+    # above compares them too), this converter does not sweep them on the next run
     for _ in range(2):
         run_cli(frames_cmd(frames_src, out), after_s=rng.uniform(0.4, 1.0) * full)
         if out.exists():

@@ -512,7 +512,7 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
 # Duplicates and groups
 # ----------------------------------------------------------------------------------------------
 def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float,
-                              ham_thresh: int, block: int = 512) -> np.ndarray:
+                              ham_thresh: int, block: int = 128) -> np.ndarray:
     """Connected components of the 'near-duplicate' graph (correlation or dHash distance).
 
     Pairs are compared in ``block`` x ``block`` tiles of the upper triangle, converted to float32
@@ -644,8 +644,11 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
 
     # near-duplicate groups from pixels (exact duplicates fall in the same group automatically)
     # (fingerprints move out of the per-image results: one copy of them is held, not two)
-    vecs = np.stack([results[i].pop("vec") for i in kept]) if kept else np.zeros((0, 4096), np.float16)
-    hashes = np.stack([np.frombuffer(results[i].pop("dhash"), np.uint8) for i in kept]) if kept else np.zeros((0, 32), np.uint8)
+    vecs = np.zeros((len(kept), 4096), np.float16)
+    hashes = np.zeros((len(kept), 32), np.uint8)
+    for row, i in enumerate(kept):
+        vecs[row] = results[i].pop("vec")
+        hashes[row] = np.frombuffer(results[i].pop("dhash"), np.uint8)
     comp = near_duplicate_components(vecs, hashes, opt.near_dup_corr, opt.near_dup_hamming)
     members_of: Dict[int, List[int]] = defaultdict(list)
     for pos, c in enumerate(comp):
