@@ -6,7 +6,7 @@ of every source PNG (images and masks) and ``cv2.imwrite`` of every image as PNG
 default settings. The converter runs as the user runs it (a subprocess of
 ``tools/convert_to_coco.py``, start-up and imports included) into a fresh output folder each time
 (a re-run into the same folder skips identical images and would flatter it). Both are timed
-alternately, best of ``--repeat``, after one untimed pass that warms the page cache.
+alternately, best of ``--repeat`` (default 3), after one untimed pass that warms the page cache.
 
 Figures: ``ratio_1_worker`` = converter (1 worker) / floor in CPU seconds (target <= 1.3; CPU time
 is the work done, which other processes on a shared machine do not inflate; ``ratio_1_worker_wall``
@@ -15,10 +15,11 @@ is the same in wall time);
 converter writes (one channel for BUSI's gray images, masks decoded as gray), for information;
 ``speedup_2_workers`` = converter time with 1 worker / with ``--workers 2`` (target >= 1.5, judged
 only when the load average leaves two cores free, else recorded with ``speedup_judged: false``);
-``peak_rss_ratio`` = peak RSS of the converter on all images / on a ``--subset`` image subset
-(streaming means flat memory: target <= 1.25).
+``peak_rss_ratio`` = peak RSS of the converter on all images / on a ``--subset`` image subset, and
+``peak_rss_kib_per_extra_image`` = the growth per image between the two (streaming means flat
+memory: target <= 64 KiB per image, far below the ~900 KiB of one decoded BUSI image).
 
-  python benchmarks/bench_convert.py [--root BUSI] [--repeat 2] [--subset 200]
+  python benchmarks/bench_convert.py [--root BUSI] [--repeat 3] [--subset 200]
 """
 import argparse
 import os
@@ -34,7 +35,10 @@ from common import REPO, write_result  # noqa: E402
 CONVERT = os.path.join(REPO, "tools", "convert_to_coco.py")
 TARGET_RATIO = 1.3
 TARGET_SPEEDUP = 1.5
-TARGET_RSS_RATIO = 1.25
+# Streaming means no image stays in memory once written: peak memory may grow only by the small
+# per-image record kept for the split (fingerprints, entry, boxes: ~10-30 KiB), far below one
+# decoded BUSI image (~500x600x3 = ~900 KiB), which is what keeping images in RAM would add.
+TARGET_RSS_KIB_PER_IMAGE = 64.0
 
 
 def busi_root(arg):
@@ -138,7 +142,7 @@ def make_subset(root, n, dest):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=None, help="BUSI folder (default: $USDET_BUSI_ROOT or ../shared/data/busi)")
-    ap.add_argument("--repeat", type=int, default=2, help="timed runs of each (best is kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each (best is kept)")
     ap.add_argument("--subset", type=int, default=200, help="images in the small run of the memory check")
     args = ap.parse_args()
     root = busi_root(args.root)
@@ -178,7 +182,7 @@ def main() -> int:
     # recorded but not judged (it measures the other load, not the converter)
     judge_speedup = cores >= 2 and load_before <= cores - 1.5
     ok_speedup = speedup >= TARGET_SPEEDUP or not judge_speedup
-    met = ratio <= TARGET_RATIO and ok_speedup and rss_ratio <= TARGET_RSS_RATIO
+    met = ratio <= TARGET_RATIO and ok_speedup and per_image_kib <= TARGET_RSS_KIB_PER_IMAGE
     write_result("convert", {
         "images": len(images), "source_pngs": len(images) + len(masks),
         "floor_s": round(floor, 3), "floor_cpu_s": round(floor_cpu, 3),
@@ -192,7 +196,7 @@ def main() -> int:
         "peak_rss_mib_all": round(max(rss_full), 1), "subset_images": n_sub,
         "peak_rss_mib_subset": round(max(rss_sub), 1), "peak_rss_ratio": round(rss_ratio, 3),
         "peak_rss_kib_per_extra_image": round(per_image_kib, 1),
-        "target_peak_rss_ratio": TARGET_RSS_RATIO,
+        "target_peak_rss_kib_per_extra_image": TARGET_RSS_KIB_PER_IMAGE,
         "floor": "cv2.imread(IMREAD_UNCHANGED) of every source PNG + cv2.imwrite PNG (defaults) of every image, "
                  "one process",
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -705,9 +705,8 @@ def test_train_loader_on_repaired_dataset(coco_root):
         b = d["instances"].gt_boxes.tensor.numpy()
         assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= W).all() and (b[:, 3] <= H).all()
         boxes[d["image_id"]] = sorted(b.round(3).tolist())
-    assert set(boxes) <= {1, 2}  # image 3's only annotation had an unknown category: filtered as empty
-    if 1 in boxes:
-        assert boxes[1] == [[0.0, 0.0, 15.0, 6.0]]
+    # image 3's only annotation had an unknown category: dropped, and the image filtered as empty
+    assert boxes == {1: [[0.0, 0.0, 15.0, 6.0]], 2: [[5.0, 5.0, 15.0, 15.0]]}
 
 
 def _train_net(argv):

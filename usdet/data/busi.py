@@ -512,7 +512,7 @@ def _process(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
 # Duplicates and groups
 # ----------------------------------------------------------------------------------------------
 def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float,
-                              ham_thresh: int, block: int = 128) -> np.ndarray:
+                              ham_thresh: int, block: int = 256) -> np.ndarray:
     """Connected components of the 'near-duplicate' graph (correlation or dHash distance).
 
     Pairs are compared in ``block`` x ``block`` tiles of the upper triangle, converted to float32
