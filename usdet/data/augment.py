@@ -24,7 +24,20 @@ __all__ = [
 ]
 
 
-class GammaTransform(T.Transform):
+class PhotometricTransform(T.Transform):
+    """A transform that changes intensities only: boxes, masks and geometry pass through."""
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return segmentation
+
+    def inverse(self) -> T.Transform:
+        return T.NoOpTransform()
+
+
+class GammaTransform(PhotometricTransform):
     """Intensity gamma ``255 * (x / 255) ** gamma`` on uint8 images (geometry unchanged)."""
 
     def __init__(self, gamma: float):
@@ -37,17 +50,8 @@ class GammaTransform(T.Transform):
             return lut[img]
         return np.clip(255.0 * (np.clip(img, 0, 255) / 255.0) ** self.gamma, 0, 255).astype(img.dtype)
 
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        return coords
 
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        return segmentation
-
-    def inverse(self) -> T.Transform:
-        return T.NoOpTransform()
-
-
-class SpeckleTransform(T.Transform):
+class SpeckleTransform(PhotometricTransform):
     """Multiplicative, slightly correlated noise ``x * (1 + sigma * n)``, the same on every channel.
 
     Grey ultrasound is stored as 3 equal channels; noise shared across them keeps it grey.
@@ -66,15 +70,6 @@ class SpeckleTransform(T.Transform):
         gain = 1.0 + self.sigma * noise
         out = img.astype(np.float32) * (gain[..., None] if img.ndim == 3 else gain)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8) if img.dtype == np.uint8 else out.astype(img.dtype)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        return coords
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        return segmentation
-
-    def inverse(self) -> T.Transform:
-        return T.NoOpTransform()
 
 
 class RandomGamma(T.Augmentation):

@@ -13,6 +13,8 @@ from typing import Any, Callable, Union
 import numpy as np
 
 PathLike = Union[str, "os.PathLike[str]"]
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "wb", fsync: bool = True) -> None:
@@ -27,6 +29,7 @@ def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "w
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, mode) as fh:
             write_fn(fh)
             fh.flush()
