@@ -19,11 +19,12 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-output/gpu_busi}
 RESULTS=${RESULTS:-benchmarks/results}
+LOG_DIR=${LOG_DIR:-$OUT}  # logs and test reports (small); checkpoints stay in $OUT
 GPU_CFG=configs/BUSI/recipe_scratch_gpu.yaml
 CPU_CFG=configs/BUSI/recipe_scratch_cpu.yaml
 BUDGET_S=${BUDGET_S:-300}
 PY=${PY:-python3}
-mkdir -p "$OUT" "$RESULTS"
+mkdir -p "$OUT" "$RESULTS" "$LOG_DIR"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 if ! $PY -c "import detectron2" 2>/dev/null; then
@@ -35,6 +36,7 @@ export USDET_DATASETS=${USDET_DATASETS:-$PWD/.carry}
 STATS="$USDET_DATASETS/busi/pixel_stats.json"
 
 COMMON=(INPUT.NORMALIZATION_FILE "$STATS")
+GPU_WORKERS=(DATALOADER.NUM_WORKERS "${GPU_WORKERS:-8}")  # leaves CPU cores to the runs beside it
 SMALL=()
 PROBE_ITERS=40
 EVALS=5
@@ -85,13 +87,13 @@ if [ -z "${SKIP_VARIANTS:-}" ]; then
     # shellcheck disable=SC2086
     $PY tools/train_net.py --config-file "$CPU_CFG" ${extra} SOLVER.MAX_ITER "$it" TEST.EVAL_PERIOD "$ev" \
       SOLVER.CHECKPOINT_PERIOD "$ev" DATALOADER.NUM_WORKERS 2 "${COMMON[@]}" "${SMALL[@]}" \
-      OUTPUT_DIR "$OUT/$name" > "$OUT/$name.log" 2>&1 &
+      OUTPUT_DIR "$OUT/$name" > "$LOG_DIR/$name.log" 2>&1 &
     PIDS+=($!)
     log "started $name ($it iterations)"
   done
   bit=$(variant_iters 680)
   $PY benchmarks/train_plain_baseline.py --output "$OUT/plain_baseline" SOLVER.MAX_ITER "$bit" \
-    DATALOADER.NUM_WORKERS 2 "${SMALL[@]}" > "$OUT/plain_baseline.log" 2>&1 &
+    DATALOADER.NUM_WORKERS 2 "${SMALL[@]}" > "$LOG_DIR/plain_baseline.log" 2>&1 &
   PIDS+=($!)
   log "started plain_baseline ($bit iterations)"
 fi
@@ -99,8 +101,8 @@ fi
 # --- GPU recipe: speed probe, then the fitted run --------------------------------------------
 log "GPU recipe speed probe ($PROBE_ITERS iterations)"
 $PY tools/train_net.py --config-file "$GPU_CFG" SOLVER.MAX_ITER $PROBE_ITERS TEST.EVAL_PERIOD 0 DATASETS.TEST "()" \
-  SOLVER.CHECKPOINT_PERIOD 100000 SOLVER.BEST_CHECKPOINT.ENABLED False "${COMMON[@]}" "${SMALL[@]}" \
-  OUTPUT_DIR "$OUT/probe" > "$OUT/probe.log" 2>&1 || { tail -40 "$OUT/probe.log"; }
+  SOLVER.CHECKPOINT_PERIOD 100000 SOLVER.BEST_CHECKPOINT.ENABLED False "${GPU_WORKERS[@]}" "${COMMON[@]}" "${SMALL[@]}" \
+  OUTPUT_DIR "$OUT/probe" > "$LOG_DIR/probe.log" 2>&1 || { tail -40 "$LOG_DIR/probe.log"; }
 MAX_ITER=$($PY - "$OUT/probe/metrics.json" "$BUDGET_S" <<'PYEOF'
 import json, statistics, sys
 try:
@@ -115,8 +117,8 @@ EVAL_PERIOD=$(( MAX_ITER / EVALS ))
 log "GPU recipe: $MAX_ITER iterations, eval on val every $EVAL_PERIOD"
 T0=$(date +%s)
 $PY tools/train_net.py --config-file "$GPU_CFG" SOLVER.MAX_ITER "$MAX_ITER" TEST.EVAL_PERIOD "$EVAL_PERIOD" \
-  SOLVER.CHECKPOINT_PERIOD "$EVAL_PERIOD" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/gpu_recipe" \
-  > "$OUT/gpu_recipe.log" 2>&1
+  SOLVER.CHECKPOINT_PERIOD "$EVAL_PERIOD" "${GPU_WORKERS[@]}" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/gpu_recipe" \
+  > "$LOG_DIR/gpu_recipe.log" 2>&1
 GPU_RC=$?
 T1=$(date +%s)
 log "GPU recipe finished (exit $GPU_RC) in $((T1 - T0)) s"
@@ -141,7 +143,7 @@ weights_of() { if [ -f "$1/model_best.pth" ]; then echo "$1/model_best.pth"; els
 EPIDS=()
 TEST_OPTS=(DATASETS.TEST "('busi_test',)" TEST.BOOTSTRAP 1000)
 $PY tools/train_net.py --config-file "$GPU_CFG" --eval-only MODEL.WEIGHTS "$(weights_of "$OUT/gpu_recipe")" \
-  "${TEST_OPTS[@]}" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/gpu_recipe_test" > "$OUT/gpu_recipe_test.log" 2>&1 &
+  "${TEST_OPTS[@]}" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/gpu_recipe_test" > "$LOG_DIR/gpu_recipe_test.log" 2>&1 &
 EPIDS+=($!)
 if [ -n "$CHOSEN" ]; then
   for v in "${VARIANTS[@]}"; do
@@ -149,14 +151,14 @@ if [ -n "$CHOSEN" ]; then
     [ "$name" = "$CHOSEN" ] || continue
     # shellcheck disable=SC2086
     $PY tools/train_net.py --config-file "$CPU_CFG" --eval-only ${extra} MODEL.WEIGHTS "$(weights_of "$OUT/$name")" \
-      "${TEST_OPTS[@]}" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/cpu_recipe_test" > "$OUT/cpu_recipe_test.log" 2>&1 &
+      "${TEST_OPTS[@]}" "${COMMON[@]}" "${SMALL[@]}" OUTPUT_DIR "$OUT/cpu_recipe_test" > "$LOG_DIR/cpu_recipe_test.log" 2>&1 &
     EPIDS+=($!)
   done
 fi
 if [ -f "$OUT/plain_baseline/model_final.pth" ]; then
   $PY tools/train_net.py --config-file "$OUT/plain_baseline/config.yaml" --eval-only \
     MODEL.WEIGHTS "$OUT/plain_baseline/model_final.pth" INPUT.NORMALIZATION config "${TEST_OPTS[@]}" "${SMALL[@]}" \
-    OUTPUT_DIR "$OUT/plain_baseline_test" > "$OUT/plain_baseline_test.log" 2>&1 &
+    OUTPUT_DIR "$OUT/plain_baseline_test" > "$LOG_DIR/plain_baseline_test.log" 2>&1 &
   EPIDS+=($!)
 fi
 for p in "${EPIDS[@]}"; do wait "$p" || log "an evaluation exited non-zero (pid $p): see its log"; done
@@ -171,4 +173,8 @@ if [ -n "$CHOSEN" ]; then
 fi
 $PY benchmarks/summarize_run.py --name plain_baseline --config benchmarks/train_plain_baseline.py \
   --train-dir "$OUT/plain_baseline" --test-dir "$OUT/plain_baseline_test" "${SUM[@]}" || true
-log "done; summaries in $RESULTS"
+for run in gpu_recipe_test cpu_recipe_test plain_baseline_test; do
+  rep="$OUT/$run/inference/busi_test"
+  [ -d "$rep" ] && mkdir -p "$LOG_DIR/$run" && cp "$rep"/*.md "$rep"/*.png "$rep"/metrics.json "$LOG_DIR/$run/" 2>/dev/null
+done
+log "done; summaries in $RESULTS, logs and test reports in $LOG_DIR"

@@ -62,7 +62,7 @@ def summarize(args: argparse.Namespace) -> dict:
     rep = _find_report(args.test_dir)
     ims_per_batch = None
     for line in cfg_text.splitlines():
-        if "IMS_PER_BATCH" in line:
+        if line.strip().startswith("IMS_PER_BATCH:"):
             ims_per_batch = int(line.split(":")[1].split("#")[0])
     if os.path.isfile(saved_cfg):
         with open(saved_cfg) as fh:
@@ -76,8 +76,9 @@ def summarize(args: argparse.Namespace) -> dict:
             if name.startswith("cpu_") and os.path.isfile(bm):
                 with open(bm) as fh:
                     b = json.load(fh)
+                it = b.get("iteration")
                 evs = [e for e in _events(os.path.join(args.ablation_root, name, "metrics.json"))
-                       if e.get("iteration") == b.get("iteration") and "piou/score" in e]
+                       if "piou/score" in e and it is not None and e.get("iteration") in (it, it + 1)]
                 ablation[name] = {"val_" + str(b.get("metric")): b.get("value"), "iteration": b.get("iteration"),
                                   "val_piou": evs[-1]["piou/score"] if evs else None}
     bbox = rep.get("bbox", {})
