@@ -36,11 +36,13 @@ def atomic_write(path: PathLike, write_fn: Callable[[Any], None], mode: str = "w
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not e.filename:  # e.g. disk full: say which file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 
