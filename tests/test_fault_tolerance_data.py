@@ -463,19 +463,20 @@ def test_frames_kill_at_random_times_then_rerun(tmp_path, frames_src):
     want = tree(str(clean))
     out = tmp_path / "out"
     rng = random.Random(99)
-    # hidden temp files a kill may leave are not compared: unlike the BUSI converter (whose test
-    # above compares them too), this converter does not sweep them on the next run
+    # hidden temp files a kill may leave are compared too: the re-run sweeps them (as the BUSI converter does)
     for _ in range(2):
         run_cli(frames_cmd(frames_src, out), after_s=rng.uniform(0.4, 1.0) * full)
         if out.exists():
             check_consistent(str(out))
     assert run_cli(frames_cmd(frames_src, out))[0] == 0
-    assert tree(str(out), hidden=False) == want
+    assert tree(str(out)) == want
 
 
-def _no_traceback_or_xfail(err: str, tool: str, fix: str) -> None:
-    if "Traceback" in err:
-        pytest.xfail(f"{tool} reports a full disk with a traceback instead of one line ({fix})")
+def _one_line_error(err: str, out: str) -> None:
+    """A full disk is reported as one clear line naming the output, not a traceback."""
+    assert "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "No space left on device" in ln]
+    assert len(lines) == 1 and out in lines[0], err[-2000:]
 
 
 def test_frames_disk_full_tmpfs(tmp_path, frames_src):
@@ -488,9 +489,8 @@ def test_frames_disk_full_tmpfs(tmp_path, frames_src):
         rc, _, err = run_cli(frames_cmd(frames_src, out))
         assert rc != 0 and "No space left on device" in err
         assert_nothing_looks_valid(out)
-        _no_traceback_or_xfail(err, "convert_to_coco.py frames",
-                               "usdet/data/frames.py main() catches only AnnotationError/FileNotFoundError/"
-                               "NotADirectoryError: catch OSError too and print the path")
+        assert rc == 1
+        _one_line_error(err, out)
     finally:
         subprocess.run(["umount", mnt], capture_output=True, timeout=20)
 
@@ -506,7 +506,22 @@ def test_crop_workspace_disk_full_tmpfs(tmp_path, frames_src):
                               str(frames_src / "src"), "--output", out, "--no-progress"])
         assert rc != 0 and "No space left on device" in err
         assert_nothing_looks_valid(out)
-        _no_traceback_or_xfail(err, "crop_workspace.py", "tools/crop_workspace.py main() catches only "
-                               "NotADirectoryError: catch OSError too and print the path")
+        assert rc == 1
+        _one_line_error(err, out)
     finally:
         subprocess.run(["umount", mnt], capture_output=True, timeout=20)
+
+
+def test_frames_rerun_with_other_split_leaves_no_stale_image(tmp_path, frames_src):
+    """A re-run into the same folder with another split equals a clean run: old split's images are removed."""
+    from usdet.data.frames import convert_frames
+
+    ann, key = str(frames_src / "boxes.csv"), FRAMES_KEY.encode()
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    convert_frames(str(frames_src / "src"), ann, str(out), key, seed=0, progress=False)
+    first = {k for k in tree(str(out)) if k.startswith("images")}
+    convert_frames(str(frames_src / "src"), ann, str(out), key, seed=1, progress=False)
+    convert_frames(str(frames_src / "src"), ann, str(clean), key, seed=1, progress=False)
+    want = tree(str(clean))
+    assert {k for k in want if k.startswith("images")} != first  # the split really moved images
+    assert tree(str(out)) == want

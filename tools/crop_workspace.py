@@ -28,6 +28,11 @@ def main(argv=None) -> int:
     except NotADirectoryError as e:
         print(f"crop_workspace: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: one line naming the file, no crops.json written
+        where = e.filename or args.output
+        print(f"crop_workspace: error: cannot write {where}: {e.strerror or e}. Stopped; {args.output} has no "
+              f"new crops.json: free space (or fix permissions) and re-run", file=sys.stderr)
+        return 1
     c = summarize_crops(entries)
     print(f"crop_workspace: {len(entries)} frames: cropped {c['cropped']}, refused {c['refused']}, "
           f"failed {c['failed']} -> {args.output}/crops.json")

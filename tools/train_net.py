@@ -19,15 +19,23 @@ import usdet.data  # noqa: E402,F401  (registers $USDET_DATASETS/<dataset>_<spli
 from usdet.engine import Trainer, TrainingDivergedError, check_datasets, evaluate_checkpoint, setup  # noqa: E402
 
 
+def _fail(e: Exception) -> SystemExit:
+    """Config/dataset problems end with one clear line, not a traceback."""
+    return SystemExit(f"usdet train_net: error: {e.args[0] if isinstance(e, KeyError) else e}")
+
+
 def main(args):
     try:
         cfg = setup(args)
         check_datasets(cfg, eval_only=args.eval_only)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # config/dataset problems: one clear line
-        raise SystemExit(f"usdet train_net: error: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise _fail(e) from None
     if args.eval_only:
         return evaluate_checkpoint(cfg, resume=args.resume)
-    trainer = Trainer(cfg)
+    try:  # building the trainer loads the datasets: DatasetFormatError (a ValueError) surfaces here
+        trainer = Trainer(cfg)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise _fail(e) from None
     trainer.resume_or_load(resume=args.resume)
     try:
         return trainer.train()

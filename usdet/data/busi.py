@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from usdet.data.coco import PixelStats, categories_for, image_moments, mask_to_annotation, write_coco_dataset
+from usdet.data.coco import (PixelStats, categories_for, image_moments, invalidate_previous_output,
+                             mask_to_annotation, remove_stale_images, write_coco_dataset)
 from usdet.data.split import SPLITS, group_stratified_split, parse_fractions
 
 logger = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
         raise ValueError(f"classes must be 'lesion' or 'benign,malignant', got {opt.classes}")
     sources, skipped, missing_folders = scan_root(root)
     _check_paths(root, out_dir)
-    _invalidate_previous_output(out_dir)
+    invalidate_previous_output(out_dir)
     crop_used = opt.crop
     crop_note = None
     if opt.crop == "auto" and _load_cropper() is None:
@@ -722,7 +723,7 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
     report["crop"] = {"requested": requested_crop, "used": crop_used, "outcomes": dict(sorted(crop_outcomes.items()))}
     if crop_note:
         report["crop"]["note"] = crop_note
-    _remove_stale_images(out_dir, {jobs[i][2] for i in kept})
+    remove_stale_images(out_dir, CLASS_FOLDERS, {jobs[i][2] for i in kept})
     if hasattr(os, "sync"):
         os.sync()  # every image is on disk before any JSON refers to it
     write_coco_dataset(out_dir, images_by_split, anns_by_split, categories, report=report,
@@ -730,43 +731,3 @@ def convert_busi(root: str, out_dir: str, options: Optional[ConvertOptions] = No
                        info={"description": "BUSI (Al-Dhabyani et al. 2020, Data in Brief 28:104863), "
                                             "converted by usdet"})
     return report
-
-
-def _invalidate_previous_output(out_dir: str) -> None:
-    """Remove an earlier run's JSONs before touching its images (report.json, the completion mark, first).
-
-    Otherwise a run killed half-way would leave old JSONs that look valid but describe images
-    this run has already replaced (e.g. with another --max-size).
-    """
-    names = ["report.json", "pixel_stats.json"] + [f"annotations/{s}.json" for s in SPLITS]
-    for rel in names:
-        try:
-            os.remove(os.path.join(out_dir, rel))
-        except FileNotFoundError:
-            pass
-    # temp files of JSONs a killed run was writing (usdet.utils.io.atomic_write names them
-    # ".<name>.<random>.tmp"); only this converter's own JSON names are matched
-    for folder in (out_dir, os.path.join(out_dir, "annotations")):
-        if not os.path.isdir(folder):
-            continue
-        ours = {os.path.basename(n) for n in names if os.path.dirname(os.path.join(out_dir, n)) == folder}
-        for fname in os.listdir(folder):
-            if fname.startswith(".") and fname.endswith(".tmp") and any(
-                    fname.startswith(f".{n}.") for n in ours):
-                os.remove(os.path.join(folder, fname))
-
-
-def _remove_stale_images(out_dir: str, keep: set) -> None:
-    """Delete what an earlier run left in OUT/images/<class>/ that this run does not reference.
-
-    Only this converter's own outputs are touched: .png/.jpg images and its hidden temp files.
-    """
-    for label in CLASS_FOLDERS:
-        folder = os.path.join(out_dir, "images", label)
-        if not os.path.isdir(folder):
-            continue
-        for fname in os.listdir(folder):
-            rel = f"images/{label}/{fname}"
-            is_temp = fname.startswith(".") and fname.endswith(".tmp")
-            if is_temp or (rel not in keep and os.path.splitext(fname)[1].lower() in (".png", ".jpg")):
-                os.remove(os.path.join(folder, fname))

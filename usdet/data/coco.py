@@ -233,3 +233,44 @@ def write_coco_dataset(
                 pass
         raise
     return paths
+
+
+def invalidate_previous_output(out_dir: str) -> None:
+    """Remove an earlier run's JSONs before touching its images (report.json, the completion mark, first).
+
+    Otherwise a run killed half-way would leave old JSONs that look valid but describe images
+    this run has already replaced (e.g. with other options or another split). Shared by the converters.
+    """
+    names = ["report.json", "pixel_stats.json"] + [f"annotations/{s}.json" for s in SPLIT_ORDER]
+    for rel in names:
+        try:
+            os.remove(os.path.join(out_dir, rel))
+        except FileNotFoundError:
+            pass
+    # temp files of JSONs a killed run was writing (usdet.utils.io.atomic_write names them
+    # ".<name>.<random>.tmp"); only the converters' own JSON names are matched
+    for folder in (out_dir, os.path.join(out_dir, "annotations")):
+        if not os.path.isdir(folder):
+            continue
+        ours = {os.path.basename(n) for n in names if os.path.dirname(os.path.join(out_dir, n)) == folder}
+        for fname in os.listdir(folder):
+            if fname.startswith(".") and fname.endswith(".tmp") and any(
+                    fname.startswith(f".{n}.") for n in ours):
+                os.remove(os.path.join(folder, fname))
+
+
+def remove_stale_images(out_dir: str, folders: Iterable[str], keep: set) -> None:
+    """Delete what an earlier run left in ``OUT/images/<folder>/`` that this run does not reference.
+
+    ``keep`` holds file names relative to OUT (``images/<folder>/<name>``). Only a converter's own
+    outputs are touched: .png/.jpg images and hidden temp files a killed run left.
+    """
+    for sub in folders:
+        folder = os.path.join(out_dir, "images", sub)
+        if not os.path.isdir(folder):
+            continue
+        for fname in os.listdir(folder):
+            rel = f"images/{sub}/{fname}"
+            is_temp = fname.startswith(".") and fname.endswith(".tmp")
+            if is_temp or (rel not in keep and os.path.splitext(fname)[1].lower() in (".png", ".jpg")):
+                os.remove(os.path.join(folder, fname))

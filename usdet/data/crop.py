@@ -30,6 +30,11 @@ Box = Tuple[int, int, int, int]
 ANALYSIS_SIZE = 320
 #: confidence below which a candidate is refused
 MIN_CONFIDENCE = 0.5
+#: a region whose median level is under this many times the compression noise counts as dim...
+DIM_LOSSY_LEVEL = 2.5
+#: ...and is cropped only with at least this confidence and every edge at least this contrast
+DIM_LOSSY_MIN_CONFIDENCE = 0.75
+DIM_LOSSY_MIN_EDGE_CONTRAST = 0.35
 
 
 @dataclass
@@ -397,6 +402,13 @@ def find_image_region(frame_rgb: np.ndarray) -> CropResult:
     conf = float(np.clip(conf, 0.0, 1.0))
     if (x1 - x0) * (y1 - y0) >= 0.97 * W * H:
         return CropResult((0, 0, W, H), max(conf, 0.6), "image fills the frame (already cropped): whole frame kept")
+    # a dim lossy image whose level is still near the compression noise: its faint edges were
+    # placed by guesswork (wrong crops had confidence 0.6-0.9 and one edge of contrast < 0.35): demand more
+    if tol > 0 and level < DIM_LOSSY_LEVEL * tol and (conf < DIM_LOSSY_MIN_CONFIDENCE
+                                                       or min(contrasts) < DIM_LOSSY_MIN_EDGE_CONTRAST):
+        return _refuse(f"dim image near its compression noise (median level {level:.0f} vs noise {tol}) with "
+                       f"unclear edges (confidence {conf:.2f}, weakest edge contrast {min(contrasts):.2f})",
+                       min(conf, MIN_CONFIDENCE - 0.01))
     if conf < MIN_CONFIDENCE:
         return _refuse(f"image edges unclear (edge contrast {contrast:.2f}, dominance {dominance:.2f}, "
                        f"texture {textured:.2f})", conf)
@@ -474,7 +486,9 @@ def _crop_source(task: Tuple[str, str, str, bool]) -> List[Tuple[str, Dict[str, 
 def crop_directory(input_dir: str, output_dir: str, workers: int = 1, suppress: bool = False,
                    progress: bool = True) -> Dict[str, Dict[str, object]]:
     """Crop every frame under ``input_dir`` into ``output_dir`` (same relative paths, DICOM frames as
-    ``<file>.frameNNNN.png``) and write ``output_dir/crops.json``; returns its entries."""
+    ``<file>.frameNNNN.png``) and write ``output_dir/crops.json``; returns its entries.
+
+    Raises OSError (with the file name) when an output cannot be written; crops.json is then absent."""
     import os
     import sys
 
@@ -485,6 +499,10 @@ def crop_directory(input_dir: str, output_dir: str, workers: int = 1, suppress: 
 
     if not os.path.isdir(input_dir):
         raise NotADirectoryError(f"{input_dir}: --input is not a folder")
+    try:  # an earlier run's index must not describe crops this run is replacing (killed / disk full)
+        os.remove(os.path.join(output_dir, "crops.json"))
+    except FileNotFoundError:
+        pass
     out_real = os.path.realpath(output_dir)
     sources = [p for p in list_sources(input_dir) if not os.path.realpath(p).startswith(out_real + os.sep)]
     tasks = [(p, os.path.relpath(p, input_dir).replace(os.sep, "/"), output_dir, suppress) for p in sources]

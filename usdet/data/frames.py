@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import sys
 from collections import Counter, defaultdict
@@ -34,7 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from usdet.data.coco import PixelStats, categories_for, image_moments, write_coco_dataset
+from usdet.data.coco import (PixelStats, categories_for, image_moments, invalidate_previous_output,
+                             remove_stale_images, write_coco_dataset)
 from usdet.data.crop import find_image_region, suppress_marks
 from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file
 from usdet.data.image_io import ImageReadError
@@ -65,6 +67,7 @@ class FrameRecord:
     clip: str = ""
     boxes: List[Tuple[float, float, float, float]] = field(default_factory=list)
     labels: List[str] = field(default_factory=list)
+    skip: str = ""  # why the entry is not converted (e.g. a repeated COCO image id); "" = use it
 
     @property
     def image_label(self) -> str:
@@ -118,6 +121,12 @@ def main(args: argparse.Namespace) -> int:
     except (AnnotationError, FileNotFoundError, NotADirectoryError) as e:
         print(f"frames: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: one line naming the file; no JSON of this run is left
+        where = e.filename or args.output
+        print(f"frames: error: cannot write {where}: {e.strerror or e}. The conversion stopped; {args.output} "
+              f"holds no report.json, so it is marked incomplete: free space (or fix permissions) and re-run "
+              f"the same command", file=sys.stderr)
+        return 1
     c = report["counts"]
     print(f"frames: {c['images']} images ({', '.join(f'{s} {c[s]}' for s in SPLITS)}), "
           f"{c['patients']} patients; {c['refused']} refused by the cropper, {c['failed']} failed; "
@@ -212,6 +221,8 @@ def read_coco_annotations(path: str, classes: Sequence[str]) -> Tuple[List[Frame
     cats = {c["id"]: str(c.get("name", "")) for c in doc.get("categories", []) if "id" in c}
     problems: List[str] = []
     recs: Dict[int, FrameRecord] = {}
+    repeated: List[FrameRecord] = []  # later entries of a repeated image id: reported, not converted
+    name = os.path.basename(path)
     for im in doc["images"]:
         fn = str(im.get("file_name", "")).replace("\\", "/").lstrip("./")
         if not fn or "id" not in im:
@@ -222,7 +233,13 @@ def read_coco_annotations(path: str, classes: Sequence[str]) -> Tuple[List[Frame
         patient = _attr(im, "patient_id") or _attr(im, "patient") or (parts[0] if len(parts) > 1 else "")
         clip = _attr(im, "clip_id") or _attr(im, "clip") or (parts[-2] if len(parts) > 2 else "")
         key = rel if idx is None else f"{rel}#{idx}"
-        recs[im["id"]] = FrameRecord(key, rel, idx, patient, clip)
+        rec = FrameRecord(key, rel, idx, patient, clip)
+        if im["id"] in recs:  # annotations name images by id: a second entry would take the first's boxes
+            rec.skip = f"image id {im['id']} repeats an earlier image entry of {name}; this entry was skipped"
+            problems.append(f"{name}: {rec.skip}")
+            repeated.append(rec)
+            continue
+        recs[im["id"]] = rec
     for n, a in enumerate(doc.get("annotations", [])):
         where = f"{os.path.basename(path)} annotation {a.get('id', n)}"
         rec = recs.get(a.get("image_id"))
@@ -231,9 +248,14 @@ def read_coco_annotations(path: str, classes: Sequence[str]) -> Tuple[List[Frame
             continue
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ValueError("bbox has a non-finite value")
             if w <= 0 or h <= 0:
                 raise ValueError("empty box")
-            label = _norm_label(cats.get(a.get("category_id"), ""), classes, where)
+            if a.get("category_id") not in cats:
+                raise ValueError(f"category_id {a.get('category_id')!r} is not one of the categories "
+                                 f"{sorted(cats)}")
+            label = _norm_label(cats[a["category_id"]], classes, where)
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"{where}: bad box ({e})")
             continue
@@ -248,8 +270,8 @@ def read_coco_annotations(path: str, classes: Sequence[str]) -> Tuple[List[Frame
             if r.key not in seen:
                 seen.add(r.key)
                 out.append(r)
-        return out, problems
-    return list(recs.values()), problems
+        return out + repeated, problems
+    return list(recs.values()) + repeated, problems
 
 
 def read_annotations(path: str, classes: Sequence[str]) -> Tuple[List[FrameRecord], List[str]]:
@@ -348,6 +370,9 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
     for rec in sorted(records, key=lambda r: r.key):
         src = os.path.join(images_dir, rec.path)
         real_ids.extend([rec.path, rec.patient, rec.clip])
+        if rec.skip:
+            failed.append({"source": pseudo(rec.key, "img"), "reason": rec.skip})
+            continue
         if not os.path.isfile(src):
             failed.append({"source": pseudo(rec.key, "img"), "reason": "file listed in the annotations not found"})
             continue
@@ -379,6 +404,8 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
                    "file_name": f"images/{split}/{name}.png", "patient": groups[i],
                    "clip": pseudo(f"{rec.patient}\x00{rec.clip}", "clip") if rec.clip else ""}
         by_file[rec.path][rec.frame] = {k: jobs[i][k] for k in ("id", "split", "file_name")}
+    # an earlier run's JSONs go before any image is replaced: a killed run leaves nothing that looks valid
+    invalidate_previous_output(out_dir)
     tasks = [{"path": os.path.join(images_dir, p), "frames": fr, "out_dir": out_dir, "suppress": suppress,
               "dicom": is_dicom_file(os.path.join(images_dir, p))} for p, fr in sorted(by_file.items())]
 
@@ -464,13 +491,15 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
         "privacy": "patient/clip IDs, source paths and file names are HMAC-SHA256 pseudonyms; no mapping is "
                    "stored in this folder",
     }
-    write_coco_dataset(out_dir, images_by_split, anns_by_split, categories_for(classes), report=report,
-                       pixel_stats=stats.result("train"),
-                       info={"description": "hospital frames (pseudonymized)", "pseudonym_key_id": pseudo.key_id})
-    if mapping:
+    # images of an earlier run (other split, other frames) and killed runs' temp files go
+    remove_stale_images(out_dir, SPLITS, {im["file_name"] for s in SPLITS for im in images_by_split[s]})
+    if mapping:  # before the dataset JSONs: report.json, written last, marks a finished conversion
         mp = {"pseudonym_key_id": pseudo.key_id,
               "files": {jobs[i]["name"]: jobs[i]["rec"].key for i in sorted(jobs)},
               "patients": {groups[i]: usable[i].patient for i in range(len(usable))},
               "clips": {jobs[i]["clip"]: usable[i].clip for i in sorted(jobs) if jobs[i]["clip"]}}
         atomic_write_json(mapping, mp)
+    write_coco_dataset(out_dir, images_by_split, anns_by_split, categories_for(classes), report=report,
+                       pixel_stats=stats.result("train"),
+                       info={"description": "hospital frames (pseudonymized)", "pseudonym_key_id": pseudo.key_id})
     return report

@@ -337,7 +337,12 @@ def run_predict_tool(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     opts = [o for o in (args.opts or []) if o != "--"]
-    cfg = build_predictor_cfg(args.config_file, args.weights, args.device, opts)
+    try:
+        cfg = build_predictor_cfg(args.config_file, args.weights, args.device, opts)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad config file / key / weights: one line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"predict: error: {args.config_file}: {msg}", file=sys.stderr)
+        return 2
     predictor = BatchPredictor(cfg, batch_size=args.batch_size)
     sources = list_sources(args.input)
     if not sources:
