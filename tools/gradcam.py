@@ -19,11 +19,14 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, nargs="+", help="images, folders or DICOM files")
     p.add_argument("--output", required=True)
     p.add_argument("--method", default="eigencam", choices=["eigencam", "ablationcam"])
-    p.add_argument("--layer", nargs="+", default=["backbone.bottom_up.res4"],
-                   help="module name(s), e.g. backbone.bottom_up.res3, backbone.bottom_up.res4, backbone")
+    p.add_argument("--layer", nargs="+", default=None,
+                   help="module name(s), e.g. backbone.bottom_up.res3 ... res5, backbone (all FPN levels); "
+                        "default: backbone.bottom_up.res3")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--ablation-batch-size", type=int, default=32)
+    p.add_argument("--ablation-ratio", type=float, default=1.0,
+                   help="fraction of channels to ablate (pytorch-grad-cam's ratio_channels_to_ablate); <1 is faster")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     try:
-        cam = DetectorCAM(model, cfg, args.method, args.layer, ablation_batch_size=args.ablation_batch_size)
+        cam = DetectorCAM(model, cfg, args.method, args.layer, ablation_batch_size=args.ablation_batch_size,
+                          ratio_channels_to_ablate=args.ablation_ratio)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

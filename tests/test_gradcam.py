@@ -1,0 +1,207 @@
+"""Grad-CAM for the detector: on a tiny Faster R-CNN trained on phantoms here, the AblationCAM
+heatmap of a detected lesion peaks inside the lesion's true box; EigenCAM and the tool run."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from usdet.engine.predictor import build_predictor_cfg
+from usdet.visualization.gradcam import DetectorCAM, resolve_layer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
+TRAIN_ITERS = 150
+SIZE = 128
+
+
+def _phantom_batches(seed, batch_size=4):
+    """Endless batches of one-lesion phantoms in detectron2's training input format."""
+    from detectron2.structures import Boxes, Instances
+
+    from usdet.data.phantom import render_phantom
+
+    rng = np.random.default_rng(seed)
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            rgb, boxes, _ = render_phantom(rng, SIZE, kinds=[str(rng.choice(["benign", "malignant"]))])
+            b = np.asarray(boxes, np.float32).reshape(-1, 4)
+            b[:, 2:] += b[:, :2]
+            inst = Instances((SIZE, SIZE))
+            inst.gt_boxes = Boxes(torch.from_numpy(b))
+            inst.gt_classes = torch.zeros(len(b), dtype=torch.int64)
+            bgr = np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))  # the quick config is BGR
+            batch.append({"image": torch.from_numpy(bgr), "instances": inst})
+        yield batch
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The quick R18-FPN trained for a few seconds on phantoms with detectron2's SimpleTrainer."""
+    from detectron2.engine import SimpleTrainer, hooks
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = build_predictor_cfg(QUICK_CFG, "", "cpu")
+    model = build_model(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, (it + 1) / 10))
+    trainer = SimpleTrainer(model, _phantom_batches(seed=0), opt)
+    trainer.register_hooks([hooks.LRScheduler(opt, warmup)])
+    trainer.train(0, TRAIN_ITERS)
+    model.eval()
+    weights = str(tmp_path_factory.mktemp("cam_model") / "model.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    return cfg, model, weights
+
+
+def _test_lesions(n, seed=123):
+    from usdet.data.phantom import render_phantom
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        rgb, boxes, _ = render_phantom(rng, SIZE, kinds=["benign" if k % 2 else "malignant"])
+        x, y, w, h = boxes[0]
+        out.append((rgb, np.array([x, y, x + w, y + h])))
+    return out
+
+
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _centre_mask(box, shape):
+    """A map whose only maximum is at the centre of ``box``."""
+    m = np.zeros(shape, np.float32)
+    m[int((box[1] + box[3]) / 2), int((box[0] + box[2]) / 2)] = 1.0
+    return m
+
+
+def _peak_inside(heatmap, box):
+    y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    return box[0] <= x + 0.5 <= box[2] and box[1] <= y + 0.5 <= box[3]
+
+
+def _in_out_ratio(heatmap, box):
+    inside = np.zeros(heatmap.shape, bool)
+    x0, y0, x1, y1 = box.astype(int)
+    inside[y0:y1, x0:x1] = True
+    return heatmap[inside].mean() / max(heatmap[~inside].mean(), 1e-6)
+
+
+def test_ablationcam_peaks_inside_the_detected_lesion(trained):
+    """AblationCAM explains one detection (its score and box drop when a channel is removed)."""
+    cfg, model, _ = trained
+    cam = DetectorCAM(model, cfg, "ablationcam", ["backbone.bottom_up.res3"], ablation_batch_size=128)
+    peaks_inside = 0
+    for rgb, truth in _test_lesions(4):
+        results = cam(rgb, score_thresh=0.3, max_detections=1)
+        assert results and results[0].detection is not None, "the trained model should detect the lesion"
+        r = results[0]
+        # the detection is on the lesion (boxes of a model this small are loose around the shadow)
+        assert _peak_inside(_centre_mask(truth, rgb.shape[:2]), r.detection.box)
+        assert _iou(r.detection.box, truth) >= 0.25
+        assert r.heatmap.shape == rgb.shape[:2] and r.heatmap.min() >= 0.0 and r.heatmap.max() <= 1.0
+        assert _in_out_ratio(r.heatmap, truth) > 1.5, "the lesion box should be hotter than the rest"
+        peaks_inside += _peak_inside(r.heatmap, truth)
+    assert peaks_inside >= 3, f"AblationCAM peak inside the lesion box for only {peaks_inside}/4 lesions"
+
+
+def test_eigencam_lesion_hotter_than_background(trained):
+    """EigenCAM is class-agnostic (it also lights the dark fat layer), so only "hotter", not "peak"."""
+    cfg, model, _ = trained
+    cam = DetectorCAM(model, cfg, "eigencam", ["backbone.bottom_up.res3"])
+    ratios = []
+    for rgb, truth in _test_lesions(6):
+        results = cam(rgb, score_thresh=0.3, max_detections=1)
+        assert results and results[0].detection is not None
+        assert results[0].heatmap.shape == rgb.shape[:2]
+        ratios.append(_in_out_ratio(results[0].heatmap, truth))
+    assert sum(r > 1.3 for r in ratios) >= 5, f"lesion/background heat ratios {np.round(ratios, 2)}"
+
+
+def test_eigencam_orientation_and_no_detection(trained):
+    cfg, model, _ = trained
+    cam = DetectorCAM(model, cfg, "eigencam", ["backbone.bottom_up.res4"])
+    rgb, truth = _test_lesions(1, seed=7)[0]
+    results = cam(rgb, score_thresh=0.3)
+    assert results and all(r.detection is not None for r in results)
+    heat = results[0].heatmap
+    assert heat.max() == pytest.approx(1.0, abs=1e-3) and heat.std() > 0.05
+    # EigenCAM is one class-agnostic map per image: the same for every detection
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.heatmap, heat)
+    # nothing above the threshold: still the image-level map, with no detection attached
+    (only,) = cam(rgb, score_thresh=1.01)
+    assert only.detection is None and only.heatmap.shape == rgb.shape[:2]
+
+
+def test_eigencam_sign_follows_the_detection():
+    """The principal component's arbitrary sign is turned so the detection's centre is positive."""
+    from usdet.visualization.gradcam import _eigencam_class
+
+    rng = np.random.default_rng(0)
+    act = rng.normal(0, 0.1, (1, 8, 16, 16)).astype(np.float32)
+    act[0, :, 4:8, 4:8] -= 3.0  # a dark "lesion" that all channels see as a dip
+    act[0, :4, 10:14, 2:14] += 1.0  # a structure elsewhere
+    cam = _eigencam_class().__new__(_eigencam_class())
+    x = torch.zeros(1, 3, 64, 64)  # input pixels: 4x the activation grid
+    cam.boxes_xyxy = np.array([[16.0, 16.0, 32.0, 32.0]])
+    proj = cam.get_cam_image(x, None, None, act, None, False)[0]
+    assert proj[4:8, 4:8].mean() > 0 and proj[4:8, 4:8].mean() > proj.mean()
+    cam.boxes_xyxy = np.array([[8.0, 40.0, 56.0, 56.0]])  # now the detection is the other structure
+    proj2 = cam.get_cam_image(x, None, None, act, None, False)[0]
+    assert proj2[10:14, 2:14].mean() > proj2.mean()
+    assert np.sign(proj2[5, 5]) == -np.sign(proj[5, 5])
+
+
+def test_resolve_layer_targets_a_module_on_the_forward_path(trained):
+    _, model, _ = trained
+    stage = model.get_submodule("backbone.bottom_up.res4")
+    layer = resolve_layer(model, "model.backbone.bottom_up.res4")
+    assert layer is stage[-1]  # last block: ResNet runs its stages from a list, not _modules
+    calls = []
+    handle = layer.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        model.inference([{"image": torch.zeros(3, SIZE, SIZE), "height": SIZE, "width": SIZE}])
+    handle.remove()
+    assert len(calls) == 1 and calls[0][1] == stage[-1].out_channels
+    assert resolve_layer(model, "backbone") is model.backbone
+    with pytest.raises(ValueError, match="no layer .backbone.nope.*backbone.bottom_up.res3"):
+        resolve_layer(model, "backbone.nope")
+
+
+def test_gradcam_tool_writes_pictures_and_lists_bad_inputs(trained, tmp_path, capsys):
+    from usdet.data.image_io import read_image
+    from usdet.utils.io import atomic_write_image
+
+    _, _, weights = trained
+    rgb, _ = _test_lesions(1, seed=5)[0]
+    atomic_write_image(str(tmp_path / "in" / "lesion.png"), rgb)
+    (tmp_path / "in" / "bad.png").write_bytes(b"garbage")
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import gradcam as gradcam_tool
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out"
+    rc = gradcam_tool.main(["--config-file", QUICK_CFG, "--weights", weights, "--input", str(tmp_path / "in"),
+                            "--output", str(out), "--method", "eigencam", "--layer", "backbone.bottom_up.res3",
+                            "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((out / "gradcam.json").read_text())
+    assert [os.path.basename(f["source"]) for f in summary["failures"]] == ["bad.png"]
+    assert summary["pictures"] and all(p["file"].startswith("lesion_eigencam_det") for p in summary["pictures"])
+    pic = read_image(str(out / summary["pictures"][0]["file"]))
+    assert pic.shape[0] >= SIZE and pic.std() > 10
+    assert "bad.png" in capsys.readouterr().err
+    rc = gradcam_tool.main(["--config-file", QUICK_CFG, "--weights", weights, "--input", str(tmp_path / "in"),
+                            "--output", str(out), "--layer", "backbone.nope", "--no-progress"])
+    assert rc == 2
