@@ -88,7 +88,7 @@ def inputs(tmp_path_factory):
     screens = []
     for _ in range(4):
         img, _, _ = render_phantom(rng, (120, 150), kinds=["benign"])
-        screens.append(make_screen(rng, img, probe="linear", theme="dark", canvas=(260, 200), gain=1.0,
+        screens.append(make_screen(rng, img, probe="linear", theme="dark", canvas=(360, 280), gain=1.0,
                                    doppler=False).frame)
     atomic_write_image(str(d / "frames" / "screen.png"), screens[0])
     cropped, _, _ = render_phantom(rng, (110, 130), kinds=["malignant"])
@@ -177,7 +177,7 @@ def test_predict_tool_no_crop_and_nothing_processed(tiny_model, inputs, tmp_path
                     str(inputs / "frames" / "screen.png"), "--output", str(out), "--no-crop", "--no-progress"])
     assert rc == 0
     (rec,) = json.loads((out / "predictions.json").read_text())
-    assert rec["crop_box"] == [0, 0, 260, 200] and rec["frame"] is None
+    assert rec["crop_box"] == [0, 0, 360, 280] and rec["frame"] is None
 
     out2 = tmp_path / "none"
     rc = _run_tool(["--config-file", tiny_model[0], "--weights", tiny_model[1], "--input",
