@@ -167,8 +167,25 @@ def test_predict_tool_images_dicom_and_bad_inputs(tiny_model, inputs, tmp_path, 
             assert (got[:, 0] >= x0 - 1e-3).all() and (got[:, 2] <= x1 + 1e-3).all()
             assert (got[:, 1] >= y0 - 1e-3).all() and (got[:, 3] <= y1 + 1e-3).all()
         n_boxes += len(got)
-        assert (out / r["overlay"]).is_file()
+        if r.get("crop_note"):
+            assert r["overlay"] is None and "withheld" in r["overlay_note"]
+        else:
+            assert (out / r["overlay"]).is_file()
     assert n_boxes > 0 and n_boxes == report["num_boxes"]
+
+    # the overlay of the full scanner frame hides the workspace (burned-in name, ID, date)
+    from usdet.data.image_io import read_image
+    from usdet.visualization.overlay import overlay_scale
+
+    (screen,) = [r for r in records if r["source"].endswith("screen.png")]
+    ov = read_image(str(out / screen["overlay"]))
+    fh, fw = frames[("screen.png", None)].shape[:2]
+    s = overlay_scale(fh, fw)
+    assert ov.shape[:2] == (int(round(fh * s)), int(round(fw * s)))
+    x0, y0 = screen["crop_box"][:2]
+    assert y0 > 8 and x0 > 8
+    corner = ov[: int(y0 * s) - 6, : int(x0 * s) - 6]
+    assert corner.size and corner.max() == 0, "workspace outside the crop must be blacked out"
 
 
 def test_predict_tool_no_crop_and_nothing_processed(tiny_model, inputs, tmp_path):

@@ -305,6 +305,11 @@ def _overlay_writer(out_dir: str) -> Callable[[dict, np.ndarray], None]:
     used: set = set()
 
     def write(rec: dict, original: np.ndarray) -> None:
+        if rec.get("crop_note"):
+            # no image region found: the frame may still show the scanner's burned-in patient data
+            rec["overlay"] = None
+            rec["overlay_note"] = "withheld: no crop, the full frame may show burned-in patient data"
+            return
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(rec["source"]))[0])
         if rec["frame"] is not None:
             stem += f"_f{rec['frame']}"

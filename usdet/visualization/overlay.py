@@ -83,15 +83,25 @@ def draw_overlay(
     crop_box: Optional[Sequence[float]] = None,
     title: Optional[str] = None,
     scale: Optional[float] = None,
+    show_truth: Optional[bool] = None,
 ) -> np.ndarray:
     """Draw truth and predicted boxes (xyxy, image pixels) with a legend; return RGB uint8.
 
-    The output is ``scale`` times the input (default :func:`overlay_scale`).
+    The output is ``scale`` times the input (default :func:`overlay_scale`). With ``crop_box``
+    (a full scanner frame), everything outside it is blacked out: the workspace carries
+    burned-in patient name, ID and date, which must never reach an output.
+    ``show_truth``: list "truth" in the legend (default: when truth boxes are given).
     """
     if scale is None:
         scale = overlay_scale(*image_rgb.shape[:2])
+    if crop_box is not None:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in crop_box)
+        hidden = np.zeros_like(image_rgb)
+        hidden[max(y0, 0):y1, max(x0, 0):x1] = image_rgb[max(y0, 0):y1, max(x0, 0):x1]
+        image_rgb = hidden
     vis = OverlayVisualizer(image_rgb, scale=scale)
-    entries = [("truth", TRUTH_COLOR), ("prediction", PRED_COLOR)]
+    show_truth = len(truth_boxes) > 0 if show_truth is None else show_truth
+    entries = ([("truth", TRUTH_COLOR)] if show_truth else []) + [("prediction", PRED_COLOR)]
     if crop_box is not None:
         vis.draw_labeled_box(crop_box, CROP_COLOR)
         entries.append(("crop", CROP_COLOR))
@@ -348,7 +358,8 @@ def visualize_coco_results(
             tqdm.write(f"skipped {im['file_name']}: {e}")
             continue
         title = f"{res.outcome}  IoU {res.best_iou:.2f}"
-        atomic_write_image(os.path.join(output_dir, name), draw_overlay(img, tb, tl, pb, ps, pl, title=title))
+        atomic_write_image(os.path.join(output_dir, name),
+                           draw_overlay(img, tb, tl, pb, ps, pl, title=title, show_truth=True))
         entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name, "outcome": res.outcome,
                  "best_iou": round(res.best_iou, 4), "tp": res.tp, "fp": res.fp, "fn": res.fn}
         if original:
@@ -360,7 +371,7 @@ def visualize_coco_results(
                 shift = np.array([cb[0], cb[1], cb[0], cb[1]], dtype=float)
                 ob = [list(np.asarray(b) + shift) for b in tb]
                 opb = [list(np.asarray(b) + shift) for b in pb]
-                oimg = draw_overlay(src, ob, tl, opb, ps, pl, crop_box=cb, title=title)
+                oimg = draw_overlay(src, ob, tl, opb, ps, pl, crop_box=cb, title=title, show_truth=True)
                 atomic_write_image(os.path.join(output_dir, "original", name), oimg)
                 entry["overlay_original"] = os.path.join("original", name)
             except Exception as e:
