@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo`: the whole usdet pipeline on synthetic ultrasound phantoms, on the CPU, in minutes.
 
-  python tools/demo.py --output output/demo [--iters 300] [--images 60]
+  python tools/demo.py --output output/demo [--iters 100] [--images 60]
 
 Every step runs the same tool a user runs (the command is printed first), so the demo doubles as
 a worked example. Steps: phantom dataset (COCO layout) -> train the quick R18-FPN config with the
@@ -59,7 +59,7 @@ def make_screens(dataset_dir: str, out_dir: str, count: int = 6) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/demo")
-    ap.add_argument("--iters", type=int, default=300, help="training iterations (default 300)")
+    ap.add_argument("--iters", type=int, default=100, help="training iterations (default 100)")
     ap.add_argument("--images", type=int, default=60, help="phantom images (default 60)")
     args = ap.parse_args()
     out = os.path.abspath(args.output)
