@@ -3,7 +3,7 @@
 
 Writes OUTPUT/<image>_<method>_det<k>.png (heatmap over the image with the detection's box;
 <image>_<method>_image.png when nothing is detected, EigenCAM only) and OUTPUT/gradcam.json.
-Give the images the model saw (cropped frames, e.g. from a converted dataset's images/).
+Frames are cropped to the ultrasound image first (as for training; --no-crop to skip).
 """
 import argparse
 import os
@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--ablation-batch-size", type=int, default=32)
     p.add_argument("--ablation-ratio", type=float, default=1.0,
                    help="fraction of channels to ablate (pytorch-grad-cam's ratio_channels_to_ablate); <1 is faster")
+    p.add_argument("--no-crop", action="store_true", help="images are already cropped: use them whole")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         return 2
     sources = list_sources(args.input)
     summary = write_cams(cam, sources, args.output, thing_classes_for(cfg), args.score_thresh,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, crop=not args.no_crop)
     print(f"{len(summary['pictures'])} heatmap picture(s) in {args.output}; {len(summary['failures'])} failed")
     for f in summary["failures"]:
         print(f"  FAILED {f['source']}: {f['reason']}", file=sys.stderr)

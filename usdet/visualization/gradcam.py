@@ -238,9 +238,15 @@ def write_cams(
     class_names: Sequence[str] = (),
     score_thresh: float = 0.5,
     progress: bool = True,
+    crop: bool = True,
 ) -> dict:
     """Heatmap pictures ``<stem>_<method>_det<k>.png`` (``_image`` when nothing is detected) for
-    each input; unreadable inputs are listed with the reason. Returns a summary dict."""
+    each input; unreadable inputs are listed with the reason. Returns a summary dict.
+
+    With ``crop`` each frame is first cropped to its image region (as the model was trained,
+    and so the scanner's burned-in patient data never reaches a picture); a frame whose crop
+    is refused is listed, not drawn. Already cropped images are kept whole by the cropper.
+    """
     from tqdm import tqdm
 
     from usdet.data.sources import iter_source_frames
@@ -258,13 +264,25 @@ def write_cams(
             continue
         for frame_index, image in frames:
             fstem = stem if frame_index is None else f"{stem}_f{frame_index}"
+            crop_box = None
+            if crop:
+                from usdet.data.crop import apply_crop, find_image_region
+
+                found = find_image_region(image)
+                if found.box is None:
+                    failures.append({"source": path, "frame": frame_index,
+                                     "reason": f"crop refused ({found.reason}); not drawn"})
+                    tqdm.write(f"skipped {path}: crop refused ({found.reason})")
+                    continue
+                crop_box = [int(v) for v in found.box]
+                image = apply_crop(image, found.box)
             results = cam(image, score_thresh=score_thresh)
             for k, r in enumerate(results):
                 suffix = f"det{k}" if r.detection is not None else "image"
                 name = f"{fstem}_{cam.method}_{suffix}.png"
                 title = f"{cam.method} @ {layer_text}"
                 atomic_write_image(os.path.join(output_dir, name), render_cam(image, r, class_names, title))
-                entry = {"source": path, "frame": frame_index, "file": name}
+                entry = {"source": path, "frame": frame_index, "crop_box": crop_box, "file": name}
                 if r.detection is not None:
                     entry.update(box_xyxy=[round(float(v), 2) for v in r.detection.box],
                                  score=round(r.detection.score, 4), label=r.detection.label)
