@@ -58,40 +58,26 @@ def source_files(root):
     return images, masks
 
 
-def floor_pass(images, masks, out_dir):
-    """Decode every source PNG and write every image with OpenCV defaults; returns (wall, CPU) seconds."""
+def floor_pass(images, masks, out_dir, same_output: bool = False):
+    """Decode every source PNG and write every image with OpenCV defaults; returns (wall, CPU) seconds.
+
+    ``same_output``: the floor for what the converter actually writes: masks decoded as gray, and an
+    image whose three channels are equal (BUSI's are) written as one channel.
+    """
     import cv2
 
     cv2.setNumThreads(1)
     os.makedirs(out_dir, exist_ok=True)
+    mask_flag = cv2.IMREAD_GRAYSCALE if same_output else cv2.IMREAD_UNCHANGED
     t0, c0 = time.perf_counter(), time.process_time()
     for p in masks:
-        if cv2.imread(p, cv2.IMREAD_UNCHANGED) is None:
+        if cv2.imread(p, mask_flag) is None:
             raise RuntimeError(f"{p}: OpenCV could not decode it")
     for i, p in enumerate(images):
         img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
         if img is None:
             raise RuntimeError(f"{p}: OpenCV could not decode it")
-        cv2.imwrite(os.path.join(out_dir, f"{i:05d}.png"), img)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-def floor_same_output_pass(images, masks, out_dir):
-    """The floor for the output the converter actually writes: masks decoded as gray, and an image
-    whose three channels are equal (BUSI's are) written as one channel. Returns (wall, CPU) seconds."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    os.makedirs(out_dir, exist_ok=True)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for p in masks:
-        if cv2.imread(p, cv2.IMREAD_GRAYSCALE) is None:
-            raise RuntimeError(f"{p}: OpenCV could not decode it")
-    for i, p in enumerate(images):
-        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise RuntimeError(f"{p}: OpenCV could not decode it")
-        if img.ndim == 3 and (img[..., 0] == img[..., 1]).all() and (img[..., 0] == img[..., 2]).all():
+        if same_output and img.ndim == 3 and (img[..., 0] == img[..., 1]).all() and (img[..., 0] == img[..., 2]).all():
             img = img[..., 0]
         cv2.imwrite(os.path.join(out_dir, f"{i:05d}.png"), img)
     return time.perf_counter() - t0, time.process_time() - c0
@@ -158,7 +144,7 @@ def main() -> int:
         floors, floors_same, conv1, conv2, rss_full = [], [], [], [], []
         for _ in range(args.repeat):
             floors.append(floor_pass(images, masks, os.path.join(tmp, "floor")))
-            floors_same.append(floor_same_output_pass(images, masks, os.path.join(tmp, "floor_same")))
+            floors_same.append(floor_pass(images, masks, os.path.join(tmp, "floor_same"), same_output=True))
             wall, cpu, rss = run_converter(root, os.path.join(tmp, "out1"), 1)
             conv1.append((wall, cpu))
             rss_full.append(rss)

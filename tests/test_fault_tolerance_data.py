@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -479,37 +478,31 @@ def _one_line_error(err: str, out: str) -> None:
     assert len(lines) == 1 and out in lines[0], err[-2000:]
 
 
-def test_frames_disk_full_tmpfs(tmp_path, frames_src):
+def _check_cli_on_full_tmpfs(tmp_path, make_cmd) -> None:
+    """Run ``make_cmd(out)`` with ``out`` on a 24 KiB tmpfs: exit 1, one clear line, nothing that looks valid."""
     mnt = str(tmp_path / "tiny")
     why = _mount_tmpfs(mnt, "24k")
     if why:
         pytest.skip(f"real disk-full check needs a tmpfs mount: {why}")
     try:
         out = os.path.join(mnt, "out")
-        rc, _, err = run_cli(frames_cmd(frames_src, out))
+        rc, _, err = run_cli(make_cmd(out))
         assert rc != 0 and "No space left on device" in err
         assert_nothing_looks_valid(out)
         assert rc == 1
         _one_line_error(err, out)
     finally:
         subprocess.run(["umount", mnt], capture_output=True, timeout=20)
+
+
+def test_frames_disk_full_tmpfs(tmp_path, frames_src):
+    _check_cli_on_full_tmpfs(tmp_path, lambda out: frames_cmd(frames_src, out))
 
 
 def test_crop_workspace_disk_full_tmpfs(tmp_path, frames_src):
-    mnt = str(tmp_path / "tiny")
-    why = _mount_tmpfs(mnt, "24k")
-    if why:
-        pytest.skip(f"real disk-full check needs a tmpfs mount: {why}")
-    try:
-        out = os.path.join(mnt, "out")
-        rc, _, err = run_cli([sys.executable, os.path.join(REPO, "tools", "crop_workspace.py"), "--input",
-                              str(frames_src / "src"), "--output", out, "--no-progress"])
-        assert rc != 0 and "No space left on device" in err
-        assert_nothing_looks_valid(out)
-        assert rc == 1
-        _one_line_error(err, out)
-    finally:
-        subprocess.run(["umount", mnt], capture_output=True, timeout=20)
+    _check_cli_on_full_tmpfs(tmp_path, lambda out: [
+        sys.executable, os.path.join(REPO, "tools", "crop_workspace.py"), "--input", str(frames_src / "src"),
+        "--output", out, "--no-progress"])
 
 
 def test_frames_rerun_with_other_split_leaves_no_stale_image(tmp_path, frames_src):
