@@ -48,13 +48,18 @@ def _run(cmd: List[str], log: str) -> float:
     return time.time() - t0
 
 
+REUSE = False  # --reuse: keep the evaluations an interrupted run already finished
+
+
 def evaluate(weights: str, out: str, split: str, ema: bool, flip: bool, bootstrap: int = 0) -> Dict[str, float]:
     """``tools/train_net.py --eval-only`` of ``weights`` on ``busi_<split>``: AP, AP50, pIoU."""
     os.makedirs(out, exist_ok=True)
-    _run([PY, "tools/train_net.py", "--config-file", CFG, "--eval-only", "MODEL.WEIGHTS", weights,
-          "MODEL.EMA.ENABLED", str(ema), "TEST.FLIP", str(flip), "DATASETS.TEST", f"('busi_{split}',)",
-          "TEST.BOOTSTRAP", str(bootstrap), "OUTPUT_DIR", out], os.path.join(out, "log.txt"))
-    with open(os.path.join(out, "inference", f"busi_{split}", "metrics.json")) as fh:
+    report = os.path.join(out, "inference", f"busi_{split}", "metrics.json")
+    if not (REUSE and os.path.isfile(report)):
+        _run([PY, "tools/train_net.py", "--config-file", CFG, "--eval-only", "MODEL.WEIGHTS", weights,
+             "MODEL.EMA.ENABLED", str(ema), "TEST.FLIP", str(flip), "DATASETS.TEST", f"('busi_{split}',)",
+             "TEST.BOOTSTRAP", str(bootstrap), "OUTPUT_DIR", out], os.path.join(out, "log.txt"))
+    with open(report) as fh:
         rep = json.load(fh)
     return {"AP": rep["bbox"]["AP"], "AP50": rep["bbox"]["AP50"], "piou": rep["piou"]["score"]}
 
@@ -107,8 +112,12 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="use the finished run in --train-dir")
     ap.add_argument("--train-seconds", type=float, default=None, help="wall time of a run made earlier")
     ap.add_argument("--baseline-probe", type=int, default=0, help="iterations of the plain baseline to time")
+    ap.add_argument("--reuse", action="store_true", help="reuse evaluations already written in the work folder")
+    ap.add_argument("--device", default="cpu", help="MODEL.DEVICE of the baseline probe")
     ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     train_dir = os.path.join(REPO, args.train_dir)
     work = train_dir + "_eval"
     os.makedirs(work, exist_ok=True)
@@ -123,12 +132,20 @@ def main() -> int:
                             max_iter=None, train_seconds=train_s, variant=choice["winner"], ablation_root=None)
     result = summarize_run.summarize(ns)
     result["config"] = CFG
+    result["max_iter"] = max(int(re.findall(r"(\d+)\.pth$", p)[0]) for p in periodic_checkpoints(train_dir)) + 1
+    # best_metric.json and the val curve of the run are the EMA's (it was on); the winner's record:
+    result["chosen_on_val"] = {"metric": "bbox/AP50", "value": w["AP50"], "iteration": w["iteration"],
+                               "weights": "EMA" if w["ema"] else "raw", "test_flip": w["flip"],
+                               "val_piou": w["piou"]}
+    result["val_curve_ema"] = result.pop("val_curve")
     result["val_choice"] = choice
     result["trained_on"] = "this machine's CPU (the committed recipe, real wall clock)"
     if args.baseline_probe:
         probe = os.path.join(work, "baseline_probe")
-        _run([PY, "benchmarks/train_plain_baseline.py", "--output", probe, "SOLVER.MAX_ITER",
-              str(args.baseline_probe), "DATALOADER.NUM_WORKERS", "2"], probe + ".log")
+        if not (REUSE and os.path.isfile(os.path.join(probe, "model_final.pth"))):
+            _run([PY, "benchmarks/train_plain_baseline.py", "--output", probe, "SOLVER.MAX_ITER",
+                  str(args.baseline_probe), "DATALOADER.NUM_WORKERS", "2", "MODEL.DEVICE", args.device],
+                 probe + ".log")
         base = seconds_per_iter(probe)
         result["baseline_seconds_per_iter"] = base
         result["baseline_wall_budget_s"] = base * 680 if base else None
