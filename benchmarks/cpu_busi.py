@@ -118,7 +118,8 @@ def main() -> int:
     args = ap.parse_args()
     global REUSE
     REUSE = args.reuse
-    train_dir = os.path.join(REPO, args.train_dir)
+    os.chdir(REPO)  # paths stay relative to the repository, so reports do not name this machine's folders
+    train_dir = os.path.relpath(args.train_dir)
     work = train_dir + "_eval"
     os.makedirs(work, exist_ok=True)
     train_s = args.train_seconds
