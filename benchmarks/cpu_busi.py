@@ -108,7 +108,7 @@ def seconds_per_iter(train_dir: str) -> Optional[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-dir", default="output/busi_cpu_real")
+    ap.add_argument("--train-dir", default="output/busi_cpu_real", help="relative to the repository root")
     ap.add_argument("--skip-train", action="store_true", help="use the finished run in --train-dir")
     ap.add_argument("--train-seconds", type=float, default=None, help="wall time of a run made earlier")
     ap.add_argument("--baseline-probe", type=int, default=0, help="iterations of the plain baseline to time")
