@@ -24,11 +24,10 @@ import glob
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, write_result  # noqa: E402
@@ -64,17 +63,21 @@ def evaluate(weights: str, out: str, split: str, ema: bool, flip: bool, bootstra
     return {"AP": rep["bbox"]["AP"], "AP50": rep["bbox"]["AP50"], "piou": rep["piou"]["score"]}
 
 
+def iteration_of(checkpoint: str) -> int:
+    """The iteration in a periodic checkpoint's name (``model_0000879.pth`` -> 879)."""
+    return int(re.findall(r"(\d+)\.pth$", checkpoint)[0])
+
+
 def periodic_checkpoints(train_dir: str) -> List[str]:
     """``model_XXXXXXX.pth`` in iteration order (the raw weights of each periodic evaluation)."""
-    paths = glob.glob(os.path.join(train_dir, "model_[0-9]*.pth"))
-    return sorted(paths, key=lambda p: int(re.findall(r"(\d+)\.pth$", p)[0]))
+    return sorted(glob.glob(os.path.join(train_dir, "model_[0-9]*.pth")), key=iteration_of)
 
 
 def choose_on_val(train_dir: str, work: str) -> Dict[str, object]:
     """The four val candidates and the winner by val penalized IoU."""
     raw = {}
     for ck in periodic_checkpoints(train_dir):
-        it = int(re.findall(r"(\d+)\.pth$", ck)[0])
+        it = iteration_of(ck)
         raw[it] = dict(evaluate(ck, os.path.join(work, f"val_raw_{it}"), "val", ema=False, flip=False), weights=ck)
         print(f"val raw iteration {it}: {raw[it]}", flush=True)
     raw_best_it = max(raw, key=lambda i: raw[i]["AP50"])  # the config's rule: best val AP50
@@ -99,11 +102,6 @@ def choose_on_val(train_dir: str, work: str) -> Dict[str, object]:
             "candidates": {k: {m: v[m] for m in ("AP", "AP50", "piou", "iteration", "ema", "flip")}
                            for k, v in cands.items()},
             "winner": winner, "_winner": cands[winner]}
-
-
-def seconds_per_iter(train_dir: str) -> Optional[float]:
-    times = [e["time"] for e in summarize_run._events(os.path.join(train_dir, "metrics.json")) if "time" in e]
-    return statistics.median(times[len(times) // 4:]) if times else None
 
 
 def main() -> int:
@@ -133,7 +131,7 @@ def main() -> int:
                             max_iter=None, train_seconds=train_s, variant=choice["winner"], ablation_root=None)
     result = summarize_run.summarize(ns)
     result["config"] = CFG
-    result["max_iter"] = max(int(re.findall(r"(\d+)\.pth$", p)[0]) for p in periodic_checkpoints(train_dir)) + 1
+    result["max_iter"] = iteration_of(periodic_checkpoints(train_dir)[-1]) + 1
     # best_metric.json and the val curve of the run are the EMA's (it was on); the winner's record:
     result["chosen_on_val"] = {"metric": "bbox/AP50", "value": w["AP50"], "iteration": w["iteration"],
                                "weights": "EMA" if w["ema"] else "raw", "test_flip": w["flip"],
@@ -147,7 +145,7 @@ def main() -> int:
             _run([PY, "benchmarks/train_plain_baseline.py", "--output", probe, "SOLVER.MAX_ITER",
                   str(args.baseline_probe), "DATALOADER.NUM_WORKERS", "2", "MODEL.DEVICE", args.device],
                  probe + ".log")
-        base = seconds_per_iter(probe)
+        base = summarize_run.seconds_per_iter(summarize_run._events(os.path.join(probe, "metrics.json")))
         result["baseline_seconds_per_iter"] = base
         result["baseline_wall_budget_s"] = base * 680 if base else None
         if base and result["seconds_per_iter"]:

@@ -46,10 +46,15 @@ def _find_report(test_dir: str) -> dict:
     raise SystemExit(f"no report metrics.json with a 'piou' key under {test_dir}")
 
 
+def seconds_per_iter(events: list):
+    """Median seconds per iteration, leaving out the first quarter (start-up, warm-up)."""
+    times = [e["time"] for e in events if "time" in e]
+    return statistics.median(times[len(times) // 4:]) if times else None
+
+
 def summarize(args: argparse.Namespace) -> dict:
     events = _events(os.path.join(args.train_dir, "metrics.json"))
-    times = [e["time"] for e in events if "time" in e]
-    s_iter = statistics.median(times[len(times) // 4:]) if times else None
+    s_iter = seconds_per_iter(events)
     with open(args.config) as fh:
         cfg_text = fh.read()
     saved_cfg = os.path.join(args.train_dir, "config.yaml")

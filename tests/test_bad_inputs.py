@@ -25,9 +25,8 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import REPO, QUICK_CFG, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
 H, W = 48, 64  # every corpus image (tiny: the suite runs on 2 shared cores)
 
 
@@ -218,11 +217,7 @@ MASK_CASES = {
 @pytest.fixture(scope="module")
 def busi_run(tmp_path_factory):
     """Convert a synthetic BUSI root holding good images, the corpus and the mask cases, once."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import convert_to_coco
-    finally:
-        sys.path.pop(0)
+    convert_to_coco = load_tool("convert_to_coco")
     root = tmp_path_factory.mktemp("busi_root")
     for c in ("benign", "malignant", "normal"):
         (root / c).mkdir()
@@ -316,11 +311,7 @@ def test_busi_mask_problems(busi_run, case):
 
 
 def test_busi_wrong_root_fails_with_layout(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import convert_to_coco
-    finally:
-        sys.path.pop(0)
+    convert_to_coco = load_tool("convert_to_coco")
     (tmp_path / "images").mkdir()
     rc = convert_to_coco.main(["busi", "--root", str(tmp_path), "--output", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
@@ -425,11 +416,7 @@ def test_frames_converter(frames_run, frames_dir, case):
 
 @pytest.fixture(scope="module")
 def crop_run(frames_dir, tmp_path_factory):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import crop_workspace
-    finally:
-        sys.path.pop(0)
+    crop_workspace = load_tool("crop_workspace")
     out = tmp_path_factory.mktemp("crop_out")
     rc = crop_workspace.main(["--input", str(frames_dir["dir"]), "--output", str(out), "--no-progress"])
     return dict(rc=rc, out=out, crops=json.loads((out / "crops.json").read_text()))
@@ -464,11 +451,7 @@ def test_crop_workspace(crop_run, frames_dir, case):
 
 
 def test_crop_workspace_nothing_usable_exits_nonzero(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import crop_workspace
-    finally:
-        sys.path.pop(0)
+    crop_workspace = load_tool("crop_workspace")
     write_corpus(str(tmp_path / "in"), cases=["zero_byte", "truncated"])
     rc = crop_workspace.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"])
     assert rc == 1
@@ -518,11 +501,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _predict_main(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import predict
-    finally:
-        sys.path.pop(0)
+    predict = load_tool("predict")
     return predict.main(argv)
 
 
@@ -709,11 +688,7 @@ def test_train_loader_on_repaired_dataset(coco_root):
 
 
 def _train_net(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import train_net
-    finally:
-        sys.path.pop(0)
+    train_net = load_tool("train_net")
     return train_net.cli(argv)
 
 
@@ -778,11 +753,7 @@ BAD_PREDS = {
 
 
 def _evaluate(tmp_path, name, gt, preds, bootstrap="0"):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import evaluate_json
-    finally:
-        sys.path.pop(0)
+    evaluate_json = load_tool("evaluate_json")
     gt_path, pred_path = tmp_path / f"{name}_gt.json", tmp_path / f"{name}_pred.json"
     gt_path.write_text(gt if isinstance(gt, str) else json.dumps(gt))
     pred_path.write_text(preds if isinstance(preds, str) else json.dumps(preds))

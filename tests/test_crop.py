@@ -12,8 +12,8 @@ import pytest
 
 from usdet.data.crop import CropResult, apply_crop, crop_directory, find_image_region, suppress_marks
 from usdet.data.screens import make_screen
+from train_helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUSI = os.environ.get("USDET_BUSI_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "busi")))
 DICOM_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us"))
 

@@ -12,8 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, UltrasoundImageS
 from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file, read_dicom_frames  # noqa: E402
 from usdet.data.image_io import ImageReadError  # noqa: E402
 from usdet.data.sources import iter_source_frames, list_sources  # noqa: E402
+from train_helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DICOM_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us"))
 
 

@@ -2,7 +2,6 @@
 heatmap of a detected lesion peaks inside the lesion's true box; EigenCAM and the tool run."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,9 +9,8 @@ import torch
 
 from usdet.engine.predictor import build_predictor_cfg
 from usdet.visualization.gradcam import DetectorCAM, resolve_layer
+from train_helpers import QUICK_CFG, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
 TRAIN_ITERS = 150
 SIZE = 128
 
@@ -206,11 +204,7 @@ def test_gradcam_tool_writes_pictures_and_lists_bad_inputs(trained, tmp_path, ca
     rgb, _ = _test_lesions(1, seed=5)[0]
     atomic_write_image(str(tmp_path / "in" / "lesion.png"), rgb)
     (tmp_path / "in" / "bad.png").write_bytes(b"garbage")
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import gradcam as gradcam_tool
-    finally:
-        sys.path.pop(0)
+    gradcam_tool = load_tool("gradcam")
     out = tmp_path / "out"
     rc = gradcam_tool.main(["--config-file", QUICK_CFG, "--weights", weights, "--input", str(tmp_path / "in"),
                             "--output", str(out), "--method", "eigencam", "--layer", "backbone.bottom_up.res3",

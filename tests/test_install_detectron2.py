@@ -6,8 +6,8 @@ import os
 import sys
 
 import pytest
+from train_helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("install_detectron2", os.path.join(REPO, "tools", "install_detectron2.py"))
 inst = importlib.util.module_from_spec(spec)
 sys.modules["install_detectron2"] = inst

@@ -1,7 +1,6 @@
 """Overlays: colours at the box edges, outcome naming, original-frame mapping, contact sheets."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from usdet.visualization.overlay import (
     overlay_scale,
     visualize_coco_results,
 )
+from train_helpers import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _close(pixel, color, tol=40):
@@ -158,11 +157,7 @@ def test_visualize_coco_results_names_sheets_and_original(small_coco):
 def test_tool_lists_unreadable_image_and_draws_the_rest(small_coco, capsys):
     root, src, gt, preds, tmp = small_coco
     (root / "images" / "im2.png").write_bytes(b"not a png")
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import visualize_json_results
-    finally:
-        sys.path.pop(0)
+    visualize_json_results = load_tool("visualize_json_results")
     out = tmp / "vis_tool"
     rc = visualize_json_results.main(["--input", str(tmp / "results.json"), "--gt",
                                       str(root / "annotations" / "test.json"), "--output", str(out),

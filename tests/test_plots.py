@@ -1,5 +1,4 @@
 """Plots exist, have the expected size and are not blank; training curves tolerate partial files."""
-import importlib.util
 import json
 import os
 
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 
 from usdet.evaluation import plots as P
+from train_helpers import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check_png(path, size=(640, 480), min_std=20.0):
@@ -107,9 +106,7 @@ def test_plot_metrics_tool_two_stages(tmp_path, capsys):
     s1 = _event_file(tmp_path / "s1.json", list(range(4, 100, 5)), 0.02, partial=True)
     (tmp_path / "stage2").mkdir()
     _event_file(tmp_path / "stage2" / "metrics.json", list(range(4, 60, 5)), 0.005)
-    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(REPO, "tools", "plot_metrics.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("plot_metrics")
     out = tmp_path / "curves.png"
     assert tool.main([f"stage1={s1}", str(tmp_path / "stage2"), "--output", str(out)]) == 0
     err = capsys.readouterr().err

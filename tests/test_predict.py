@@ -2,16 +2,14 @@
 DICOM + bad inputs through tools/predict.py."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from usdet.engine.predictor import BatchPredictor, build_predictor_cfg, map_boxes_to_original
+from train_helpers import QUICK_CFG, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # an untrained model: keep every box
 
 
@@ -99,11 +97,7 @@ def inputs(tmp_path_factory):
 
 
 def _run_tool(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import predict
-    finally:
-        sys.path.pop(0)
+    predict = load_tool("predict")
     return predict.main(argv)
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from usdet.data.privacy import Pseudonymizer, check_mapping_path, load_key, redact
 from usdet.data.screens import make_screen
+from train_helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "ZANZIBAR^QUENTINA"
 MRN = "MRN77441199"
 BIRTH = "19630412"

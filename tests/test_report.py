@@ -1,8 +1,6 @@
 """evaluate_predictions end to end, bad inputs, COCO cross-check, bootstrap exactness, CLI."""
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -14,8 +12,8 @@ from usdet.evaluation.coco_metrics import coco_bbox_metrics
 from usdet.evaluation.inputs import EvaluationInputError, build_detection_data
 from usdet.evaluation.penalized_iou import match_penalized_iou, penalized_iou
 from usdet.evaluation.report import evaluate_predictions
+from train_helpers import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATS = [{"id": 1, "name": "benign"}, {"id": 2, "name": "malignant"}]
 
 
@@ -247,15 +245,8 @@ def test_bootstrap_is_seeded():
         assert v["low"] <= v["high"] and v["n_valid"] == 100
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_evaluate_json_cli(tmp_path, capsys):
-    tool = _load_tool("evaluate_json")
+    tool = load_tool("evaluate_json")
     gt = write(tmp_path, "gt.json", HAND_GT)
     pred = write(tmp_path, "pred.json", HAND_PRED)
     out = tmp_path / "cli"

@@ -1,10 +1,11 @@
-"""Helpers shared by the trainer tests: tiny phantom datasets, the quick config, train_net runs.
+"""Helpers shared by the tests: tiny phantom datasets, the quick config, train_net runs, tools.
 
 Everything runs the real code on CPU with one thread (two shared cores: several threads per
 process only spin against each other) and the tiny quick schedule.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,15 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_CFG = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``, so a test can call its ``main()`` in process."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def make_datasets_root(root: str) -> str:
