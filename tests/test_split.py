@@ -65,3 +65,32 @@ def test_multi_member_groups_spread_over_splits():
     split = group_stratified_split(keys, groups, labels, seed=0)
     big = {split[k] for k, g in zip(keys, groups) if int(g[1:]) < 20}
     assert big == {"train", "val", "test"}
+
+
+def test_kfold_split_tests_every_key_once_and_keeps_groups_whole():
+    from usdet.data.split import kfold_split
+
+    keys = [f"k{i}" for i in range(60)]
+    groups = [f"g{i // 3}" for i in range(60)]
+    labels = ["benign" if i % 4 else "malignant" for i in range(60)]
+    tested = []
+    for fold in range(5):
+        split = kfold_split(keys, groups, labels, folds=5, fold=fold, val_fraction=0.2, seed=3)
+        assert set(split) == set(keys)
+        by_group = {}
+        for key, group in zip(keys, groups):
+            by_group.setdefault(group, set()).add(split[key])
+        assert all(len(s) == 1 for s in by_group.values())
+        test = [k for k in keys if split[k] == "test"]
+        assert 9 <= len(test) <= 15
+        assert any(split[k] == "val" for k in keys) and any(split[k] == "train" for k in keys)
+        tested += test
+    assert sorted(tested) == sorted(keys)
+
+
+def test_kfold_split_refuses_a_fold_out_of_range():
+    import pytest
+    from usdet.data.split import kfold_split
+
+    with pytest.raises(ValueError, match="--fold must be in 0..2"):
+        kfold_split(["a", "b", "c"], ["a", "b", "c"], ["x"] * 3, folds=3, fold=3)

@@ -47,12 +47,57 @@ def group_stratified_split(
     (off by at most about one group's size) and near-duplicate groups spread over all splits.
     The result depends only on the inputs and ``seed``, not on their order.
     """
+    parts = assign_groups(keys, groups, labels, _normalize(fractions), seed)
+    return {key: SPLITS[part] for key, part in parts.items()}
+
+
+def kfold_split(
+    keys: List[str],
+    groups: List[str],
+    labels: List[str],
+    folds: int,
+    fold: int,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> Dict[str, str]:
+    """K-fold cross-validation split: fold ``fold`` (0-based) is ``test``, the rest train/val.
+
+    Groups are dealt into ``folds`` label-balanced folds by the same rule as
+    :func:`group_stratified_split` (so every key is ``test`` in exactly one fold and no group
+    straddles); the remaining folds are then split into train/val (``val_fraction`` of them),
+    again by group. The fold assignment depends on ``seed`` only, never on ``fold``.
+    """
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold must be in 0..{folds - 1}, got {fold}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")
+    parts = assign_groups(keys, groups, labels, [1.0 / folds] * folds, seed)
+    rest = [i for i, key in enumerate(keys) if parts[key] != fold]
+    inner = assign_groups([keys[i] for i in rest], [groups[i] for i in rest], [labels[i] for i in rest],
+                          [1.0 - val_fraction, val_fraction], seed + 1) if rest else {}
+    out = {key: "test" for key in keys if parts[key] == fold}
+    out.update({key: ("train", "val")[part] for key, part in inner.items()})
+    return out
+
+
+def assign_groups(
+    keys: List[str],
+    groups: List[str],
+    labels: List[str],
+    fractions: Sequence[float],
+    seed: int = 0,
+) -> Dict[str, int]:
+    """Map each key to a part index ``0..len(fractions)-1``, whole groups at a time, label-balanced."""
     if not (len(keys) == len(groups) == len(labels)):
         raise ValueError(f"keys, groups and labels differ in length ({len(keys)}, {len(groups)}, {len(labels)})")
     if len(set(keys)) != len(keys):
         dup = sorted(k for k, n in Counter(keys).items() if n > 1)[:5]
         raise ValueError(f"duplicate keys: {dup}")
-    fracs = _normalize(fractions)
+    total_frac = float(sum(fractions))
+    fracs = [float(f) / total_frac for f in fractions]
+    nparts = len(fracs)
 
     members: Dict[str, List[str]] = defaultdict(list)
     group_labels: Dict[str, Counter] = defaultdict(Counter)
@@ -62,26 +107,26 @@ def group_stratified_split(
     label_names = sorted(set(labels))
     totals = Counter(labels)
     target = {lbl: [f * totals[lbl] for f in fracs] for lbl in label_names}
-    filled = {lbl: [0, 0, 0] for lbl in label_names}
+    filled = {lbl: [0] * nparts for lbl in label_names}
 
     rng = random.Random(seed)
     order = sorted(members)  # sorted first, so the shuffle is input-order independent
     rng.shuffle(order)
-    candidates = [i for i in range(3) if fracs[i] > 0]
+    candidates = [i for i in range(nparts) if fracs[i] > 0]
 
-    def fill_level(group: str, split: int) -> float:
-        """Image-weighted relative fill of ``split`` for this group's labels (-1 empty, 0 on target)."""
+    def fill_level(group: str, part: int) -> float:
+        """Image-weighted relative fill of ``part`` for this group's labels (-1 empty, 0 on target)."""
         level = 0.0
         for lbl, n in group_labels[group].items():
-            level += n * (filled[lbl][split] - target[lbl][split]) / target[lbl][split]
+            level += n * (filled[lbl][part] - target[lbl][part]) / target[lbl][part]
         return level
 
-    assignment: Dict[str, str] = {}
+    assignment: Dict[str, int] = {}
     for group in order:
         tie_break = {i: rng.random() for i in candidates}
         best = min(candidates, key=lambda i: (round(fill_level(group, i), 9), tie_break[i]))
         for lbl, n in group_labels[group].items():
             filled[lbl][best] += n
         for key in members[group]:
-            assignment[key] = SPLITS[best]
+            assignment[key] = best
     return assignment
