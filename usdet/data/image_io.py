@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from typing import Optional
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -25,23 +27,31 @@ class ImageReadError(ValueError):
         self.reason = reason
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
+def to_uint8(arr: np.ndarray, lo: Optional[float] = None, hi: Optional[float] = None) -> np.ndarray:
+    """The one >8-bit → 8-bit scaler of usdet: ``[lo, hi]`` → ``[0, 255]``, rounded and clipped.
+
+    ``lo``/``hi`` default to the array's own range (min-max); pass a range fixed for a whole
+    series so that all its frames share one grey scale. A constant array (or ``hi <= lo``) gives
+    zeros; uint8 passes through and bool becomes 0/255.
+    """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
-    arr = arr.astype(np.float64)
-    hi = float(arr.max()) if arr.size else 0.0
-    lo = float(arr.min()) if arr.size else 0.0
+    a = arr.astype(np.float64)
+    if lo is None:
+        lo = float(a.min()) if a.size else 0.0
+    if hi is None:
+        hi = float(a.max()) if a.size else 0.0
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
-    return np.clip((arr - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """Convert any PIL mode to an HxWx3 uint8 RGB array (16-bit is rescaled, alpha dropped)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return np.repeat(_to_uint8(np.asarray(img))[..., None], 3, axis=2)
+        return np.repeat(to_uint8(np.asarray(img))[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA").convert("RGB")
     elif img.mode != "RGB":
