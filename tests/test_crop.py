@@ -15,7 +15,7 @@ from usdet.data.screens import make_screen
 from train_helpers import REPO
 
 BUSI = os.environ.get("USDET_BUSI_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "busi")))
-DICOM_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us"))
+DICOM_DIR = os.environ.get("USDET_DICOM_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us")))
 
 
 def iou(a, b):

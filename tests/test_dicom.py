@@ -14,7 +14,7 @@ from usdet.data.image_io import ImageReadError  # noqa: E402
 from usdet.data.sources import iter_source_frames, list_sources  # noqa: E402
 from train_helpers import REPO
 
-DICOM_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us"))
+DICOM_DIR = os.environ.get("USDET_DICOM_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us")))
 
 
 def sample(name):
@@ -160,3 +160,121 @@ def test_no_pixel_data_and_undecodable(tmp_path):
     with pytest.raises(DicomReadError) as e:
         read_dicom_frames(str(bad))
     assert "not a DICOM" in e.value.reason or "corrupt" in e.value.reason
+
+
+# ---- every encoding decodes the same (issue 14 §1) --------------------------------------------
+def write_big_endian(ds, path):
+    """Re-write ``ds`` as Explicit VR Big Endian: pydicom encodes typed values itself, but OW bytes
+    (palette LUTs, 16-bit-word pixel data) must be swapped by hand (see pydicom.filewriter.dcmwrite)."""
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRBigEndian
+
+    for elem in ds.iterall():
+        if elem.VR == "OW" and elem.value:
+            elem.value = np.frombuffer(elem.value, "<u2").astype(">u2").tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    dcmwrite(path, ds, implicit_vr=False, little_endian=False)
+    return path
+
+
+def encodings_of(src, tmp_path):
+    """``src`` re-written by pydicom in the uncompressed syntaxes and RLE: {name: path}."""
+    from pydicom.uid import ExplicitVRLittleEndian as ELE, ImplicitVRLittleEndian, RLELossless
+
+    out = {"original": src}
+    ds = pydicom.dcmread(src)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()  # JPEG / JPEG 2000 lossless -> raw (YBR_RCT becomes RGB)
+        ds.save_as(str(tmp_path / "le.dcm"), enforce_file_format=True)
+        out["explicit_le"] = str(tmp_path / "le.dcm")
+    ds = pydicom.dcmread(out.get("explicit_le", src))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(str(tmp_path / "ile.dcm"), implicit_vr=True)
+    out["implicit_le"] = str(tmp_path / "ile.dcm")
+    ds = pydicom.dcmread(out.get("explicit_le", src))
+    ds.compress(RLELossless)
+    ds.save_as(str(tmp_path / "rle.dcm"))
+    out["rle"] = str(tmp_path / "rle.dcm")
+    out["explicit_be"] = write_big_endian(pydicom.dcmread(out.get("explicit_le", src)), str(tmp_path / "be.dcm"))
+    assert pydicom.dcmread(out["explicit_be"]).file_meta.TransferSyntaxUID != ELE
+    return out
+
+
+def make_palette(path, indices, lut16):
+    """A PALETTE COLOR file (8-bit indices, 16-bit LUT entries) in Explicit VR Little Endian."""
+    make_dicom(path, indices, "MONOCHROME2")
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for colour, lut in zip(("Red", "Green", "Blue"), lut16):
+        ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableDescriptor"), "US",
+                   [256, 0, 16])
+        ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW",
+                   np.asarray(lut, "<u2").tobytes())
+    ds.save_as(path)
+    return path
+
+
+def test_palette_decodes_the_same_in_every_encoding(tmp_path):
+    """Explicit VR Big Endian palette frames decoded all black (pydicom reads the LUT in native byte
+    order); now every syntax gives the LUT's colours exactly."""
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    lut = [np.arange(256) << 8, (255 - np.arange(256)) << 8, ((np.arange(256) * 7) % 256) << 8]
+    src = make_palette(str(tmp_path / "pal.dcm"), idx, lut)
+    expected = np.stack([np.asarray(c)[idx] >> 8 for c in lut], axis=-1).astype(np.uint8)
+    paths = encodings_of(src, tmp_path)
+    assert set(paths) == {"original", "implicit_le", "rle", "explicit_be"}
+    for name, p in paths.items():
+        f = read_dicom_frames(p)
+        assert len(f) == 1 and np.array_equal(f[0], expected), name
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A.dcm", "US1_J2KR.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_real_files_decode_the_same_in_every_encoding(name, tmp_path):
+    """Each real sample, re-encoded by pydicom (raw little/big endian, implicit VR, RLE), gives the
+    original's pixels exactly (the derived files live in tmp_path only)."""
+    src = sample(name)
+    ref = read_dicom_frames(src)
+    paths = encodings_of(src, tmp_path)
+    assert "explicit_be" in paths and "rle" in paths
+    for enc, p in paths.items():
+        got = read_dicom_frames(p)
+        assert len(got) == len(ref) and all(np.array_equal(a, b) for a, b in zip(got, ref)), (name, enc)
+    assert ref[0].std() > 10
+
+
+def test_constant_decode_of_varying_data_is_an_error(tmp_path):
+    """A palette that maps varying stored indices to one colour is reported as a decoding fault."""
+    idx = np.tile(np.arange(64, dtype=np.uint8), (32, 1))
+    p = make_palette(str(tmp_path / "flat.dcm"), idx, [np.zeros(256, int)] * 3)
+    with pytest.raises(DicomReadError) as e:
+        read_dicom_frames(p)
+    assert e.value.path == p and "frame 0 decodes to one constant colour" in e.value.reason
+    assert "not a blank frame" in e.value.reason and "0..63" in e.value.reason
+    # a truly constant stored frame is a (blank) frame, not an error
+    blank = make_dicom(str(tmp_path / "blank.dcm"), np.full((20, 20), 7, np.uint8))
+    assert read_dicom_frames(blank)[0].max() == 7
+
+
+# ---- one grey scale per file (issue 14 §1) -----------------------------------------------------
+def test_16bit_cine_shares_one_grey_scale(tmp_path):
+    """Frames of one >8-bit cine without a VOI window share the file's range: the same stored value
+    gives the same grey in every frame (min-max per frame gave 255 in one, 128 in the other)."""
+    from usdet.data.dicom import DicomFrames
+
+    a = np.linspace(1000, 2000, 20 * 30).reshape(20, 30)
+    b = np.linspace(1000, 3000, 20 * 30).reshape(20, 30)
+    cine = np.stack([a, b]).round().astype(np.uint16)
+    src = DicomFrames(make_dicom(str(tmp_path / "cine16.dcm"), cine, frames=2))
+    frames = [f for _, f in src]
+    assert frames[0][..., 0].max() == 128 and frames[1][..., 0].max() == 255  # 2000 and 3000 of 1000..3000
+    assert frames[0][0, 0, 0] == frames[1][0, 0, 0] == 0
+    assert src.grey_scale == "min-max over all frames of the file: 1000..3000 -> 0..255"
+    assert src.grey_scale_method == "min-max over all frames of the file"
+    # with a VOI window the window decides, identically for every frame
+    w = DicomFrames(make_dicom(str(tmp_path / "win.dcm"), cine, frames=2, WindowCenter=1500, WindowWidth=1000))
+    wf = [f for _, f in w]
+    assert w.grey_scale_method == "VOI window"
+    assert wf[0][..., 0].max() == 255 and wf[1][..., 0].max() == 255 and wf[0][0, 0, 0] == 0
+    grey_of_2000 = {int(f[..., 0][c == 2000][0]) for f, c in zip(wf, cine) if (c == 2000).any()}
+    assert len(grey_of_2000) == 1

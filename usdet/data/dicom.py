@@ -3,20 +3,24 @@
 Scanner exports mix every photometric interpretation (MONOCHROME1/2, RGB, YBR_FULL/_422, YBR_RCT,
 PALETTE COLOR) and transfer syntax (raw, RLE, JPEG baseline/lossless, JPEG 2000). pydicom >= 3
 decodes them through its plugins (pylibjpeg/openjpeg for JPEG Lossless and JPEG 2000) and already
-returns RGB for the YBR family; this module adds palette lookup, MONOCHROME1 inversion, >8-bit
-scaling and one error type whose message names the file and the reason.
+returns RGB for the YBR family; this module adds palette lookup (also for big-endian files, see
+``_native_palette``), MONOCHROME1 inversion, one >8-bit grey scale per file (the frames of a cine
+clip share it), the header's ultrasound regions, and one error type whose message names the file and
+the reason. A frame that decodes to a constant although its stored values vary is a decoding fault,
+never passed on as a blank frame.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .image_io import MAX_PIXELS, ImageReadError
+from .image_io import MAX_PIXELS, ImageReadError, to_uint8
 
-__all__ = ["DicomReadError", "read_dicom_frames", "iter_dicom_frames", "dicom_patient_id", "is_dicom_file",
-           "DICOM_EXTENSIONS"]
+__all__ = ["DicomReadError", "DicomFrames", "UltrasoundRegion", "read_dicom_frames", "iter_dicom_frames",
+           "ultrasound_regions", "dicom_patient_id", "is_dicom_file", "DICOM_EXTENSIONS", "GREY_SCALE_RULE"]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -59,49 +63,199 @@ def _syntax_name(ds) -> str:
     return f"{getattr(uid, 'name', str(uid))} ({uid})"
 
 
-def _to_uint8(arr: np.ndarray, ds) -> np.ndarray:
-    """Scale >8-bit or signed data to 0..255 (VOI window if the file has one, else the stored range)."""
-    if arr.dtype == np.uint8:
-        return arr
-    if np.issubdtype(arr.dtype, np.integer) and ds.get("PhotometricInterpretation", "") in ("RGB", "PALETTE COLOR"):
-        bits = int(ds.get("BitsStored", 16) or 16)
-        if not np.issubdtype(arr.dtype, np.signedinteger):
-            return (arr.astype(np.float32) * (255.0 / float((1 << bits) - 1))).round().clip(0, 255).astype(np.uint8)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+@dataclass(frozen=True)
+class UltrasoundRegion:
+    """One item of SequenceOfUltrasoundRegions (0018,6011); ``box`` is x1/y1-exclusive (MaxX1 + 1)."""
+
+    box: Tuple[int, int, int, int]
+    spatial_format: int  # RegionSpatialFormat: 1 = 2D image, 2 = M-mode, 3 = spectral, 4 = waveform
+    data_type: Optional[int]  # RegionDataType: 1 = tissue, 2 = colour flow, ...; None when absent
+
+    @property
+    def is_tissue_2d(self) -> bool:
+        """A 2D tissue image (colour-flow boxes nested in it and waveform panels are not)."""
+        return self.spatial_format == 1 and self.data_type in (1, None)
+
+
+def ultrasound_regions(ds) -> List[UltrasoundRegion]:
+    """The header's ultrasound regions (every region with a complete pixel box), in header order."""
+    out: List[UltrasoundRegion] = []
+    for item in ds.get("SequenceOfUltrasoundRegions", None) or []:
         try:
-            from pydicom.pixels import apply_voi_lut
+            x0, y0, x1, y1 = (int(item[name].value) for name in
+                              ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1",
+                               "RegionLocationMaxY1"))
+            fmt = int(item.get("RegionSpatialFormat", 0) or 0)
+            dtype = item.get("RegionDataType", None)
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.append(UltrasoundRegion((x0, y0, x1 + 1, y1 + 1), fmt, None if dtype is None else int(dtype)))
+    return out
 
-            arr = apply_voi_lut(arr, ds)
-        except Exception:  # noqa: BLE001  (a broken VOI falls back to the stored range)
-            pass
-    a = arr.astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    return ((a - lo) * (255.0 / (hi - lo))).round().clip(0, 255).astype(np.uint8)
+
+def _native_palette(ds):
+    """The palette LUT elements of a big-endian ``ds`` re-encoded as a little-endian dataset.
+
+    pydicom 3.0 reads non-segmented palette LUT data (OW) in the machine's byte order whatever the
+    transfer syntax, so an Explicit VR Big Endian PALETTE COLOR file decodes with byte-swapped
+    colours (the 16-bit entries' high byte lands low: all black). The lookup itself stays pydicom's;
+    only the bytes are handed over in the order it reads correctly.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    lut = Dataset()
+    lut.file_meta = FileMetaDataset()
+    lut.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for elem in ds:
+        if elem.tag.group == 0x0028 and 0x1101 <= elem.tag.element <= 0x1224:  # palette descriptors + data
+            value = elem.value
+            if elem.VR in ("OW", "US or OW", "US or SS or OW", "OB or OW") and isinstance(value, (bytes, bytearray)):
+                value = np.frombuffer(value, ">u2").astype("<u2").tobytes()
+            lut.add_new(elem.tag, elem.VR, value)
+    for name in ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation"):
+        if name in ds:
+            setattr(lut, name, ds.get(name))
+    return lut
 
 
-def _frame_to_rgb(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
+def _palette_to_rgb(frame: np.ndarray, ds) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
 
-        frame = apply_color_lut(frame, ds)
-        if frame.dtype != np.uint8:
-            desc = ds.get("RedPaletteColorLookupTableDescriptor", None)
-            lut_bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
-            frame = (frame.astype(np.uint32) >> max(0, lut_bits - 8)).clip(0, 255).astype(np.uint8)
-    frame = _to_uint8(frame, ds)
-    if photometric == "MONOCHROME1":
-        frame = 255 - frame  # MONOCHROME1: 0 is white; usdet always shows 0 as black
-    if frame.ndim == 2:
-        frame = np.repeat(frame[:, :, None], 3, axis=2)
-    elif frame.ndim == 3 and frame.shape[2] == 1:
-        frame = np.repeat(frame, 3, axis=2)
-    elif frame.ndim == 3 and frame.shape[2] == 4:
-        frame = frame[:, :, :3]
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"unexpected decoded frame shape {frame.shape}")
-    return np.ascontiguousarray(frame)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    big_endian = syntax is not None and syntax.is_transfer_syntax and not syntax.is_little_endian
+    rgb = apply_color_lut(frame, _native_palette(ds) if big_endian else ds)
+    if rgb.dtype != np.uint8:  # 16-bit LUT entries: the 8 significant bits are the high byte
+        desc = ds.get("RedPaletteColorLookupTableDescriptor", None)
+        lut_bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+        rgb = (rgb.astype(np.uint32) >> max(0, lut_bits - 8)).clip(0, 255).astype(np.uint8)
+    return rgb
+
+
+@dataclass
+class _GreyScale:
+    """How one file's stored values become 0..255: the same ``lo``/``hi`` for all its frames."""
+
+    method: str  # short label for reports
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    voi: bool = False
+
+    def describe(self) -> str:
+        if self.lo is None:
+            return self.method
+        return f"{self.method}: {self.lo:g}..{self.hi:g} -> 0..255"
+
+
+#: how to read a file's ``grey_scale`` label (report.json / crops.json)
+GREY_SCALE_RULE = ("one grey scale per file: 8-bit data as stored; >8-bit MONOCHROME through the file's VOI "
+                   "window (its whole output range), else the min..max over all frames of the file; >8-bit "
+                   "RGB by bit depth")
+
+
+class DicomFrames:
+    """One DICOM file opened for lazy decoding: ``for index, rgb in DicomFrames(path)``.
+
+    Also carries the header's ultrasound ``regions`` and, once iteration has begun, ``grey_scale``
+    (how >8-bit data was mapped to 8 bits; None for 8-bit data). Raises :class:`DicomReadError`.
+    """
+
+    def __init__(self, path: str):
+        self.path = path = os.fspath(path)
+        ds = self.ds = _read_dataset(path)
+        if not any(t in ds for t in _PIXEL_TAGS):
+            sop = ds.get("SOPClassUID", None)
+            kind = f" ({getattr(sop, 'name', sop)})" if sop is not None else ""
+            raise DicomReadError(path, f"DICOM has no pixel data{kind}; nothing to convert")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows < 2 or cols < 2:
+            raise DicomReadError(path, f"DICOM image is {cols}x{rows}, too small to be an ultrasound frame")
+        if rows * cols > MAX_PIXELS:
+            raise DicomReadError(path, f"DICOM frame is {cols}x{rows}, over the {MAX_PIXELS} pixel limit")
+        self.size = (cols, rows)
+        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        self.regions = ultrasound_regions(ds)
+        self.grey_scale: Optional[str] = None
+        self.grey_scale_method: Optional[str] = None
+
+    def _raw_frames(self) -> Iterator[np.ndarray]:
+        """pydicom's decoded frames (stored values; YBR already RGB), decode failures as DicomReadError."""
+        path, ds = self.path, self.ds
+        try:
+            from pydicom.pixels import iter_pixels
+        except ImportError:  # pragma: no cover - pydicom < 3
+            raise DicomReadError(path, "pydicom >= 3 is required to decode DICOM pixel data") from None
+        try:
+            yield from iter_pixels(ds)
+        except (NotImplementedError, RuntimeError) as e:
+            raise DicomReadError(
+                path, f"cannot decode pixel data in {_syntax_name(ds)}: no installed handler could decode it "
+                f"(install pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg or gdcm) [{str(e).splitlines()[0][:200]}]"
+            ) from None
+        except (ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as e:
+            raise DicomReadError(path, f"corrupt pixel data in {_syntax_name(ds)} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+    def _grey_scale(self, first: np.ndarray) -> _GreyScale:
+        ds, pi = self.ds, self.photometric
+        if first.dtype == np.uint8 or pi == "PALETTE COLOR":
+            return _GreyScale("8-bit stored values" if first.dtype == np.uint8 else "palette colour lookup")
+        if pi not in ("MONOCHROME1", "MONOCHROME2") and np.issubdtype(first.dtype, np.unsignedinteger):
+            bits = int(ds.get("BitsStored", 16) or 16)
+            return _GreyScale("bit depth", 0.0, float((1 << bits) - 1))
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            try:
+                from pydicom.pixels import apply_voi_lut
+
+                bits = int(ds.get("BitsStored", 16) or 16)
+                signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+                ends = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
+                out = np.asarray(apply_voi_lut(ends.astype(first.dtype), ds), np.float64)
+                lo, hi = float(out.min()), float(out.max())
+                if hi > lo:
+                    return _GreyScale("VOI window", lo, hi, voi=True)
+            except Exception:  # noqa: BLE001  (a broken VOI falls back to the file's range)
+                pass
+        lo, hi = np.inf, -np.inf
+        frames = [first] if int(self.ds.get("NumberOfFrames", 1) or 1) == 1 else self._raw_frames()
+        for frame in frames:  # a first pass over a cine: the range of the whole file, one frame in memory
+            lo, hi = min(lo, float(frame.min())), max(hi, float(frame.max()))
+        return _GreyScale("min-max over all frames of the file", lo, hi)
+
+    def _to_rgb(self, frame: np.ndarray, scale: _GreyScale) -> np.ndarray:
+        if self.photometric == "PALETTE COLOR":
+            frame = _palette_to_rgb(frame, self.ds)
+        elif frame.dtype != np.uint8:
+            if scale.voi:
+                from pydicom.pixels import apply_voi_lut
+
+                frame = apply_voi_lut(frame, self.ds)
+            frame = to_uint8(frame, scale.lo, scale.hi)
+        if self.photometric == "MONOCHROME1":
+            frame = 255 - frame  # MONOCHROME1: 0 is white; usdet always shows 0 as black
+        if frame.ndim == 2:
+            frame = np.repeat(frame[:, :, None], 3, axis=2)
+        elif frame.ndim == 3 and frame.shape[2] == 1:
+            frame = np.repeat(frame, 3, axis=2)
+        elif frame.ndim == 3 and frame.shape[2] == 4:
+            frame = frame[:, :, :3]
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise DicomReadError(self.path, f"unexpected decoded frame shape {frame.shape}")
+        return np.ascontiguousarray(frame)
+
+    def __iter__(self) -> Iterator[Tuple[int, np.ndarray]]:
+        scale: Optional[_GreyScale] = None
+        for i, raw in enumerate(self._raw_frames()):
+            if scale is None:
+                scale = self._grey_scale(raw)
+                self.grey_scale, self.grey_scale_method = scale.describe(), scale.method
+            rgb = self._to_rgb(raw, scale)
+            if rgb.min() == rgb.max() and raw.min() != raw.max():
+                raise DicomReadError(
+                    self.path, f"frame {i} decodes to one constant colour although its stored values vary "
+                    f"({raw.min()}..{raw.max()}; {self.photometric}, {_syntax_name(self.ds)}): a decoding fault, "
+                    "not a blank frame")
+            yield i, rgb
 
 
 def iter_dicom_frames(path: str) -> Iterator[np.ndarray]:
@@ -109,36 +263,8 @@ def iter_dicom_frames(path: str) -> Iterator[np.ndarray]:
 
     Long cine loops would not fit in memory decoded at once, so frames are decoded lazily.
     """
-    path = os.fspath(path)
-    ds = _read_dataset(path)
-    if not any(t in ds for t in _PIXEL_TAGS):
-        sop = ds.get("SOPClassUID", None)
-        kind = f" ({getattr(sop, 'name', sop)})" if sop is not None else ""
-        raise DicomReadError(path, f"DICOM has no pixel data{kind}; nothing to convert")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows < 2 or cols < 2:
-        raise DicomReadError(path, f"DICOM image is {cols}x{rows}, too small to be an ultrasound frame")
-    if rows * cols > MAX_PIXELS:
-        raise DicomReadError(path, f"DICOM frame is {cols}x{rows}, over the {MAX_PIXELS} pixel limit")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    try:
-        from pydicom.pixels import iter_pixels
-    except ImportError:  # pragma: no cover - pydicom < 3
-        raise DicomReadError(path, "pydicom >= 3 is required to decode DICOM pixel data") from None
-    try:
-        frames = iter_pixels(ds)
-        for frame in frames:
-            yield _frame_to_rgb(frame, ds, photometric)
-    except DicomReadError:
-        raise
-    except (NotImplementedError, RuntimeError) as e:
-        raise DicomReadError(
-            path, f"cannot decode pixel data in {_syntax_name(ds)}: no installed handler could decode it "
-            f"(install pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg or gdcm) [{str(e).splitlines()[0][:200]}]"
-        ) from None
-    except (ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as e:
-        raise DicomReadError(path, f"corrupt pixel data in {_syntax_name(ds)} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    for _, rgb in DicomFrames(path):
+        yield rgb
 
 
 def read_dicom_frames(path: str) -> List[np.ndarray]:

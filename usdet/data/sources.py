@@ -11,10 +11,10 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .dicom import DICOM_EXTENSIONS, is_dicom_file, iter_dicom_frames
+from .dicom import DICOM_EXTENSIONS, DicomFrames, is_dicom_file
 from .image_io import IMAGE_EXTENSIONS, read_image
 
-__all__ = ["iter_source_frames", "list_sources", "is_source_file", "frame_key", "SOURCE_EXTENSIONS"]
+__all__ = ["open_source", "iter_source_frames", "list_sources", "is_source_file", "frame_key", "SOURCE_EXTENSIONS"]
 
 SOURCE_EXTENSIONS = tuple(IMAGE_EXTENSIONS) + tuple(DICOM_EXTENSIONS)
 
@@ -53,17 +53,36 @@ def list_sources(paths_or_dirs: Union[str, Iterable[str]]) -> List[str]:
     return sorted(dict.fromkeys(found))
 
 
+class _Still:
+    """A still image as a one-frame source (no header regions, no grey-scale choice)."""
+
+    regions: tuple = ()
+    grey_scale: Optional[str] = None
+    grey_scale_method: Optional[str] = None
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __iter__(self) -> Iterator[Tuple[Optional[int], np.ndarray]]:
+        yield None, read_image(self.path)
+
+
+def open_source(path: str) -> Union[DicomFrames, _Still]:
+    """One source to iterate as ``(frame_index, rgb)`` (index None for a still), with the header's
+    ultrasound ``regions`` and the ``grey_scale`` used (DICOM; empty / None for stills).
+
+    Raises ``ImageReadError`` (``DicomReadError`` for DICOM) naming the file and the problem.
+    """
+    path = os.fspath(path)
+    return DicomFrames(path) if is_dicom_file(path) else _Still(path)
+
+
 def iter_source_frames(path: str) -> Iterator[Tuple[Optional[int], np.ndarray]]:
     """Yield ``(frame_index, rgb)``: ``(None, image)`` for a still, ``(i, frame)`` for each DICOM frame.
 
     Raises ``ImageReadError`` (``DicomReadError`` for DICOM) naming the file and the problem.
     """
-    path = os.fspath(path)
-    if is_dicom_file(path):
-        for i, frame in enumerate(iter_dicom_frames(path)):
-            yield i, frame
-    else:
-        yield None, read_image(path)
+    yield from open_source(path)
 
 
 def frame_key(rel_path: str, frame_index: Optional[int]) -> str:
