@@ -6,6 +6,10 @@
 Writes the crops under DIR2 with the same relative paths (DICOM frames as ``<file>.frameNNNN.png``)
 and DIR2/crops.json: ``{"<relative path>[#frame]": {"box": [x0, y0, x1, y1] | null, "reason": ...,
 "confidence": c}}``. Refused frames (no confident image region) are listed but not written.
+DICOM frames whose header has ultrasound regions are cropped to them (reason "dicom ultrasound
+region ..."). A dual-view frame (two images split by a line) gives one crop per view, keyed
+``<key>@view<k>`` (k = 0 left/top) and written as ``<name>.view<k>.png``; each entry names its
+``frame``. >8-bit DICOM data is scaled once per file (``grey_scale`` in the entry).
 """
 import argparse
 import sys

@@ -451,32 +451,43 @@ def suppress_marks(image_rgb: np.ndarray, radius: int = 3) -> Tuple[np.ndarray, 
 
 
 def _crop_source(task: Tuple[str, str, str, bool]) -> List[Tuple[str, Dict[str, object]]]:
-    """Crop every frame of one source file into the output tree; one (key, entry) per frame."""
+    """Crop every frame of one source file into the output tree; one (key, entry) per frame, or per
+    view of a multi-view frame (``<frame key>@view<k>``, sharing ``frame``)."""
     import os
 
     from .image_io import ImageReadError
-    from .sources import frame_key, iter_source_frames
+    from .sources import frame_key, open_source
+    from .views import find_views, view_key
     from ..utils.io import atomic_write_image
 
     path, rel, out_dir, suppress = task
     out: List[Tuple[str, Dict[str, object]]] = []
     try:
-        for idx, rgb in iter_source_frames(path):
+        src = open_source(path)
+        for idx, rgb in src:
             key = frame_key(rel, idx)
-            res = find_image_region(rgb)
-            entry = res.to_dict()
-            if res.box is not None:
-                img = apply_crop(rgb, res.box)
-                if suppress:
-                    img, changed = suppress_marks(img)
-                    entry["marks_changed"] = changed
-                out_rel = rel if idx is None else f"{rel}.frame{idx:04d}.png"
-                if idx is None and os.path.splitext(rel)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif",
-                                                                            ".tiff"):
-                    out_rel = rel + ".png"
-                atomic_write_image(os.path.join(out_dir, out_rel), img)
-                entry["output"] = out_rel.replace(os.sep, "/")
-            out.append((key, entry))
+            base = rel if idx is None else f"{rel}.frame{idx:04d}.png"
+            if idx is None and os.path.splitext(rel)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif",
+                                                                        ".tiff"):
+                base = rel + ".png"
+            views = find_views(rgb, src.regions)
+            for k, res in enumerate(views):
+                view = k if len(views) > 1 else None
+                entry = res.to_dict()
+                if view is not None:
+                    entry.update(frame=key, view=view)
+                if src.grey_scale_method not in (None, "8-bit stored values", "palette colour lookup"):
+                    entry["grey_scale"] = src.grey_scale
+                if res.box is not None:
+                    img = apply_crop(rgb, res.box)
+                    if suppress:
+                        img, changed = suppress_marks(img)
+                        entry["marks_changed"] = changed
+                    stem, ext = os.path.splitext(base)
+                    out_rel = base if view is None else f"{stem}.view{view}{ext}"
+                    atomic_write_image(os.path.join(out_dir, out_rel), img)
+                    entry["output"] = out_rel.replace(os.sep, "/")
+                out.append((view_key(key, view), entry))
     except ImageReadError as e:
         out.append((frame_key(rel, None), {"box": None, "reason": f"failed: {e.reason}", "confidence": 0.0,
                                            "failed": True}))
@@ -486,7 +497,9 @@ def _crop_source(task: Tuple[str, str, str, bool]) -> List[Tuple[str, Dict[str, 
 def crop_directory(input_dir: str, output_dir: str, workers: int = 1, suppress: bool = False,
                    progress: bool = True) -> Dict[str, Dict[str, object]]:
     """Crop every frame under ``input_dir`` into ``output_dir`` (same relative paths, DICOM frames as
-    ``<file>.frameNNNN.png``) and write ``output_dir/crops.json``; returns its entries.
+    ``<file>.frameNNNN.png``, views of a multi-view frame as ``<name>.view<k>.<ext>``) and write
+    ``output_dir/crops.json``; returns its entries. Crops come from the DICOM header's ultrasound
+    regions when it has them, else from the pixels (usdet.data.views).
 
     Raises OSError (with the file name) when an output cannot be written; crops.json is then absent."""
     import os

@@ -37,12 +37,13 @@ import numpy as np
 
 from usdet.data.coco import (PixelStats, categories_for, image_moments, invalidate_previous_output,
                              remove_stale_images, write_coco_dataset)
-from usdet.data.crop import find_image_region, suppress_marks
-from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file
+from usdet.data.crop import suppress_marks
+from usdet.data.dicom import GREY_SCALE_RULE, DicomReadError, dicom_patient_id, is_dicom_file
 from usdet.data.image_io import ImageReadError
 from usdet.data.privacy import PseudonymKeyError, Pseudonymizer, check_mapping_path, load_key, redact
-from usdet.data.sources import iter_source_frames
+from usdet.data.sources import open_source
 from usdet.data.split import SPLITS, group_stratified_split, parse_fractions
+from usdet.data.views import find_views
 from usdet.utils.io import atomic_write_image, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -304,35 +305,48 @@ def shift_box(box: Sequence[float], crop: Sequence[int], min_visible: float) -> 
     return [bx0 - cx0, by0 - cy0, bx1 - bx0, by1 - by0], status
 
 
+def _view_file_name(file_name: str, view: Optional[int]) -> str:
+    """``images/<split>/<name>.png`` -> ``images/<split>/<name>_view<k>.png`` for view k of a multi-view frame."""
+    if view is None:
+        return file_name
+    stem, ext = os.path.splitext(file_name)
+    return f"{stem}_view{view}{ext}"
+
+
 def _process_file(task: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Read one source file, crop its annotated frames, write them; one result per frame."""
+    """Read one source file, crop its annotated frames (each view of a multi-view frame on its own),
+    write them; one result per frame, with one entry in ``views`` per crop."""
     path, frames = task["path"], task["frames"]  # frames: {frame index or None: job}
     out: List[Dict[str, Any]] = []
     want = {(0 if (i is None and task["dicom"]) else i) for i in frames}
     done = set()
     try:
-        for idx, rgb in iter_source_frames(path):
+        src = open_source(path)
+        for idx, rgb in src:
             if idx not in want:
                 if task["dicom"] and idx is not None and idx > max(i for i in want if i is not None):
                     break
                 continue
             job = frames.get(idx) if idx in frames else frames.get(None)
             done.add(idx)
-            res: Dict[str, Any] = {"job": job["id"]}
-            crop = find_image_region(rgb)
-            res["crop"] = crop.to_dict()
-            if crop.box is None:
-                res["status"] = "refused"
-                out.append(res)
-                continue
-            x0, y0, x1, y1 = crop.box
-            img = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-            if task["suppress"]:
-                img, changed = suppress_marks(img)
-                res["marks_changed"] = changed
-            atomic_write_image(os.path.join(task["out_dir"], job["file_name"]), img)
-            res.update(status="ok", width=int(img.shape[1]), height=int(img.shape[0]),
-                       moments=image_moments(img) if job["split"] == "train" else None)
+            res: Dict[str, Any] = {"job": job["id"], "status": "ok", "views": [], "grey_scale": src.grey_scale_method}
+            crops = find_views(rgb, src.regions)
+            for k, crop in enumerate(crops):
+                view = k if len(crops) > 1 else None
+                v: Dict[str, Any] = {"view": view, "crop": crop.to_dict(),
+                                     "file_name": _view_file_name(job["file_name"], view)}
+                res["views"].append(v)
+                if crop.box is None:
+                    v["status"] = "refused"
+                    continue
+                x0, y0, x1, y1 = crop.box
+                img = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+                if task["suppress"]:
+                    img, changed = suppress_marks(img)
+                    v["marks_changed"] = changed
+                atomic_write_image(os.path.join(task["out_dir"], v["file_name"]), img)
+                v.update(status="ok", width=int(img.shape[1]), height=int(img.shape[0]),
+                         moments=image_moments(img) if job["split"] == "train" else None)
             out.append(res)
     except ImageReadError as e:  # DicomReadError included; .reason holds no path
         for i, job in frames.items():
@@ -343,6 +357,21 @@ def _process_file(task: Dict[str, Any]) -> List[Dict[str, Any]]:
         if (0 if (i is None and task["dicom"]) else i) not in done:
             reason = "frame index not in file" if task["dicom"] else "not decoded"
             out.append({"job": job["id"], "status": "failed", "reason": reason})
+    return out
+
+
+def _boxes_by_view(boxes: Sequence[Sequence[float]], crops: Sequence[Optional[Sequence[int]]]) -> List[Optional[int]]:
+    """For each full-frame box, the view whose crop holds most of it (None: it lies in no view)."""
+    out: List[Optional[int]] = []
+    for x0, y0, x1, y1 in boxes:
+        best, best_area = None, 0.0
+        for k, c in enumerate(crops):
+            if c is None:
+                continue
+            area = max(0.0, min(x1, c[2]) - max(x0, c[0])) * max(0.0, min(y1, c[3]) - max(y0, c[1]))
+            if area > best_area:
+                best, best_area = k, area
+        out.append(best)
     return out
 
 
@@ -436,6 +465,8 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
     box_counts = Counter()
     refused: List[Dict[str, Any]] = []
     marks = 0
+    multi_view = 0
+    grey_scale: Dict[str, Optional[str]] = {}  # source file -> how its >8-bit data was scaled (DICOM)
     cat_id = {name: i + 1 for i, name in enumerate(classes)}
     next_img, next_ann = 1, 1
     for i in sorted(jobs, key=lambda j: jobs[j]["rec"].key):
@@ -444,31 +475,44 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
         if res["status"] == "failed":
             failed.append({"source": job["name"], "reason": redact(str(res.get("reason", "")), real_ids)})
             continue
-        if res["status"] == "refused":
-            refused.append({"source": job["name"], "reason": res["crop"]["reason"],
-                            "confidence": res["crop"]["confidence"]})
-            continue
-        crop = res["crop"]["box"]
-        entry = {"id": next_img, "file_name": job["file_name"], "width": res["width"], "height": res["height"],
-                 "source_file": job["name"], "crop_box": crop, "group": job["patient"],
-                 "patient": job["patient"], "label": rec.image_label}
-        if job["clip"]:
-            entry["clip"] = job["clip"]
-        marks += int(res.get("marks_changed", 0))
-        for box, label in zip(rec.boxes, rec.labels):
-            bbox, status = shift_box(box, crop, min_visible)
-            box_counts[status] += 1
-            if bbox is None:
+        grey_scale[rec.path] = res.get("grey_scale")
+        views = res["views"]
+        if len(views) > 1:
+            multi_view += 1
+            owner = _boxes_by_view(rec.boxes, [v["crop"]["box"] for v in views])
+            box_counts["dropped"] += sum(1 for o in owner if o is None)  # outside every view
+        else:
+            owner = [0] * len(rec.boxes)
+        for k, v in enumerate(views):
+            if v["status"] == "refused":
+                refused.append({"source": job["name"], **({} if v["view"] is None else {"view": v["view"]}),
+                                "reason": v["crop"]["reason"], "confidence": v["crop"]["confidence"]})
                 continue
-            cid = cat_id["lesion"] if classes == ["lesion"] else cat_id[label]
-            anns_by_split[job["split"]].append({
-                "id": next_ann, "image_id": next_img, "category_id": cid,
-                "bbox": [round(v, 3) for v in bbox], "area": round(bbox[2] * bbox[3], 3), "iscrowd": 0})
-            next_ann += 1
-        images_by_split[job["split"]].append(entry)
-        if job["split"] == "train" and res.get("moments") is not None:
-            stats.add_moments(*res["moments"])
-        next_img += 1
+            crop = v["crop"]["box"]
+            entry = {"id": next_img, "file_name": v["file_name"], "width": v["width"], "height": v["height"],
+                     "source_file": job["name"], "crop_box": crop, "group": job["patient"],
+                     "patient": job["patient"], "label": rec.image_label}
+            if v["view"] is not None:
+                entry["view"] = v["view"]  # views of one frame share source_file, group and split
+            if job["clip"]:
+                entry["clip"] = job["clip"]
+            marks += int(v.get("marks_changed", 0))
+            for box, label, o in zip(rec.boxes, rec.labels, owner):
+                if o != k:
+                    continue
+                bbox, status = shift_box(box, crop, min_visible)
+                box_counts[status] += 1
+                if bbox is None:
+                    continue
+                cid = cat_id["lesion"] if classes == ["lesion"] else cat_id[label]
+                anns_by_split[job["split"]].append({
+                    "id": next_ann, "image_id": next_img, "category_id": cid,
+                    "bbox": [round(val, 3) for val in bbox], "area": round(bbox[2] * bbox[3], 3), "iscrowd": 0})
+                next_ann += 1
+            images_by_split[job["split"]].append(entry)
+            if job["split"] == "train" and v.get("moments") is not None:
+                stats.add_moments(*v["moments"])
+            next_img += 1
 
     patients = {s: sorted({im["patient"] for im in images_by_split[s]}) for s in SPLITS}
     counts: Dict[str, Any] = {s: len(images_by_split[s]) for s in SPLITS}
@@ -477,7 +521,7 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
                   annotated_frames=len(records), refused=len(refused), failed=len(failed),
                   boxes_kept=box_counts["kept"], boxes_clipped=box_counts["clipped"],
                   boxes_dropped=box_counts["dropped"],
-                  boxes_per_split={s: len(anns_by_split[s]) for s in SPLITS})
+                  boxes_per_split={s: len(anns_by_split[s]) for s in SPLITS}, multi_view_frames=multi_view)
     report = {
         "dataset": "hospital frames",
         "classes": classes,
@@ -487,7 +531,12 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
         "refused": refused,
         "failed": failed,
         "annotation_problems": [redact(p, real_ids) for p in problems],
-        "crop": {"suppress_marks": bool(suppress), "marks_pixels_changed": marks, "min_visible": min_visible},
+        "crop": {"suppress_marks": bool(suppress), "marks_pixels_changed": marks, "min_visible": min_visible,
+                 "source": "DICOM ultrasound regions where the header has them, else the pixel cropper; a "
+                           "dual-view frame gives one image per view (same source_file, split and patient), "
+                           "each box going to the view holding most of it"},
+        "grey_scale": {"rule": GREY_SCALE_RULE,
+                       "dicom_files": dict(Counter(m for m in grey_scale.values() if m is not None))},
         "privacy": "patient/clip IDs, source paths and file names are HMAC-SHA256 pseudonyms; no mapping is "
                    "stored in this folder",
     }

@@ -5,7 +5,9 @@ BUSI image or a phantom): a canvas of varied size, dark or grey GUI, header text
 patient name if asked), parameter panel, body-marker pictogram, depth scale whose ticks touch the
 image, grey bar, TGC curve, logo, orientation mark close to the image, colour Doppler box and
 calipers inside it. The image is a rectangle (linear probe) or a fan (curvilinear/phased probe)
-at a random position; ``Screen.box`` is its true bounding box, x1/y1 exclusive.
+at a random position; ``Screen.box`` is its true bounding box, x1/y1 exclusive. ``dual`` draws two
+images side by side (or stacked) split by a line or a gap, as breast exams often show two planes;
+``Screen.views`` then holds each image's true box and ``Screen.lesion_views`` the view of each lesion.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Screen:
     box: Box
     lesion_boxes: List[Box] = field(default_factory=list)
     info: Dict[str, object] = field(default_factory=dict)
+    views: List[Box] = field(default_factory=list)  # dual-view screens: each image's box, reading order
+    lesion_views: List[int] = field(default_factory=list)  # dual-view screens: the view of each lesion box
 
 
 def synthetic_ultrasound(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, List[Box]]:
@@ -75,6 +79,7 @@ def make_screen(
     jpeg_quality: Optional[int] = None,
     header_text: Optional[str] = None,
     already_cropped: bool = False,
+    dual: Optional[str] = None,
 ) -> Screen:
     """Draw one scanner screen around ``image`` (gray or RGB; a phantom if None).
 
@@ -82,6 +87,7 @@ def make_screen(
     ``canvas`` (W, H), ``gain`` (image brightness factor; < 0.35 gives a very dark frame),
     ``doppler`` (colour box inside the image), ``jpeg_quality`` (None = lossless).
     ``lesion_boxes`` ([x0, y0, x1, y1] in ``image`` pixels) are mapped into the screen.
+    ``dual`` "side" / "stacked": two linear images (``image`` and a phantom) split by a divider.
     """
     if image is None:
         ih, iw = int(rng.integers(220, 360)), int(rng.integers(260, 420))
@@ -94,6 +100,10 @@ def make_screen(
     theme = theme or ("grey" if rng.random() < 0.35 else "dark")
     gain = float(gain if gain is not None else (rng.uniform(0.15, 0.35) if rng.random() < 0.25 else rng.uniform(0.8, 1.2)))
     doppler = bool(doppler if doppler is not None else rng.random() < 0.25)
+    if dual not in (None, "side", "stacked"):
+        raise ValueError(f"dual must be None, 'side' or 'stacked', got {dual!r}")
+    if dual:
+        probe, doppler = "linear", False
 
     if already_cropped:
         W, H = iw, ih
@@ -121,7 +131,7 @@ def make_screen(
     bottom_h = int(H * rng.uniform(0.08, 0.14))
     # image size and position inside the free area
     free_w, free_h = W - panel_w - right_w, H - header_h - bottom_h
-    aspect = iw / ih
+    aspect = iw / ih * {None: 1.0, "side": 2.0, "stacked": 0.5}[dual]
     rh = int(free_h * rng.uniform(0.7, 0.97))
     rw = int(rh * aspect * (1.0 if probe == "linear" else rng.uniform(1.1, 1.5)))
     if rw > free_w * 0.97:
@@ -132,9 +142,10 @@ def make_screen(
     y0 = header_h + int(rng.integers(4, max(5, free_h - rh)))
     x0 = min(x0, W - rw - 2)
     y0 = min(y0, H - rh - 2)
-    scaled = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if rw < iw else cv2.INTER_LINEAR)
-    us = np.clip(scaled.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    us_rgb = np.repeat(us[:, :, None], 3, axis=2)
+    if dual:
+        us_rgb, views, panes = _dual_image(rng, img, lesion_boxes, rw, rh, dual, gain, bg)
+    else:
+        us_rgb, views, panes = _scaled(img, rw, rh, gain), [], [(0, 0, rw, rh, iw, ih, list(lesion_boxes))]
     if doppler:
         dw, dh = int(rw * rng.uniform(0.25, 0.45)), int(rh * rng.uniform(0.25, 0.45))
         dx, dy = int(rng.integers(0, rw - dw)), int(rng.integers(0, rh - dh))
@@ -155,17 +166,19 @@ def make_screen(
     for _ in range(int(rng.integers(0, 3))):
         cx, cy = x0 + int(rng.integers(rw // 4, 3 * rw // 4)), y0 + int(rng.integers(rh // 4, 3 * rh // 4))
         cv2.drawMarker(frame, (cx, cy), (255, 255, 255), cv2.MARKER_CROSS, 9, 1)
-    mapped = []
-    sx, sy = rw / iw, rh / ih
-    for bx0, by0, bx1, by1 in lesion_boxes:
-        lx0, ly0 = int(np.floor(bx0 * sx)), int(np.floor(by0 * sy))
-        lx1, ly1 = min(rw, int(np.ceil(bx1 * sx))), min(rh, int(np.ceil(by1 * sy)))
-        if probe == "sector":  # only the part inside the fan is visible
-            ys_, xs_ = np.nonzero(mask[ly0:ly1, lx0:lx1])
-            if not ys_.size:
-                continue
-            lx0, ly0, lx1, ly1 = lx0 + xs_.min(), ly0 + ys_.min(), lx0 + xs_.max() + 1, ly0 + ys_.max() + 1
-        mapped.append((x0 + int(lx0), y0 + int(ly0), x0 + int(lx1), y0 + int(ly1)))
+    mapped, lesion_views = [], []
+    for k, (ox, oy, pw, ph, sw, sh, pane_boxes) in enumerate(panes):
+        sx, sy = pw / sw, ph / sh
+        for bx0, by0, bx1, by1 in pane_boxes:
+            lx0, ly0 = int(np.floor(bx0 * sx)), int(np.floor(by0 * sy))
+            lx1, ly1 = min(pw, int(np.ceil(bx1 * sx))), min(ph, int(np.ceil(by1 * sy)))
+            if probe == "sector":  # only the part inside the fan is visible
+                ys_, xs_ = np.nonzero(mask[ly0:ly1, lx0:lx1])
+                if not ys_.size:
+                    continue
+                lx0, ly0, lx1, ly1 = lx0 + xs_.min(), ly0 + ys_.min(), lx0 + xs_.max() + 1, ly0 + ys_.max() + 1
+            mapped.append((x0 + ox + int(lx0), y0 + oy + int(ly0), x0 + ox + int(lx1), y0 + oy + int(ly1)))
+            lesion_views.append(k)
 
     # ---- workspace around the image ----
     tcol = fg
@@ -226,11 +239,53 @@ def make_screen(
         for i in range(40):
             c = (int(255 - 6 * i), 30, int(6 * i))
             frame[y0 + 20 + 2 * i:y0 + 22 + 2 * i, cbx:cbx + 10] = c
-    info = {"probe": probe, "theme": theme, "gain": gain, "doppler": doppler, "canvas": (W, H)}
+    info = {"probe": probe, "theme": theme, "gain": gain, "doppler": doppler, "canvas": (W, H), "dual": dual}
     if jpeg_quality is None and rng.random() < 0.3:
         jpeg_quality = int(rng.integers(80, 96))
     if jpeg_quality:
         ok, buf = cv2.imencode(".jpg", frame[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
         frame = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
         info["jpeg_quality"] = int(jpeg_quality)
-    return Screen(frame, box, mapped, info)
+    views = [(x0 + a, y0 + b, x0 + c, y0 + d) for a, b, c, d in views]
+    return Screen(frame, box, mapped, info, views, lesion_views if dual else [])
+
+
+def _scaled(img: np.ndarray, w: int, h: int, gain: float) -> np.ndarray:
+    """``img`` (gray) resized to w x h with the screen's gain, as RGB."""
+    ih, iw = img.shape[:2]
+    scaled = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if w < iw else cv2.INTER_LINEAR)
+    us = np.clip(scaled.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return np.repeat(us[:, :, None], 3, axis=2)
+
+
+def _dual_image(rng: np.random.Generator, img: np.ndarray, lesion_boxes: Sequence[Box], rw: int, rh: int,
+                layout: str, gain: float, bg: np.ndarray):
+    """Two images in an rw x rh region split by a 1-3 px divider (a grey or white line, or a gap of
+    workspace); the second view is a phantom, sometimes shallower (its depth differs).
+
+    Returns the region (RGB), the views' boxes in region pixels, and per view
+    ``(x, y, w, h, source w, source h, lesion boxes in source pixels)`` for mapping lesions."""
+    ih, iw = img.shape[:2]
+    img2, boxes2 = synthetic_ultrasound(rng, ih, iw)
+    div = int(rng.integers(1, 4))
+    kind = rng.choice(["gap", "grey", "white"])
+    colour = bg if kind == "gap" else (np.array([int(rng.integers(90, 200))] * 3) if kind == "grey"
+                                       else np.array([255, 255, 255]))
+    region = np.empty((rh, rw, 3), np.uint8)
+    region[:] = bg
+    if layout == "side":
+        w0 = (rw - div) // 2
+        sizes = [(0, 0, w0, rh), (w0 + div, 0, rw - w0 - div, rh)]
+        region[:, w0:w0 + div] = colour
+        if rng.random() < 0.3:  # a shallower second view: workspace below it
+            sizes[1] = (w0 + div, 0, rw - w0 - div, int(rh * rng.uniform(0.75, 0.95)))
+    else:
+        h0 = (rh - div) // 2
+        sizes = [(0, 0, rw, h0), (0, h0 + div, rw, rh - h0 - div)]
+        region[h0:h0 + div] = colour
+    views, panes = [], []
+    for (x, y, w, h), (im, boxes) in zip(sizes, [(img, list(lesion_boxes)), (img2, boxes2)]):
+        region[y:y + h, x:x + w] = _scaled(im, w, h, gain)
+        views.append((x, y, x + w, y + h))
+        panes.append((x, y, w, h, iw, ih, boxes))
+    return region, views, panes
