@@ -125,31 +125,45 @@ class FrameItem:
     crop_note: Optional[str] = None
     error: Optional[str] = None
     inputs: Optional[dict] = field(default=None, repr=False)
+    view: Optional[int] = None  # k of a multi-view frame (0 = left/top); None for a single image
 
 
 def _iter_frames(sources: Sequence[str], crop: bool) -> Iterator[FrameItem]:
-    """Read and crop every frame of every source; failures become items with ``error`` set."""
-    from usdet.data.crop import find_image_region
-    from usdet.data.sources import iter_source_frames
+    """Read and crop every frame of every source; failures become items with ``error`` set.
+
+    Crops come from usdet.data.views (DICOM ultrasound regions, else the pixel cropper); a
+    dual-view frame gives one item per view, each with its own crop box, so boxes map back to the
+    full frame through it. If a view is refused the frame is run whole (with a note) instead.
+    """
+    from usdet.data.sources import open_source
+    from usdet.data.views import find_views
 
     for source in sources:
         try:
-            for frame_index, frame in iter_source_frames(source):
-                item = FrameItem(source=source, frame=frame_index, original=frame)
+            src = open_source(source)
+            for frame_index, frame in src:
                 h, w = frame.shape[:2]
-                if crop:
-                    try:
-                        result = find_image_region(frame)
-                    except Exception as e:  # a cropper bug must not stop the run
-                        result = None
-                        item.crop_note = f"cropper failed ({type(e).__name__}: {e}); used the full frame"
-                    if result is not None and result.box is not None:
-                        item.crop_box = tuple(int(v) for v in result.box)
-                    elif result is not None:
-                        item.crop_note = f"crop refused ({result.reason}); used the full frame"
-                if item.crop_box is None:
-                    item.crop_box = (0, 0, int(w), int(h))
-                yield item
+                full = (0, 0, int(w), int(h))
+                if not crop:
+                    yield FrameItem(source=source, frame=frame_index, original=frame, crop_box=full)
+                    continue
+                note = None
+                try:
+                    results = find_views(frame, src.regions)
+                except Exception as e:  # a cropper bug must not stop the run
+                    results = []
+                    note = f"cropper failed ({type(e).__name__}: {e}); used the full frame"
+                refused = [r for r in results if r.box is None]
+                if refused:
+                    which = "" if len(results) == 1 else f" for view {results.index(refused[0])}"
+                    note = f"crop refused{which} ({refused[0].reason}); used the full frame"
+                if note is not None:
+                    yield FrameItem(source=source, frame=frame_index, original=frame, crop_box=full, crop_note=note)
+                    continue
+                for k, result in enumerate(results):
+                    yield FrameItem(source=source, frame=frame_index, original=frame,
+                                    crop_box=tuple(int(v) for v in result.box),  # type: ignore[union-attr]
+                                    view=k if len(results) > 1 else None)
         except Exception as e:  # ImageReadError / DicomReadError carry file and reason
             reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
             yield FrameItem(source=source, frame=None, error=str(reason))
@@ -252,6 +266,8 @@ def predict_sources(
             }
             if item.crop_note:
                 rec["crop_note"] = item.crop_note
+            if item.view is not None:  # one record per view of a dual-view frame
+                rec["view"] = item.view
             records.append(rec)
             if on_frame is not None:
                 on_frame(rec, item.original)
