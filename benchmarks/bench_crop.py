@@ -7,6 +7,10 @@ one run, single-threaded (OpenCV and BLAS limited to one thread):
 
 * ``usdet_fps``: ``usdet.data.crop.find_image_region`` frames per CPU-second of one core (target
   >= 50; CPU time, so other load on a shared machine does not count; ``*_fps_wall`` is wall time);
+* ``views_fps``: ``usdet.data.views.find_views`` (what crop_workspace and predict run: the cropper
+  plus the dual-view divider search) on the same frames; ``views_split`` is how often it split a
+  single-image screen (should be 0), ``dual_views_iou90`` how often both views of drawn dual-view
+  screens (a third as many) are found at IoU >= 0.9;
 * ``naive_fps``: the original study's approach (gray row/column sums above a threshold, first
   and last rows/columns kept), the cheapest crop there is, for scale. Both also report how
   often their box matches the true image region (IoU >= 0.95), so speed is not bought by
@@ -62,6 +66,7 @@ def main() -> int:
 
     from usdet.data.crop import find_image_region
     from usdet.data.screens import make_screen
+    from usdet.data.views import find_views
 
     cv2.setNumThreads(1)
     rng = np.random.default_rng(args.seed)
@@ -83,6 +88,13 @@ def main() -> int:
     find_image_region(frames[0])  # lazy imports and OpenCV start-up outside the timing
     usdet_wall, usdet_s, results = timed(find_image_region)
     naive_wall, naive_s, naive_boxes = timed(naive_crop)
+    views_wall, views_s, views = timed(find_views)
+    duals = [make_screen(rng, canvas=CANVAS, dual="side" if i % 3 else "stacked", gain=float(rng.uniform(0.8, 1.2)))
+             for i in range(max(1, args.frames // 3))]
+    dual_good = 0
+    for s in duals:
+        found = find_views(s.frame)
+        dual_good += len(found) == 2 and all(v.box is not None and iou(v.box, t) >= 0.9 for v, t in zip(found, s.views))
 
     usdet_boxes = [r.box for r in results]
     good = sum(1 for b, s in zip(usdet_boxes, screens) if b is not None and iou(b, s.box) >= 0.95)
@@ -97,6 +109,9 @@ def main() -> int:
         "usdet_fps_wall": round(len(frames) / usdet_wall, 1), "naive_fps_wall": round(len(frames) / naive_wall, 1),
         "target_fps": TARGET_FPS,
         "usdet_crop_iou95": round(good / len(frames), 3), "usdet_refused": round(refused / len(frames), 3),
+        "views_fps": round(len(frames) / views_s, 1), "views_fps_wall": round(len(frames) / views_wall, 1),
+        "views_split": round(sum(len(v) > 1 for v in views) / len(frames), 3),
+        "dual_views_iou90": round(dual_good / len(duals), 3), "dual_frames": len(duals),
         "naive_fps": round(naive_fps, 1), "naive_crop_iou95": round(naive_good / len(frames), 3),
         "ratio_usdet_vs_naive_time": round(usdet_s / naive_s, 2),
         "reference": "row/column-mean > 10 threshold crop (the original study's method)",

@@ -249,3 +249,20 @@ def test_predict_runs_each_view_and_maps_boxes_to_the_full_frame(tmp_path):
         assert len(got) > 0 and got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=0.006)
         assert (got[:, 0] >= x0 - 1e-3).all() and (got[:, 2] <= x1 + 1e-3).all()
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DICOM_DIR, "US1_J2KR.dcm")),
+                    reason=f"DICOM samples not found at {DICOM_DIR} (set USDET_DICOM_ROOT)")
+def test_real_screens_from_pixels():
+    """Without the header regions, the pixels alone: the GE LOGIQ split screen (two panes, a 1 px line at
+    x 318) gives two views; the single-image scanners (Medistim, Philips EPIQ and CX50) stay whole."""
+    from usdet.data.dicom import read_dicom_frames
+
+    ge = read_dicom_frames(os.path.join(DICOM_DIR, "US1_J2KR.dcm"))[0]
+    left, right = find_views(ge)
+    assert left.box[2] == 318 and right.box[0] == 319 and "divider at x 318..318" in left.reason
+    assert left.box[0] <= 20 and right.box[2] >= 615 and left.box[1] >= 95 and right.box[1] >= 95
+    for name in ("JPEGLosslessP14SV1_3s_2f_u_08_08.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A.dcm"):
+        for frame in read_dicom_frames(os.path.join(DICOM_DIR, name)):
+            views = find_views(frame)
+            assert len(views) == 1 and views[0].box == find_image_region(frame).box, name

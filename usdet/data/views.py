@@ -29,6 +29,14 @@ SIDE_SPREAD = 0.5
 #: and the images on both sides are textured: median fraction of steps over SMOOTH_STEP grey levels
 SMOOTH_STEP = 4
 SIDE_TEXTURE = 0.3
+#: candidates are found on 1 in ROW_STRIDE pixels along the divider, then checked on all
+ROW_STRIDE = 3
+
+
+def _spread(g: np.ndarray) -> np.ndarray:
+    """Median absolute deviation of each column: robust, so text or workspace at an end of a divider
+    (a shallower view) does not count."""
+    return np.median(np.abs(g - np.median(g, axis=0)), axis=0)
 
 
 def view_key(frame_key: str, view: Optional[int]) -> str:
@@ -87,11 +95,10 @@ def find_divider(frame_rgb: np.ndarray, box: Sequence[int]) -> Optional[Tuple[in
     for axis in (1, 0):  # side by side first (the common layout), then stacked
         g = grey if axis == 1 else grey.T  # the divider is a column of g
         h, w = g.shape
-        if w < 64 or h < 32:
+        if w < 64 or h < 16:
             continue
         rough = (np.abs(np.diff(g, axis=0)) > SMOOTH_STEP).mean(axis=0)
-        spread = np.median(np.abs(g - np.median(g, axis=0)), axis=0)  # robust: text or workspace at an end of
-        # the divider (a shallower view) does not count
+        spread = _spread(g[::ROW_STRIDE])  # a sample along the columns finds candidates cheaply...
         med = float(np.median(spread))
         if med <= 0:
             continue
@@ -109,6 +116,8 @@ def find_divider(frame_rgb: np.ndarray, box: Sequence[int]) -> Optional[Tuple[in
             b = c  # divider band a..b-1
             if b - a > max(6, 0.03 * w) or a < 8 or b > w - 8:
                 continue
+            if (_spread(g[:, a:b]) > LINE_SPREAD * med).any():
+                continue  # ...every pixel confirms them (a dotted line sampled in step looks constant)
             if spread[a - 6:a].max() < SIDE_SPREAD * med or spread[b:b + 6].max() < SIDE_SPREAD * med:
                 continue  # the band must be a line between speckle, not a dark part of one image
             if np.median(rough[:a]) >= SIDE_TEXTURE and np.median(rough[b:]) >= SIDE_TEXTURE:
