@@ -266,3 +266,46 @@ def test_real_screens_from_pixels():
         for frame in read_dicom_frames(os.path.join(DICOM_DIR, name)):
             views = find_views(frame)
             assert len(views) == 1 and views[0].box == find_image_region(frame).box, name
+
+
+def test_converter_scales_a_16bit_cine_once_and_says_how(tmp_path):
+    """Two frames of one 16-bit clip (header region, no VOI window): one grey scale for the file, so
+    a stored value is the same grey in both written images; report.json names the rule used."""
+    from usdet.data.frames import convert_frames
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(1000, 2500, (120, 160)).astype(np.uint16)
+    cine = np.stack([base, base + 1000])  # the second frame is brighter: 2000..3499
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = UltrasoundImageStorage, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 120, 160, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SequenceOfUltrasoundRegions = [region(10, 10, 149, 109)]
+    ds.PixelData = cine.tobytes()
+    os.makedirs(tmp_path / "src")
+    ds.save_as(str(tmp_path / "src" / "clip.dcm"), enforce_file_format=True)
+    with open(tmp_path / "boxes.csv", "w", newline="") as fh:
+        fh.write("file,x0,y0,x1,y1,label,patient_id\nclip.dcm#0,,,,,,P1\nclip.dcm#1,,,,,,P1\n")
+    report = convert_frames(str(tmp_path / "src"), str(tmp_path / "boxes.csv"), str(tmp_path / "out"), b"k" * 16,
+                            fractions=(1.0, 0.0, 0.0), progress=False)
+    assert report["grey_scale"]["dicom_files"] == {"min-max over all frames of the file": 1}
+    assert "one grey scale per file" in report["grey_scale"]["rule"]
+    doc = json.load(open(tmp_path / "out" / "annotations" / "train.json"))
+    assert len(doc["images"]) == 2 and all(im["crop_box"] == [10, 10, 150, 110] for im in doc["images"])
+    written = {}
+    for im in doc["images"]:
+        img = cv2.imread(str(tmp_path / "out" / im["file_name"]), cv2.IMREAD_GRAYSCALE)
+        written[img.mean()] = img
+    dim, bright = (written[k] for k in sorted(written))
+    stored_dim, stored_bright = cine[0][10:110, 10:150], cine[1][10:110, 10:150]
+    both = np.intersect1d(stored_dim, stored_bright)  # 2000..2499 is in both frames
+    assert both.size
+    v = int(both[0])
+    assert set(dim[stored_dim == v]) == set(bright[stored_bright == v])  # one grey for one stored value
+    assert dim.max() < 200 and bright.max() == 255 and dim.min() == 0
