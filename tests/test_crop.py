@@ -13,16 +13,9 @@ import pytest
 from usdet.data.crop import CropResult, apply_crop, crop_directory, find_image_region, suppress_marks
 from usdet.data.screens import make_screen
 from train_helpers import REPO
+from frame_helpers import DICOM_DIR, iou
 
 BUSI = os.environ.get("USDET_BUSI_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "busi")))
-DICOM_DIR = os.environ.get("USDET_DICOM_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us")))
-
-
-def iou(a, b):
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def contains(outer, inner):

@@ -6,51 +6,18 @@ import numpy as np
 import pytest
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, UltrasoundImageStorage, generate_uid  # noqa: E402
+from pydicom.uid import JPEGLSLossless  # noqa: E402
 
 from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file, read_dicom_frames  # noqa: E402
 from usdet.data.image_io import ImageReadError  # noqa: E402
 from usdet.data.sources import iter_source_frames, list_sources  # noqa: E402
-from train_helpers import REPO
-
-DICOM_DIR = os.environ.get("USDET_DICOM_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us")))
+from frame_helpers import DICOM_DIR, make_dicom  # noqa: E402
 
 
 def sample(name):
     path = os.path.join(DICOM_DIR, name)
     if not os.path.isfile(path):
         pytest.skip(f"DICOM sample not found at {path} (see ../shared/data/dicom_us/SOURCE.md)")
-    return path
-
-
-def make_dicom(path, pixels, photometric="MONOCHROME2", frames=1, syntax=ExplicitVRLittleEndian, **tags):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = UltrasoundImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    if pixels is not None:
-        arr = np.asarray(pixels)
-        spp = 3 if photometric in ("RGB", "YBR_FULL") else 1
-        ds.SamplesPerPixel = spp
-        ds.PhotometricInterpretation = photometric
-        ds.Rows, ds.Columns = (arr.shape[1], arr.shape[2]) if frames > 1 else arr.shape[:2]
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        if spp == 3:
-            ds.PlanarConfiguration = 0
-        ds.BitsAllocated = ds.BitsStored = 8 * arr.dtype.itemsize
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = arr.tobytes()
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 

@@ -10,23 +10,14 @@ import numpy as np
 import pytest
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
 from usdet.data.crop import crop_directory, find_image_region  # noqa: E402
 from usdet.data.dicom import DicomFrames  # noqa: E402
 from usdet.data.screens import make_screen  # noqa: E402
 from usdet.data.views import REGION_REASON, find_divider, find_views, regions_to_views  # noqa: E402
-from train_helpers import QUICK_CFG, REPO  # noqa: E402
-
-DICOM_DIR = os.environ.get("USDET_DICOM_ROOT", os.path.normpath(os.path.join(REPO, "..", "shared", "data", "dicom_us")))
-
-
-def iou(a, b):
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from train_helpers import QUICK_CFG  # noqa: E402
+from frame_helpers import DICOM_DIR, iou, make_dicom  # noqa: E402
 
 
 def region(x0, y0, x1_incl, y1_incl, fmt=1, dtype=1):
@@ -37,24 +28,9 @@ def region(x0, y0, x1_incl, y1_incl, fmt=1, dtype=1):
     return r
 
 
-def write_rgb_dicom(path, rgb, regions=(), patient_id="MRN-77"):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality, ds.PatientID = (UltrasoundImageStorage,
-                                                                    meta.MediaStorageSOPInstanceUID, "US", patient_id)
-    ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    if regions:
-        ds.SequenceOfUltrasoundRegions = list(regions)
-    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def write_rgb_dicom(path, rgb, regions=()):
+    return make_dicom(path, rgb, "RGB", PatientID="MRN-77", **({"SequenceOfUltrasoundRegions": list(regions)}
+                                                                 if regions else {}))
 
 
 # ---- DICOM ultrasound regions ------------------------------------------------------------------
@@ -276,20 +252,8 @@ def test_converter_scales_a_16bit_cine_once_and_says_how(tmp_path):
     rng = np.random.default_rng(0)
     base = rng.integers(1000, 2500, (120, 160)).astype(np.uint16)
     cine = np.stack([base, base + 1000])  # the second frame is brighter: 2000..3499
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = UltrasoundImageStorage, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 120, 160, 2
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SequenceOfUltrasoundRegions = [region(10, 10, 149, 109)]
-    ds.PixelData = cine.tobytes()
     os.makedirs(tmp_path / "src")
-    ds.save_as(str(tmp_path / "src" / "clip.dcm"), enforce_file_format=True)
+    make_dicom(str(tmp_path / "src" / "clip.dcm"), cine, frames=2, SequenceOfUltrasoundRegions=[region(10, 10, 149, 109)])
     with open(tmp_path / "boxes.csv", "w", newline="") as fh:
         fh.write("file,x0,y0,x1,y1,label,patient_id\nclip.dcm#0,,,,,,P1\nclip.dcm#1,,,,,,P1\n")
     report = convert_frames(str(tmp_path / "src"), str(tmp_path / "boxes.csv"), str(tmp_path / "out"), b"k" * 16,
