@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .crop import CropResult, find_image_region
+from .crop import CropResult, _as_rgb_uint8, find_image_region
 
 __all__ = ["find_views", "regions_to_views", "find_divider", "view_key", "REGION_REASON"]
 
@@ -169,6 +169,7 @@ def find_views(frame_rgb: np.ndarray, regions: Sequence = ()) -> List[CropResult
     whole = find_image_region(frame_rgb)
     if whole.box is None:
         return [whole]
+    frame_rgb = _as_rgb_uint8(frame_rgb)  # the cropper accepted it: HxW grey or RGBA work too
     div = find_divider(frame_rgb, whole.box)
     if div is None:
         return [whole]
