@@ -99,7 +99,8 @@ def _native_palette(ds):
     pydicom 3.0 reads non-segmented palette LUT data (OW) in the machine's byte order whatever the
     transfer syntax, so an Explicit VR Big Endian PALETTE COLOR file decodes with byte-swapped
     colours (the 16-bit entries' high byte lands low: all black). The lookup itself stays pydicom's;
-    only the bytes are handed over in the order it reads correctly.
+    only the bytes are handed over as a little-endian dataset, which pydicom reads right whether it
+    honours the transfer syntax (a fixed release) or not. Tested in tests/test_dicom.py.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
