@@ -239,16 +239,17 @@ def render_comparison(c: Dict[str, Any]) -> str:
 
 
 def parse_model_args(items: Sequence[str]) -> "OrderedDict[str, str]":
-    """``["A=a.json", "B=b.json"]`` → ordered ``{name: path}`` (a bare path is named by its file)."""
+    """``["A=a.json", "B=b.json"]`` → ordered ``{name: path}``; a bare path is named by its folder
+    (``runs/busi/model_best.pth`` → ``busi``)."""
     out: "OrderedDict[str, str]" = OrderedDict()
     for it in items:
         name, sep, path = it.partition("=")
         if not sep:
-            name, path = os.path.splitext(os.path.basename(it))[0], it
+            name, path = os.path.basename(os.path.dirname(os.path.abspath(it))), it
         if not name or not path:
-            raise ValueError(f"--pred {it!r}: expected NAME=PATH")
+            raise ValueError(f"{it!r}: expected NAME=PATH")
         if name in out:
-            raise ValueError(f"--pred {it!r}: the name {name!r} is given twice")
+            raise ValueError(f"{it!r}: the name {name!r} is given twice (name them: NAME=PATH)")
         out[name] = path
     return out
 
