@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     ap.add_argument("--output", default=os.path.join(REPO, "output", "peer_yolo"), help="reports folder")
     ap.add_argument("--result-name", default="peer_yolo", help="benchmarks/results/<name>.json (default peer_yolo)")
+    ap.add_argument("--note", default=None, help="free text stored in the result (what this run is)")
     ap.add_argument("--venv", default=PEER_VENV, help="the peer's virtual environment (default benchmarks/.venv-peer)")
     args = ap.parse_args(argv)
 
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
               "ci95": {k: [v["low"], v["high"]] for k, v in boot.items()}},
         predictions=os.path.relpath(pred_path, REPO),
     )
+    if args.note:
+        result["note"] = args.note
     if args.usdet_pred:
         c = compare_models(gt, OrderedDict([("usdet", args.usdet_pred), ("yolo", pred_path)]),
                            os.path.join(args.output, "compare"), n_resamples=args.bootstrap)

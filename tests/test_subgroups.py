@@ -2,7 +2,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 
 from eval_synth import synth_gt, synth_model, take_images
@@ -63,7 +62,7 @@ def test_size_bins_in_mm_where_pixel_size_is_known_else_pixels_and_label():
         group_values(g, data, "device", source="gt.json")
 
 
-def test_evaluate_json_by_writes_tables(tmp_path):
+def test_evaluate_json_by_writes_tables(tmp_path, capsys):
     gt = synth_gt(40, seed=4, attrs=True)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "p.json").write_text(json.dumps(synth_model(gt, 0.6, seed=5)))
@@ -79,9 +78,11 @@ def test_evaluate_json_by_writes_tables(tmp_path):
     assert {r["group"] for r in m["subgroups"]["label"]["rows"]} == {"lesion", "normal"}
     md = (out / "report.md").read_text()
     assert "### By device" in md and "### By size" in md and "| scannerA | 20 |" in md
-    rc = tool.main(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "p.json"), "--output", str(out),
-                    "--by", "scanner", "--bootstrap", "0", "--no-plots"])
+    rc = tool.main(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "p.json"),
+                    "--output", str(tmp_path / "ev2"), "--by", "scanner", "--bootstrap", "0"])
     assert rc == 2
+    assert "gt.json: no image has the key 'scanner'" in capsys.readouterr().err
+    assert not (tmp_path / "ev2").exists()  # refused before anything was written
 
 
 def _data(top_lesion, top_normal):

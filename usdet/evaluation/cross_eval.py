@@ -132,17 +132,10 @@ def cross_evaluate(
     return result
 
 
-def _cell(v: Dict[str, Any], digits: int = 3) -> str:
-    from .report import _fmt
-
-    s = _fmt(v.get("estimate"), digits)
-    if v.get("low") is not None and s != "n/a":
-        s += f" [{_fmt(v['low'], digits)}, {_fmt(v['high'], digits)}]"
-    return s
-
-
 def render_cross_eval(r: Dict[str, Any]) -> str:
     """Markdown table: one row per model and dataset."""
+    from .report import fmt_estimate as _cell
+
     labels = [label for _, _, label in TABLE_METRICS]
     with_op = any("operating_point" in row for row in r["rows"])
     header = ["model", "dataset", "images", "lesion images"] + labels

@@ -316,7 +316,7 @@ def summarize_folds(output_dir: str, folds: int, *, bootstrap: int = 1000, seed:
 
 def render_cv_summary(s: Dict[str, Any]) -> str:
     """Markdown: per-fold rows, mean ± sd, pooled with 95% bootstrap CIs."""
-    from .report import _fmt
+    from .report import _fmt, fmt_estimate
 
     labels = [label for label, _, _, _ in FOLD_METRICS]
 
@@ -334,13 +334,7 @@ def render_cv_summary(s: Dict[str, Any]) -> str:
                                      + [_fmt(f["metrics"][lab], d(lab)) for lab in labels]) + " |\n")
     out.append("| mean ± sd | | | " + " | ".join(
         f"{_fmt(s['mean_sd'][lab]['mean'], d(lab))} ± {_fmt(s['mean_sd'][lab]['sd'], d(lab))}" for lab in labels) + " |\n")
-    cells = []
-    for lab in labels:
-        p = s["pooled"]["metrics"][lab]
-        c = _fmt(p["estimate"], d(lab))
-        if "low" in p:
-            c += f" [{_fmt(p['low'], d(lab))}, {_fmt(p['high'], d(lab))}]"
-        cells.append(c)
+    cells = [fmt_estimate(s["pooled"]["metrics"][lab], d(lab)) for lab in labels]
     out.append(f"| pooled | {s['pooled']['num_images']} | | " + " | ".join(cells) + " |\n")
     if s.get("plot"):
         out.append(f"\n![folds]({s['plot']})\n")

@@ -71,7 +71,7 @@ def apply_threshold(op: Dict[str, Any], test: DetectionData) -> Dict[str, Any]:
 
 def render_operating_point(op: Dict[str, Any]) -> str:
     """Markdown section of an operating point (val and test rows)."""
-    from .report import _fmt
+    from .report import _fmt, fmt_estimate
 
     lines = [
         "\n## Operating point chosen on val\n\n",
@@ -84,8 +84,8 @@ def render_operating_point(op: Dict[str, Any]) -> str:
         if name not in op:
             continue
         r = op[name]
-        sens = f"{_fmt(r['sensitivity'])} [{_fmt(r['sensitivity_ci']['low'])}, {_fmt(r['sensitivity_ci']['high'])}]"
-        spec = f"{_fmt(r['specificity'])} [{_fmt(r['specificity_ci']['low'])}, {_fmt(r['specificity_ci']['high'])}]"
+        sens = fmt_estimate({"estimate": r["sensitivity"], **r["sensitivity_ci"]})
+        spec = fmt_estimate({"estimate": r["specificity"], **r["specificity_ci"]})
         lines.append(f"| {name} | {sens} | {spec} | {r['tp']} | {r['fn']} | {r['tn']} | {r['fp']} | "
                      f"{r['num_lesion_images']} | {r['num_normal_images']} |\n")
     return "".join(lines)

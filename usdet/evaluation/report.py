@@ -60,6 +60,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def fmt_estimate(v: Dict[str, Any], digits: int = 3) -> str:
+    """``{"estimate", "low"?, "high"?}`` as ``est [low, high]`` (``n/a`` alone when undefined)."""
+    s = _fmt(v.get("estimate"), digits)
+    if v.get("low") is not None and s != "n/a":
+        s += f" [{_fmt(v['low'], digits)}, {_fmt(v['high'], digits)}]"
+    return s
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
@@ -127,6 +135,11 @@ def evaluate_predictions(
     preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)  # arrays
     warnings += w
     data = build_detection_data(gt, preds, check=False)
+    if by:  # an attribute no image has fails here, before anything is written
+        from .subgroups import group_values
+
+        for attr in by:
+            group_values(gt, data, attr, gt_name)
     os.makedirs(output_dir, exist_ok=True)
 
     metrics: "OrderedDict[str, Any]" = OrderedDict()

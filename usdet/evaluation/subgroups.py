@@ -129,13 +129,7 @@ def subgroup_tables(
 
 def render_subgroups(tables: Dict[str, Any]) -> str:
     """Markdown: one table per attribute, estimates with their 95% intervals."""
-    from .report import _fmt
-
-    def cell(m: Dict[str, Any], digits: int) -> str:
-        s = _fmt(m.get("estimate"), digits)
-        if "low" in m and s != "n/a":
-            s += f" [{_fmt(m['low'], digits)}, {_fmt(m['high'], digits)}]"
-        return s
+    from .report import fmt_estimate as cell
 
     lines = ["\n## Subgroups\n\n",
              "Each row is scored on its own images only (its truth boxes and detections; FP/image per image "
