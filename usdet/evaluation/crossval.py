@@ -113,7 +113,9 @@ def write_folds(root: str, output_dir: str, folds: int, seed: int = 0, val_fract
     gl = [_group_and_label(im, im["id"] in lesion) for im in gt["images"]]
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_json(os.path.join(output_dir, "pooled_gt.json"), gt)
-    tops = sorted({k.split("/")[0] for k in keys if "/" in k})
+    tops = sorted({k.split("/")[0] for k in keys})  # folders (or files) at the dataset's top level
+    if "annotations" in tops:  # linking it would write the folds into the dataset itself
+        raise ValueError(f"{root}: images under annotations/ cannot be linked into the folds; move them")
     fold_sizes = []
     for k in range(folds):
         split = kfold_split(keys, [g for g, _ in gl], [lab for _, lab in gl], folds, k, val_fraction, seed)

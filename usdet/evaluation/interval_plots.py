@@ -44,7 +44,7 @@ def plot_intervals(
             lo = est if low is None or not np.isfinite(low) else low
             hi = est if high is None or not np.isfinite(high) else high
             ax.errorbar([est], [y], xerr=[[est - lo], [hi - est]], fmt="o", color=f"C{series[s]}", capsize=3,
-                        label=s if label == rows[0][0] or s not in ax.get_legend_handles_labels()[1] else None)
+                        label=s if s not in ax.get_legend_handles_labels()[1] else None)
         if reference is not None:
             ax.axvline(reference, color="0.5", lw=1, ls="--")
         ax.set_title(name)
