@@ -8,6 +8,7 @@ from eval_synth import synth_gt, synth_model, take_images
 from train_helpers import load_tool
 from usdet.evaluation.coco_metrics import coco_bbox_metrics
 from usdet.evaluation.compare import load_detection_data
+from usdet.evaluation.froc import froc
 from usdet.evaluation.operating_point import apply_threshold, choose_threshold, wilson_interval
 from usdet.evaluation.penalized_iou import penalized_iou
 from usdet.evaluation.subgroups import group_values, subgroup_tables
@@ -29,6 +30,9 @@ def test_device_rows_equal_scoring_each_device_alone():
         assert m["AP50"]["estimate"] == pytest.approx(coco["AP50"], abs=1e-6)
         assert m["AP"]["estimate"] == pytest.approx(coco["AP"], abs=1e-6)
         assert m["piou"]["estimate"] == pytest.approx(penalized_iou(sg, sp)["score"])
+        fr = froc(load_detection_data(sg, sp)[1])
+        assert m["sens@0.5"]["estimate"] == pytest.approx(fr["sensitivity"][fr["fps_per_image"].index(0.5)])
+        assert m["sens@1"]["estimate"] == pytest.approx(fr["sensitivity"][fr["fps_per_image"].index(1.0)])
         for k in ("AP50", "piou", "sens@0.5", "sens@1"):
             assert m[k]["low"] <= m[k]["estimate"] <= m[k]["high"], k
             assert m[k]["high"] > m[k]["low"], k
