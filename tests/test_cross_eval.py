@@ -33,9 +33,9 @@ def test_cross_eval_table_matches_each_report(trained, tmp_path, capsys):
     out = tmp_path / "xe"
     torch.set_num_threads(1)
     rc = tool.main(["--config-file", QUICK_CFG, "--weights", f"early={run / 'model_0000001.pth'}",
-                    "--weights", f"final={run / 'model_final.pth'}", "--datasets", "ph1_val", "ph1_test",
-                    "--val-dataset", "ph1_val", "--target-sensitivity", "0.9", "--bootstrap", "50", "--output", str(out),
-                    "MODEL.DEVICE", "cpu"])
+                    "--weights", f"final={run / 'model_final.pth'}", "--val-dataset", "ph1_val",
+                    "--target-sensitivity", "0.9", "--bootstrap", "50", "--output", str(out),
+                    "--datasets", "ph1_val", "ph1_test", "MODEL.DEVICE", "cpu"])
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "cross_eval.json").read_text())
     assert [(x["model"], x["dataset"]) for x in r["rows"]] == [

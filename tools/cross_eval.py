@@ -13,6 +13,7 @@ the config (e.g. MODEL.DEVICE cpu).
 """
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # "--datasets a b MODEL.DEVICE cpu": the overrides were taken as dataset names; give them back
+    for i, name in enumerate(args.datasets):
+        if re.match(r"^[A-Z][A-Z0-9_]*\.[A-Z]", name):
+            args.opts = args.datasets[i:] + args.opts
+            args.datasets = args.datasets[:i]
+            break
     import usdet.data  # noqa: F401  (registers $USDET_DATASETS/<dataset>_<split>)
     from usdet.evaluation.compare import parse_model_args
     from usdet.evaluation.cross_eval import cross_evaluate
