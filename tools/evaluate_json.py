@@ -3,6 +3,10 @@
 
   python tools/evaluate_json.py --gt GT.json --pred coco_instances_results.json --output DIR
 
+  python tools/evaluate_json.py --gt GT.json --pred P.json --output DIR --by device --by size
+  python tools/evaluate_json.py --gt TEST.json --pred P.json --output DIR \
+      --val-gt VAL.json --val-pred VAL_P.json --target-sensitivity 0.95
+
 PRED is detectron2's ``coco_instances_results.json`` (a list of ``{image_id, category_id,
 bbox [x, y, w, h], score}``). Writes ``DIR/metrics.json`` (COCO AP, penalized IoU, FROC,
 image-level and malignancy ROC, bootstrap CIs), ``DIR/report.md`` and PNG plots. Problems in the
@@ -34,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--title", default=None, help="report title")
+    g = ap.add_argument_group("subgroups and operating point")
+    g.add_argument("--by", action="append", default=[], metavar="ATTR",
+                   help="one table per image attribute (repeatable): device, label, birads, size "
+                        "(lesion size in mm where images have pixel_size_cm, else px), or any image key")
+    g.add_argument("--val-gt", default=None, help="validation ground truth: choose the operating point on it")
+    g.add_argument("--val-pred", default=None, help="detections on --val-gt")
+    g.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="image-level sensitivity the val threshold must reach (default 0.95)")
     return ap
 
 
@@ -43,7 +55,15 @@ def main(argv=None) -> int:
     from usdet.evaluation.inputs import EvaluationInputError
     from usdet.evaluation.report import evaluate_predictions
 
+    if (args.val_gt is None) != (args.val_pred is None):
+        print("error: --val-gt and --val-pred go together", file=sys.stderr)
+        return 2
     try:
+        op = None
+        if args.val_gt:
+            from usdet.evaluation.operating_point import operating_point_from_files
+
+            op = operating_point_from_files(args.val_gt, args.val_pred, args.target_sensitivity)
         m = evaluate_predictions(
             args.gt,
             args.pred,
@@ -59,6 +79,8 @@ def main(argv=None) -> int:
             seed=args.seed,
             plots=not args.no_plots,
             title=args.title,
+            by=args.by,
+            operating_point=op,
         )
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,6 +95,10 @@ def main(argv=None) -> int:
         f"(best {fmt(p['best_score'])} at s={p['best_score_thresh']}) CPM={fmt(f['cpm'])} "
         f"image AUC={fmt(m['image_level']['auc'])}"
     )
+    if "operating_point" in m:
+        o = m["operating_point"]
+        print(f"operating point s={o['score_thresh']:.4f} (val sensitivity {fmt(o['val']['sensitivity'])}): "
+              f"test sensitivity {fmt(o['test']['sensitivity'])}, specificity {fmt(o['test']['specificity'])}")
     if m["warnings"]:
         print(f"{len(m['warnings'])} input problem(s), listed in {args.output}/report.md", file=sys.stderr)
     print(f"wrote {args.output}/metrics.json and {args.output}/report.md")

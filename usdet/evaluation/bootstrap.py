@@ -60,9 +60,9 @@ class _PiouStat:
 
 
 class _ApClass:
-    """One class's IoU-0.5 matches reduced to true-positive ranks and FP counts between them."""
+    """One class's IoU-``iou_thresh`` matches reduced to true-positive ranks and FP counts between them."""
 
-    def __init__(self, data: DetectionData, cls: int, max_dets: int = 100):
+    def __init__(self, data: DetectionData, cls: int, max_dets: int = 100, iou_thresh: float = 0.5):
         pm = data.pred_classes == cls
         gm = data.gt_classes == cls
         sub = DetectionData(
@@ -76,7 +76,7 @@ class _ApClass:
             pred_classes=data.pred_classes[pm],
         )
         n = data.num_images
-        m = match_penalized_iou(sub, iou_thresh=0.5, topk=max_dets)
+        m = match_penalized_iou(sub, iou_thresh=iou_thresh, topk=max_dets)
         order = np.argsort(-m.score, kind="stable")
         matched = m.matched[order]
         img = m.image[order]
@@ -115,8 +115,10 @@ def ap50_from_weights(tp_img: np.ndarray, fp_seg: sp.csr_matrix, gt_count: np.nd
 
 
 class _Ap50Stat:
-    def __init__(self, data: DetectionData):
-        self.classes = [_ApClass(data, c) for c in sorted(data.categories)]
+    """Mean over classes of COCO AP at one IoU threshold (0.5 by default), in percent."""
+
+    def __init__(self, data: DetectionData, iou_thresh: float = 0.5):
+        self.classes = [_ApClass(data, c, iou_thresh=iou_thresh) for c in sorted(data.categories)]
         self.size = max([c.size for c in self.classes] + [1])
 
     def __call__(self, wt: np.ndarray) -> np.ndarray:

@@ -60,6 +60,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def fmt_estimate(v: Dict[str, Any], digits: int = 3) -> str:
+    """``{"estimate", "low"?, "high"?}`` as ``est [low, high]`` (``n/a`` alone when undefined)."""
+    s = _fmt(v.get("estimate"), digits)
+    if v.get("low") is not None and s != "n/a":
+        s += f" [{_fmt(v['low'], digits)}, {_fmt(v['high'], digits)}]"
+    return s
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
@@ -83,6 +91,8 @@ def evaluate_predictions(
     seed: int = 0,
     plots: bool = True,
     title: Optional[str] = None,
+    by: Sequence[str] = (),
+    operating_point: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Score ``predictions`` against ``gt_json``; write ``metrics.json``, ``report.md`` and PNG plots.
 
@@ -96,6 +106,9 @@ def evaluate_predictions(
         score_thresh: threshold of the image-level calls (default: ``piou_score_thresh``).
         bootstrap: number of image resamples for 95% CIs (0 = none); ``seed`` makes them repeatable.
         plots: write the PNG plots.
+        by: image attributes for subgroup tables (:mod:`.subgroups`), e.g. ``("device", "size")``.
+        operating_point: a threshold chosen on val (:func:`.operating_point.choose_threshold`);
+            the test calls at it are added.
 
     Returns:
         The dict written to ``metrics.json``.
@@ -122,6 +135,11 @@ def evaluate_predictions(
     preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)  # arrays
     warnings += w
     data = build_detection_data(gt, preds, check=False)
+    if by:  # an attribute no image has fails here, before anything is written
+        from .subgroups import group_values
+
+        for attr in by:
+            group_values(gt, data, attr, gt_name)
     os.makedirs(output_dir, exist_ok=True)
 
     metrics: "OrderedDict[str, Any]" = OrderedDict()
@@ -263,6 +281,18 @@ def evaluate_predictions(
         )
         plot_files = {k: os.path.basename(v) for k, v in plot_files.items() if v}
         mark("plots")
+    if by:
+        from .subgroups import subgroup_tables
+
+        metrics["subgroups"] = subgroup_tables(
+            gt, data, by, n_resamples=int(bootstrap), seed=int(seed), source=gt_name,
+            piou_score_thresh=piou_score_thresh, piou_iou_thresh=piou_iou_thresh, piou_topk=piou_topk,
+            piou_class_aware=piou_class_aware, froc_hit=froc_hit, froc_iou=froc_iou)
+        mark("subgroups")
+    if operating_point is not None:
+        from .operating_point import apply_threshold
+
+        metrics["operating_point"] = apply_threshold(operating_point, data)
     metrics["plots"] = plot_files
     metrics["warnings"] = warnings
     timing["read_and_check"] = round(timing["read_and_check"], 3)
@@ -394,6 +424,14 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         rows = [[name, v["estimate"], v["low"], v["high"]] for name, v in b["metrics"].items()]
         out.append(_table(["metric", "estimate", "2.5%", "97.5%"], rows))
 
+    if "operating_point" in metrics:
+        from .operating_point import render_operating_point
+
+        out.append(render_operating_point(metrics["operating_point"]))
+    if "subgroups" in metrics:
+        from .subgroups import render_subgroups
+
+        out.append(render_subgroups(metrics["subgroups"]))
     if metrics.get("plots"):
         out.append("\n## Plots\n\n")
         captions = {

@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""The peer, run by the project: Ultralytics YOLOv8n from scratch on usdet's own BUSI split.
+
+  python benchmarks/peer_yolo.py --dataset-root datasets/busi --budget-min 65 \
+      [--usdet-pred output/busi_recipe_cpu/test/inference/busi_test/coco_instances_results.json]
+
+1. Ultralytics lives in its own virtual environment, ``benchmarks/.venv-peer`` (git-ignored),
+   created here with pip (``ultralytics`` from PyPI); torch and torchvision are the machine's
+   (those of the Python running this script, made visible to the peer's venv by a ``.pth``
+   file, so nothing is downloaded twice). It is never a usdet dependency.
+2. usdet's converted split (``annotations/{train,val,test}.json``) becomes a YOLO dataset in a
+   temporary folder (images linked, one label file per image, lesion-free images with empty
+   files = background).
+3. ``yolov8n.yaml`` (architecture only: no downloaded weights, ``pretrained=False``) trains for
+   ``--budget-min`` minutes of wall clock (Ultralytics' ``time`` argument), CPU unless
+   ``--device``; plots are off (they download a font) and ``YOLO_OFFLINE`` is set, AMP off.
+4. Its last/best weights predict the test split (conf 0.001, up to 100 boxes), written as COCO
+   results, scored by usdet's own evaluator (``tools/evaluate_json.py``'s code) and, with
+   ``--usdet-pred``, compared with usdet's predictions by ``compare_models``.
+
+Results: ``benchmarks/results/peer_yolo.json`` (``--result-name``) and the reports under
+``--output``. Not part of ``make bench``/``make test``: the measurement is a 65-minute run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, write_result  # noqa: E402
+
+PEER_VENV = os.path.join(REPO, "benchmarks", ".venv-peer")
+ULTRALYTICS = "ultralytics==8.4.190"
+#: Environment of every peer process: no network look-ups, no settings sync, no downloads.
+OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "True", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def peer_python(venv: str = PEER_VENV) -> str:
+    """The peer venv's Python, creating the venv and installing Ultralytics on first use."""
+    py = os.path.join(venv, "bin", "python")
+    if os.path.isfile(os.path.join(venv, ".peer-ready")):
+        return py
+    import torch
+
+    if not os.path.isfile(py):
+        subprocess.check_call([sys.executable, "-m", "venv", venv])
+    site = subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   text=True).strip()
+    # The machine's torch: the site-packages that holds the running interpreter's torch, appended
+    # to the peer's path (the peer's own packages come first).
+    with open(os.path.join(site, "_machine_torch.pth"), "w") as fh:
+        fh.write(os.path.dirname(os.path.dirname(torch.__file__)) + "\n")
+    subprocess.check_call([py, "-m", "pip", "install", "-q", ULTRALYTICS])
+    env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(venv, "yolo_config"))
+    subprocess.check_call([py, "-c", "import ultralytics, torch; print('peer:', ultralytics.__version__, torch.__version__)"],
+                          env=env)
+    open(os.path.join(venv, ".peer-ready"), "w").close()
+    return py
+
+
+def coco_to_yolo(dataset_root: str, out: str, splits=("train", "val", "test"), max_images: int = 0) -> Dict[str, Any]:
+    """usdet's converted COCO split as an Ultralytics dataset in ``out``; returns its description.
+
+    ``max_images`` > 0 keeps the first that many images of each split (smoke runs); the test
+    ground truth is then written beside the dataset (``test_gt.json``) so both are scored alike.
+    """
+    info: Dict[str, Any] = {"splits": {}}
+    names = None
+    for split in splits:
+        with open(os.path.join(dataset_root, "annotations", f"{split}.json"), encoding="utf-8") as fh:
+            coco = json.load(fh)
+        if max_images > 0:
+            coco["images"] = sorted(coco["images"], key=lambda im: im["id"])[:max_images]
+            keep = {im["id"] for im in coco["images"]}
+            coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        if names is None:
+            names = [c["name"] for c in cats]
+        cls = {c["id"]: i for i, c in enumerate(cats)}
+        by_img: Dict[Any, List[Dict[str, Any]]] = {im["id"]: [] for im in coco["images"]}
+        for a in coco["annotations"]:
+            if not a.get("iscrowd", 0) and a["image_id"] in by_img:
+                by_img[a["image_id"]].append(a)
+        img_dir = os.path.join(out, "images", split)
+        lab_dir = os.path.join(out, "labels", split)
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(lab_dir, exist_ok=True)
+        files = {}
+        for im in coco["images"]:
+            src = os.path.abspath(os.path.join(dataset_root, im["file_name"]))
+            stem = f"{im['id']}"
+            dst = os.path.join(img_dir, stem + os.path.splitext(src)[1])
+            if not os.path.lexists(dst):
+                os.symlink(src, dst)
+            w, h = float(im["width"]), float(im["height"])
+            lines = []
+            for a in by_img[im["id"]]:
+                x, y, bw, bh = a["bbox"]
+                lines.append(f"{cls[a['category_id']]} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} "
+                             f"{bw / w:.6f} {bh / h:.6f}")
+            with open(os.path.join(lab_dir, stem + ".txt"), "w") as fh:
+                fh.write("\n".join(lines) + ("\n" if lines else ""))
+            files[os.path.basename(dst)] = im["id"]
+        gt = os.path.join(dataset_root, "annotations", f"{split}.json")
+        if max_images > 0:
+            gt = os.path.join(out, f"{split}_gt.json")
+            with open(gt, "w") as fh:
+                json.dump(coco, fh)
+        info["splits"][split] = {"images": len(coco["images"]), "files": files, "gt": gt}
+    info["names"] = names
+    info["category_ids"] = [c["id"] for c in cats]
+    yaml_path = os.path.join(out, "data.yaml")
+    with open(yaml_path, "w") as fh:
+        fh.write(f"path: {out}\ntrain: images/train\nval: images/val\ntest: images/test\n")
+        fh.write("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(names)))
+    info["yaml"] = yaml_path
+    return info
+
+
+#: Runs inside the peer venv: train from the architecture yaml, then predict the test images.
+DRIVER = r'''
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+from ultralytics import YOLO
+t0 = time.time()
+model = YOLO("yolov8n.yaml")
+model.train(data=args["yaml"], time=args["hours"], epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"],
+            device=args["device"], workers=args["workers"], pretrained=False, amp=False, plots=False,
+            project=args["project"], name="train", exist_ok=True, seed=args["seed"], deterministic=True,
+            val=True, verbose=False)
+train_s = time.time() - t0
+wdir = os.path.join(args["project"], "train", "weights")
+weights = os.path.join(wdir, "best.pt") if os.path.isfile(os.path.join(wdir, "best.pt")) else os.path.join(wdir, "last.pt")
+model = YOLO(weights)
+out = []
+test_dir = args["test_dir"]
+files = sorted(os.listdir(test_dir))
+for i in range(0, len(files), 16):
+    batch = [os.path.join(test_dir, f) for f in files[i:i + 16]]
+    for f, r in zip(files[i:i + 16], model.predict(batch, conf=0.001, max_det=100, imgsz=args["imgsz"],
+                                                   device=args["device"], verbose=False)):
+        b = r.boxes
+        for xyxy, s, c in zip(b.xyxy.tolist(), b.conf.tolist(), b.cls.tolist()):
+            out.append({"file": f, "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
+                        "score": s, "cls": int(c)})
+epochs = None
+res = os.path.join(args["project"], "train", "results.csv")
+if os.path.isfile(res):
+    epochs = max(0, sum(1 for _ in open(res)) - 1)
+json.dump({"detections": out, "train_seconds": train_s, "epochs": epochs, "weights": weights},
+          open(args["result"], "w"))
+'''
+
+
+def run_peer(py: str, info: Dict[str, Any], workdir: str, budget_min: float, device: str, imgsz: int, batch: int,
+             workers: int, seed: int, log: str) -> Dict[str, Any]:
+    args = {"yaml": info["yaml"], "hours": budget_min / 60.0, "epochs": 10_000, "imgsz": imgsz, "batch": batch,
+            "device": device, "workers": workers, "project": os.path.join(workdir, "runs"), "seed": seed,
+            "test_dir": os.path.join(os.path.dirname(info["yaml"]), "images", "test"),
+            "result": os.path.join(workdir, "peer_result.json")}
+    env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(workdir, "yolo_config"))
+    env.pop("PYTHONPATH", None)
+    # Ultralytics looks for Arial.ttf when it checks a dataset and would download it: give it
+    # matplotlib's own DejaVu Sans under that name (a local copy, nothing fetched).
+    import matplotlib
+
+    font_dir = os.path.join(workdir, "yolo_config", "Ultralytics")
+    os.makedirs(font_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"),
+                    os.path.join(font_dir, "Arial.ttf"))
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call([py, "-c", DRIVER, json.dumps(args)], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                             cwd=workdir)
+    wall = time.time() - t0
+    if rc != 0:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            raise SystemExit(f"the peer run failed ({rc}); {log}:\n{fh.read()[-3000:]}")
+    with open(args["result"], encoding="utf-8") as fh:
+        res = json.load(fh)
+    res["wall_seconds"] = wall
+    return res
+
+
+def to_coco_results(res: Dict[str, Any], info: Dict[str, Any]) -> List[Dict[str, Any]]:
+    files = info["splits"]["test"]["files"]
+    return [{"image_id": files[d["file"]], "category_id": info["category_ids"][d["cls"]], "bbox": d["bbox"],
+             "score": d["score"]} for d in res["detections"]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset-root", default=os.path.join(REPO, "datasets", "busi"),
+                    help="usdet's converted dataset (annotations/{train,val,test}.json), default datasets/busi")
+    ap.add_argument("--budget-min", type=float, default=65.0, help="training wall-clock budget in minutes (default 65)")
+    ap.add_argument("--device", default="cpu", help="Ultralytics device (default cpu)")
+    ap.add_argument("--imgsz", type=int, default=640, help="training/prediction image size (default 640)")
+    ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    ap.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-images", type=int, default=0,
+                    help="keep the first N images of each split (smoke runs; default 0 = all)")
+    ap.add_argument("--usdet-pred", default=None, help="usdet's test predictions (coco_instances_results.json) to compare")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    ap.add_argument("--output", default=os.path.join(REPO, "output", "peer_yolo"), help="reports folder")
+    ap.add_argument("--result-name", default="peer_yolo", help="benchmarks/results/<name>.json (default peer_yolo)")
+    ap.add_argument("--note", default=None, help="free text stored in the result (what this run is)")
+    ap.add_argument("--venv", default=PEER_VENV, help="the peer's virtual environment (default benchmarks/.venv-peer)")
+    args = ap.parse_args(argv)
+
+    from usdet.evaluation.compare import compare_models
+    from usdet.evaluation.report import evaluate_predictions
+    from usdet.utils.io import atomic_write_json
+
+    t_setup = time.time()
+    py = peer_python(args.venv)
+    setup_s = time.time() - t_setup
+    os.makedirs(args.output, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="usdet_peer_") as tmp:
+        info = coco_to_yolo(os.path.abspath(args.dataset_root), os.path.join(tmp, "yolo"), max_images=args.max_images)
+        if args.max_images > 0:  # the subset's test truth outlives the temporary folder
+            kept = os.path.join(args.output, "test_gt.json")
+            shutil.copyfile(info["splits"]["test"]["gt"], kept)
+            info["splits"]["test"]["gt"] = kept
+        res = run_peer(py, info, tmp, args.budget_min, args.device, args.imgsz, args.batch, args.workers, args.seed,
+                       os.path.join(args.output, "peer_log.txt"))
+    preds = to_coco_results(res, info)
+    pred_path = os.path.join(args.output, "coco_instances_results.json")
+    atomic_write_json(pred_path, preds)
+    gt = info["splits"]["test"]["gt"]
+    m = evaluate_predictions(gt, pred_path, os.path.join(args.output, "eval"), bootstrap=args.bootstrap,
+                             title=f"YOLOv8n from scratch, {args.budget_min:g} min")
+    boot = m.get("bootstrap", {}).get("metrics", {})
+    result: Dict[str, Any] = OrderedDict(
+        peer=f"Ultralytics {ULTRALYTICS.split('==')[1]} YOLOv8n from yolov8n.yaml (no pretrained weights)",
+        dataset_root=os.path.relpath(os.path.abspath(args.dataset_root), REPO),
+        split_images={k: v["images"] for k, v in info["splits"].items()},
+        max_images_per_split=args.max_images or None,
+        budget_min=args.budget_min, device=args.device, imgsz=args.imgsz, batch=args.batch,
+        train_wall_s=round(res["train_seconds"], 1), epochs=res["epochs"], peer_setup_s=round(setup_s, 1),
+        test={"AP": m["bbox"].get("AP"), "AP50": m["bbox"].get("AP50"), "AP75": m["bbox"].get("AP75"),
+              "piou": m["piou"]["score"], "cpm": m["froc"]["cpm"], "image_auc": m["image_level"]["auc"],
+              "ci95": {k: [v["low"], v["high"]] for k, v in boot.items()}},
+        predictions=os.path.relpath(pred_path, REPO),
+    )
+    if args.note:
+        result["note"] = args.note
+    if args.usdet_pred:
+        c = compare_models(gt, OrderedDict([("usdet", args.usdet_pred), ("yolo", pred_path)]),
+                           os.path.join(args.output, "compare"), n_resamples=args.bootstrap)
+        result["comparison_yolo_minus_usdet"] = {k: v["delta"] for k, v in c["metrics"].items()}
+        result["usdet_test"] = {k: v["values"]["usdet"] for k, v in c["metrics"].items()}
+    write_result(args.result_name, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

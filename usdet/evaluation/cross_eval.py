@@ -1,0 +1,163 @@
+"""Several models on several datasets in one go: one table and one plot, with CIs.
+
+Each model goes through the engine's own ``--eval-only`` path
+(:func:`usdet.engine.trainer.evaluate_checkpoint`, the same setup as ``tools/train_net.py
+--eval-only``) with ``DATASETS.TEST`` set to the requested datasets, so every cell of the table
+has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. With a
+validation dataset the image-level operating point is chosen on it per model
+(:mod:`.operating_point`) and applied to every dataset.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from types import SimpleNamespace
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from usdet.utils.io import atomic_write_json, atomic_write_text
+
+__all__ = ["TABLE_METRICS", "cross_evaluate", "render_cross_eval", "row_from_metrics"]
+
+#: Table columns: (metrics.json estimate path, bootstrap key or None, label).
+TABLE_METRICS = (
+    (("bbox", "AP50"), "AP50", "AP50"),
+    (("bbox", "AP"), None, "AP"),
+    (("piou", "score"), "piou", "penalized IoU"),
+    (("froc", "cpm"), "cpm", "CPM"),
+    (("image_level", "auc"), "image_auc", "image AUC"),
+)
+
+
+def row_from_metrics(m: Dict[str, Any]) -> "OrderedDict[str, Any]":
+    """``{label: {"estimate", "low"?, "high"?}}`` of one report's ``metrics.json``."""
+    boot = m.get("bootstrap", {}).get("metrics", {})
+    out: "OrderedDict[str, Any]" = OrderedDict()
+    for (section, key), bkey, label in TABLE_METRICS:
+        v = {"estimate": m.get(section, {}).get(key)}
+        if bkey and bkey in boot:
+            v.update(low=boot[bkey]["low"], high=boot[bkey]["high"])
+        out[label] = v
+    return out
+
+
+def _predictions_dir(run_dir: str, dataset: str) -> str:
+    return os.path.join(run_dir, "inference", dataset)
+
+
+def cross_evaluate(
+    config_file: str,
+    weights: Mapping[str, str],
+    datasets: Sequence[str],
+    output_dir: str,
+    *,
+    opts: Sequence[str] = (),
+    val_dataset: Optional[str] = None,
+    target_sensitivity: float = 0.95,
+    bootstrap: int = 1000,
+    plots: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate each ``{name: weights file}`` on each registered dataset; write
+    ``cross_eval.json``, ``cross_eval.md`` and ``cross_eval.png`` into ``output_dir``.
+
+    ``bootstrap`` sets ``TEST.BOOTSTRAP`` (resamples of each report's CIs) unless ``opts`` does.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from usdet.engine import check_datasets, evaluate_checkpoint, setup
+
+    from .compare import load_detection_data
+    from .operating_point import apply_threshold, choose_threshold
+
+    if not weights:
+        raise ValueError("no model given (--weights)")
+    if not datasets:
+        raise ValueError("no dataset given (--datasets)")
+    for name, w in weights.items():
+        if not os.path.isfile(w):
+            raise FileNotFoundError(f"{w}: weights file of model {name!r} not found")
+    evaluated = list(dict.fromkeys(list(datasets) + ([val_dataset] if val_dataset else [])))
+    result: "OrderedDict[str, Any]" = OrderedDict()
+    result["config_file"] = config_file
+    result["models"] = {k: v for k, v in weights.items()}
+    result["datasets"] = list(datasets)
+    result["val_dataset"] = val_dataset
+    rows: List[Dict[str, Any]] = []
+    for name, w in weights.items():
+        run_dir = os.path.join(output_dir, name)
+        args = SimpleNamespace(config_file=config_file, eval_only=True, resume=False,
+                               opts=["TEST.BOOTSTRAP", str(int(bootstrap)), *opts, "MODEL.WEIGHTS", w, "OUTPUT_DIR", run_dir,
+                                     "DATASETS.TEST", repr(tuple(evaluated))])
+        cfg = setup(args)
+        check_datasets(cfg, eval_only=True)
+        evaluate_checkpoint(cfg)
+        op = None
+        if val_dataset:
+            gt = MetadataCatalog.get(val_dataset).get("json_file")
+            preds = os.path.join(_predictions_dir(run_dir, val_dataset), "coco_instances_results.json")
+            op = choose_threshold(load_detection_data(gt, preds)[1], target_sensitivity)
+        for ds in datasets:
+            folder = _predictions_dir(run_dir, ds)
+            with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
+                m = json.load(fh)
+            row: Dict[str, Any] = {
+                "model": name, "dataset": ds,
+                "num_images": m["inputs"]["num_images"], "num_lesion_images": m["inputs"]["num_lesion_images"],
+                "metrics": row_from_metrics(m),
+                "report": os.path.relpath(os.path.join(folder, "report.md"), output_dir),
+                "predictions": os.path.relpath(os.path.join(folder, "coco_instances_results.json"), output_dir),
+            }
+            if op is not None:
+                gt = MetadataCatalog.get(ds).get("json_file")
+                data = load_detection_data(gt, os.path.join(folder, "coco_instances_results.json"))[1]
+                row["operating_point"] = {"score_thresh": op["score_thresh"],
+                                          "target_sensitivity": op["target_sensitivity"],
+                                          "val": op["val"], "test": apply_threshold(op, data)["test"]}
+            rows.append(row)
+    result["rows"] = rows
+    os.makedirs(output_dir, exist_ok=True)
+    if plots:
+        from .interval_plots import plot_intervals
+
+        panels: Dict[str, list] = OrderedDict()
+        for _, bkey, label in TABLE_METRICS:
+            if bkey:
+                panels[label] = [(r["dataset"], r["model"], r["metrics"][label]["estimate"],
+                                  r["metrics"][label].get("low", float("nan")),
+                                  r["metrics"][label].get("high", float("nan"))) for r in rows]
+        plot_intervals(panels, os.path.join(output_dir, "cross_eval.png"), "Models x datasets (95% bootstrap CI)")
+        result["plot"] = "cross_eval.png"
+    atomic_write_json(os.path.join(output_dir, "cross_eval.json"), result)
+    atomic_write_text(os.path.join(output_dir, "cross_eval.md"), render_cross_eval(result))
+    return result
+
+
+def render_cross_eval(r: Dict[str, Any]) -> str:
+    """Markdown table: one row per model and dataset."""
+    from .report import fmt_estimate as _cell
+
+    labels = [label for _, _, label in TABLE_METRICS]
+    with_op = any("operating_point" in row for row in r["rows"])
+    header = ["model", "dataset", "images", "lesion images"] + labels
+    if with_op:
+        header += ["threshold", "sensitivity", "specificity"]
+    out = [f"# Cross-dataset evaluation\n\nConfig `{r['config_file']}`. AP in percent; 95% bootstrap intervals "
+           "over images in brackets (AP has none). Each cell's full report: `<model>/inference/<dataset>/report.md`.\n"]
+    if with_op:
+        out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
+                   f"{r['rows'][0]['operating_point']['target_sensitivity']:g} on `{r['val_dataset']}`; "
+                   "sensitivity and specificity at it with Wilson 95% intervals.\n")
+    out.append("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|\n")
+    for row in r["rows"]:
+        cells = [row["model"], row["dataset"], str(row["num_images"]), str(row["num_lesion_images"])]
+        cells += [_cell(row["metrics"][k], 1 if k.startswith("AP") else 3) for k in labels]
+        if with_op:
+            o = row["operating_point"]
+            t = o["test"]
+            cells += [f"{o['score_thresh']:.3f}",
+                      _cell({"estimate": t["sensitivity"], **t["sensitivity_ci"]}),
+                      _cell({"estimate": t["specificity"], **t["specificity_ci"]})]
+        out.append("| " + " | ".join(cells) + " |\n")
+    if r.get("plot"):
+        out.append(f"\n![models x datasets]({r['plot']})\n")
+    return "".join(out)
