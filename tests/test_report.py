@@ -63,7 +63,9 @@ def test_end_to_end_hand_case(tmp_path):
     assert p["score"] == pytest.approx(1.5 / 4)
     # FROC: lesions found at .9 and .8 (IoU exactly .5 hits), FP .6 on 4 images, duplicate ignored
     f = disk["froc"]
-    assert f["sensitivity"] == pytest.approx([2 / 3] * 7) and f["cpm"] == pytest.approx(2 / 3)
+    # the curve ends at 1 FP / 4 images: higher rates are not reached (null), and CPM with them
+    assert f["sensitivity"][:2] == pytest.approx([2 / 3] * 2) and f["sensitivity"][2:] == [None] * 5
+    assert f["cpm"] is None and f["cpm_reached"] == pytest.approx(2 / 3) and f["max_fps_per_image"] == 0.25
     assert f["hit"] == "iou" and f["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
     # image level: lesion images top .9, .8, 0 vs normal .6
     il = disk["image_level"]
@@ -89,6 +91,7 @@ def test_end_to_end_hand_case(tmp_path):
     assert disk["warnings"] == []
     md = (out / "report.md").read_text()
     assert "IoU >= 0.5" in md and "s = 0.45" in md and "top-k = 1" in md
+    assert "| sensitivity | 0.667 | 0.667 | not reached |" in md and "0.5, 1, 2, 4, 8 FP/image are **not reached**" in md
     assert "Bootstrap 95% confidence intervals" in md and "200 resamples" in md
     for png in disk["plots"].values():
         assert f"]({png})" in md
@@ -164,7 +167,7 @@ def test_unusable_files_raise_naming_the_file(tmp_path):
 def test_no_predictions_gives_nan_not_crash(tmp_path):
     gt = write(tmp_path, "gt.json", HAND_GT)
     m = evaluate_predictions(gt, [], str(tmp_path / "o"), bootstrap=50)
-    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] == 0.0
+    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] is None
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["bbox"]["AP"] is None
 
 
@@ -227,8 +230,9 @@ def test_bootstrap_weighted_sums_equal_reevaluating_a_resample():
     ref_ap50 = coco_bbox_metrics(rgt, rpreds, backend="pycocotools")["metrics"]["AP50"]
     assert _Ap50Stat(d)(counts[:, None])[0] == pytest.approx(ref_ap50, abs=1e-6)
     rd = build_detection_data(rgt, rpreds)
-    assert _CpmStat(d, "iou", 0.5)(counts[:, None])[0] == pytest.approx(froc(rd)["cpm"])
-    assert _CpmStat(d, "center", 0.5)(counts[:, None])[0] == pytest.approx(froc(rd, "center")["cpm"])
+    for hit in ("iou", "center"):
+        ref = froc(rd, hit)["cpm"]
+        assert _CpmStat(d, hit, 0.5)(counts[:, None])[0] == pytest.approx(math.nan if ref is None else ref, nan_ok=True)
     auc = _AucStat(d.gt_count_per_image() > 0, top_score_per_image(d), np.ones(d.num_images, bool))
     assert auc(counts[:, None])[0] == pytest.approx(image_level(rd)["auc"])
 
@@ -239,10 +243,12 @@ def test_bootstrap_is_seeded():
     a = bootstrap_metrics(d, 100, seed=1)
     b = bootstrap_metrics(d, 100, seed=1)
     c = bootstrap_metrics(d, 100, seed=2)
-    assert a == b and a != c
+    assert json.dumps(a) == json.dumps(b) and json.dumps(a) != json.dumps(c)
     assert set(a["metrics"]) == {"AP50", "piou", "cpm", "image_auc", "malignancy_auc"}
-    for v in a["metrics"].values():
-        assert v["low"] <= v["high"] and v["n_valid"] == 100
+    # about 2.5 FPs per image: 8 FP/image is never reached, so no resample has a CPM
+    assert froc(d)["cpm"] is None and a["metrics"]["cpm"]["n_valid"] == 0 and math.isnan(a["metrics"]["cpm"]["estimate"])
+    for k, v in a["metrics"].items():
+        assert k == "cpm" or (v["low"] <= v["high"] and v["n_valid"] == 100)
 
 
 def test_evaluate_json_cli(tmp_path, capsys):
