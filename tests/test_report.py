@@ -131,16 +131,16 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tmp_path):
         json.dump(preds, fh)  # NaN as JSON NaN (Python writes it)
     m = evaluate_predictions(gt_path, pred_path, str(tmp_path / "o"), bootstrap=0, plots=False)
     w = "\n".join(m["warnings"])
-    assert "bad_gt.json: 1 annotation(s) with bbox with non-positive width or height" in w
-    assert "bad_gt.json: 1 annotation(s) with unknown image_id" in w
-    assert "bad_gt.json: 1 annotation(s) with bbox extends outside the image (kept as is): ids 12" in w
+    assert "bad_gt.json: 1 annotations with a non-positive bbox width or height (dropped): 10" in w
+    assert "bad_gt.json: 1 annotations of an unknown image_id (dropped): 11" in w
+    assert "bad_gt.json: 1 annotations whose bbox extends outside the image (clipped to the image): 12" in w
     assert "bad_pred.json: ignored 2 detection(s) with unknown image_id (not in the ground truth) (42, [1])" in w
     assert "bad_pred.json: ignored 1 detection(s) with unknown category_id (7)" in w
     assert "bad_pred.json: ignored 1 detection(s) with missing key(s) score" in w
     assert "bad_pred.json: ignored 1 detection(s) with bbox that is not 4 finite numbers" in w
     assert m["inputs"]["num_predictions"] == 4 and m["inputs"]["num_predictions_ignored"] == 5
-    assert m["inputs"]["num_truth_boxes"] == 4  # 3 + the out-of-image one
-    # image 3 now has a lesion (outside the image): with t = 0 its prediction matches it at IoU 0
+    assert m["inputs"]["num_truth_boxes"] == 4  # 3 + the out-of-image one (clipped to [60, 60, 4, 4])
+    # image 3 now has a lesion (at the image corner): with t = 0 its prediction matches it at IoU 0
     assert (m["piou"]["tp"], m["piou"]["fp"], m["piou"]["fn"]) == (3, 0, 1)
     assert m["piou"]["score"] == pytest.approx(1.5 / 4)
     assert "## Input problems" in (tmp_path / "o" / "report.md").read_text()

@@ -25,7 +25,8 @@ from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
-from .inputs import DetectionData, box_iou_xywh
+from .inputs import DetectionData
+from .matching import box_iou_xywh, image_pairs
 
 __all__ = ["FROC_RATES", "FrocHits", "froc_hits", "froc_curve", "sensitivity_at_rates", "rates_reached", "froc"]
 
@@ -45,23 +46,11 @@ class FrocHits:
     iou_thresh: float
 
 
-def _pairs(data: DetectionData) -> Tuple[np.ndarray, np.ndarray]:
-    """All (prediction, truth) index pairs sharing an image."""
-    n = data.num_images
-    gt_count = np.bincount(data.gt_image, minlength=n)
-    gt_start = np.r_[0, np.cumsum(gt_count)[:-1]]
-    per_pred = gt_count[data.pred_image]
-    p_idx = np.repeat(np.arange(len(data.pred_image)), per_pred)
-    offs = np.arange(len(p_idx)) - np.repeat(np.cumsum(per_pred) - per_pred, per_pred)
-    g_idx = gt_start[data.pred_image][p_idx] + offs
-    return p_idx, g_idx
-
-
 def froc_hits(data: DetectionData, hit: str = "iou", iou_thresh: float = 0.5) -> FrocHits:
     """Decide which predictions hit which truth boxes (all predictions, any class)."""
     if hit not in ("iou", "center"):
         raise ValueError(f"FROC hit rule must be 'iou' or 'center', got {hit!r}")
-    p_idx, g_idx = _pairs(data)
+    p_idx, g_idx = image_pairs(data.pred_image, data.gt_image, data.num_images)
     pb = data.pred_boxes[p_idx]
     gb = data.gt_boxes[g_idx]
     if hit == "iou":

@@ -133,6 +133,8 @@ def evaluate_predictions(
         "num_truth_boxes": int(len(data.gt_image)),
         "num_predictions": int(len(data.pred_scores)),
         "num_predictions_ignored": int(len(preds_raw) - len(preds)),
+        "num_ignore_regions": int(len(data.ignore_image)),
+        "num_predictions_in_ignore_regions": int(data.num_ignored_predictions),
         "categories": [str(c.get("name", c["id"])) for c in gt["categories"]],
     }
 
@@ -298,6 +300,13 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         f"- Predictions: `{inp['predictions']}`: {inp['num_predictions']} detections scored, "
         f"{inp['num_predictions_ignored']} ignored\n"
     )
+    if inp.get("num_ignore_regions"):
+        out.append(
+            f"- Ignore regions (COCO `iscrowd: 1`): {inp['num_ignore_regions']}, never counted as lesions; "
+            f"{inp['num_predictions_in_ignore_regions']} detections inside ignore regions (matching no lesion at "
+            "IoU 0.5, at least half their area inside) removed before penalized IoU, FROC and the image-level "
+            "calls; COCO AP applies pycocotools' own crowd rule\n"
+        )
     if metrics.get("warnings"):
         out.append("\n## Input problems\n")
         out.extend(f"- {w}\n" for w in metrics["warnings"])
