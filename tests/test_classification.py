@@ -82,15 +82,13 @@ def test_malignancy_only_for_benign_malignant_sets():
     assert malignancy(build_detection_data(gt, [P(1, 0.9)])) is None
 
 
-def test_roc_matches_scikit_learn():
-    from sklearn.metrics import roc_auc_score, roc_curve
-
+def test_roc_hand_case_with_ties_and_one_class():
     from usdet.evaluation.classification import roc
 
-    rng = np.random.default_rng(0)
-    y = rng.random(300) < 0.4
-    s = np.round(rng.random(300) + 0.3 * y, 2)  # rounding makes ties
-    r = roc(y, s)
-    assert r["auc"] == pytest.approx(roc_auc_score(y, s))
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    assert np.allclose(r["fpr"], fpr) and np.allclose(r["tpr"], tpr)
+    r = roc(np.array([1, 0, 1, 0], bool), np.array([0.9, 0.8, 0.8, 0.1]))
+    # pairs: 0.9 beats both negatives, 0.8 ties one (1/2) and beats 0.1 -> 3.5 / 4
+    assert r["auc"] == pytest.approx(0.875)
+    assert r["tpr"] == [0.0, 0.5, 1.0, 1.0] and r["fpr"] == [0.0, 0.0, 0.5, 1.0]
+    assert math.isnan(r["thresholds"][0]) and r["thresholds"][1:] == [0.9, 0.8, 0.1]
+    one = roc(np.ones(3, bool), np.array([0.1, 0.2, 0.3]))
+    assert math.isnan(one["auc"]) and one["fpr"] == []

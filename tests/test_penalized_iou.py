@@ -208,7 +208,7 @@ def test_detectron2_evaluator_matches_function():
     from detectron2.structures import BoxMode, Boxes, Instances
 
     from usdet.config import add_usdet_config
-    from usdet.evaluation.penalized_iou import PenalizedIoUEvaluator
+    from usdet.evaluation.evaluator import PenalizedIoUEvaluator
 
     name = "usdet_test_piou_evaluator"
     # records as detectron2 loads them: contiguous 0-based classes, XYXY boxes allowed

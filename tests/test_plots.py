@@ -1,4 +1,5 @@
-"""Plots exist, have the expected size and are not blank; training curves tolerate partial files."""
+"""Plots draw the data they are given (matplotlib line data), are written as non-blank PNGs of the
+expected size, and training curves tolerate partial files."""
 import json
 import os
 
@@ -44,6 +45,76 @@ def test_evaluation_plots(tmp_path):
     sweep = {"score_thresh": list(np.round(np.arange(1, 20) * 0.05, 2)), "score": list(np.linspace(0.2, 0.5, 19))}
     img = check_png(P.plot_piou_sweep(sweep, 0.45, 0.4, str(tmp_path / "piou.png")))
     assert coloured_fraction(img) > 0.002
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """The matplotlib figures the plot functions save (each still written as a PNG)."""
+    saved = []
+    real = P.save_figure
+
+    def capture(fig, path):
+        saved.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(P, "save_figure", capture)
+    return saved
+
+
+def _lines(fig):
+    return {ln.get_label(): (np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
+            for ax in fig.axes for ln in ax.get_lines()}
+
+
+def test_plots_draw_the_given_data(tmp_path, figures):
+    rec = np.linspace(0, 1, 101)
+    p50, p75 = 1 - rec ** 2, 0.8 - 0.8 * rec
+    P.plot_pr_curves({"lesion": {"recall": rec.tolist(), "precision_50": p50.tolist(), "precision_75": p75.tolist()}},
+                     str(tmp_path / "pr.png"))
+    lines = _lines(figures[-1])
+    label50 = f"lesion, IoU 0.50 (AP50 {np.mean(p50) * 100:.1f})"
+    assert np.allclose(lines[label50][0], rec) and np.allclose(lines[label50][1], p50)
+    assert np.allclose(lines[f"lesion, IoU 0.75 (AP75 {np.mean(p75) * 100:.1f})"][1], p75)
+
+    # FROC whose detections end at 2 FP/image: the curve stops there, 4 and 8 have no marker
+    rates = [0.125, 0.25, 0.5, 1, 2, 4, 8]
+    P.plot_froc([0, 0.1, 0.5, 2], [0, 0.4, 0.6, 0.8], rates, [0.4, 0.4, 0.6, 0.6, 0.8, None, None],
+                str(tmp_path / "froc.png"), hit_rule="IoU >= 0.5", cpm=None)
+    lines = _lines(figures[-1])
+    x, y = lines["FROC"]
+    assert x.tolist() == [0.0625, 0.0625, 0.1, 0.5, 2.0, 2.0] and y.tolist() == [0, 0, 0.4, 0.6, 0.8, 0.8]
+    assert lines["at standard rates"][0].tolist() == rates[:5]
+    assert lines["at standard rates"][1].tolist() == [0.4, 0.4, 0.6, 0.6, 0.8]
+    assert lines["end of detections (higher rates not reached)"][0].tolist() == [2.0, 2.0]
+
+    P.plot_roc_curves({"lesion present": ([0, 0.2, 1], [0, 0.7, 1], 0.75)}, str(tmp_path / "roc.png"))
+    x, y = _lines(figures[-1])["lesion present (AUC 0.750)"]
+    assert x.tolist() == [0, 0.2, 1] and y.tolist() == [0, 0.7, 1]
+
+    P.plot_confusion_matrix([[5, 1, 0], [2, 7, 1]], ["benign", "malignant"], ["benign", "malignant", "no detection"],
+                            str(tmp_path / "cm.png"))
+    texts = [t.get_text() for t in figures[-1].axes[0].texts]
+    assert texts == ["5\n(83%)", "1\n(17%)", "0\n(0%)", "2\n(20%)", "7\n(70%)", "1\n(10%)"]
+
+    sweep = {"score_thresh": [0.05, 0.5, 0.95], "score": [0.2, 0.45, None]}
+    P.plot_piou_sweep(sweep, 0.45, 0.4, str(tmp_path / "piou.png"))
+    lines = _lines(figures[-1])
+    assert lines["penalized IoU"][0].tolist() == [0.05, 0.5, 0.95]
+    assert np.allclose(lines["penalized IoU"][1], [0.2, 0.45, np.nan], equal_nan=True)
+    assert lines["best 0.450 at s=0.50"][1].tolist() == [0.45]
+    assert lines["chosen s=0.45 (0.400)"][0].tolist() == [0.45, 0.45]
+    for name in ("pr", "froc", "roc", "cm", "piou"):
+        check_png(str(tmp_path / f"{name}.png"))
+
+
+def test_training_curves_draw_each_run_in_sequence(tmp_path, figures):
+    runs = {"stage1": {0: {"total_loss": 2.0, "lr": 0.01}, 9: {"total_loss": 1.0, "lr": 0.01}},
+            "stage2": {0: {"total_loss": 0.9, "lr": 0.001}, 4: {"total_loss": 0.5, "lr": 0.001}}}
+    P.plot_training_curves(runs, str(tmp_path / "c.png"))
+    lines = _lines(figures[-1])
+    assert lines["stage1: total_loss"][0].tolist() == [0, 9] and lines["stage1: total_loss"][1].tolist() == [2.0, 1.0]
+    # stage 2 is drawn after stage 1 on the iteration axis
+    assert lines["stage2: total_loss"][0].tolist() == [10, 14] and lines["stage2: lr"][1].tolist() == [0.001, 0.001]
 
 
 def test_empty_inputs_still_give_labelled_plots(tmp_path):

@@ -63,7 +63,9 @@ def test_end_to_end_hand_case(tmp_path):
     assert p["score"] == pytest.approx(1.5 / 4)
     # FROC: lesions found at .9 and .8 (IoU exactly .5 hits), FP .6 on 4 images, duplicate ignored
     f = disk["froc"]
-    assert f["sensitivity"] == pytest.approx([2 / 3] * 7) and f["cpm"] == pytest.approx(2 / 3)
+    # the curve ends at 1 FP / 4 images: higher rates are not reached (null), and CPM with them
+    assert f["sensitivity"][:2] == pytest.approx([2 / 3] * 2) and f["sensitivity"][2:] == [None] * 5
+    assert f["cpm"] is None and f["cpm_reached"] == pytest.approx(2 / 3) and f["max_fps_per_image"] == 0.25
     assert f["hit"] == "iou" and f["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
     # image level: lesion images top .9, .8, 0 vs normal .6
     il = disk["image_level"]
@@ -89,6 +91,7 @@ def test_end_to_end_hand_case(tmp_path):
     assert disk["warnings"] == []
     md = (out / "report.md").read_text()
     assert "IoU >= 0.5" in md and "s = 0.45" in md and "top-k = 1" in md
+    assert "| sensitivity | 0.667 | 0.667 | not reached |" in md and "0.5, 1, 2, 4, 8 FP/image are **not reached**" in md
     assert "Bootstrap 95% confidence intervals" in md and "200 resamples" in md
     for png in disk["plots"].values():
         assert f"]({png})" in md
@@ -128,16 +131,16 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tmp_path):
         json.dump(preds, fh)  # NaN as JSON NaN (Python writes it)
     m = evaluate_predictions(gt_path, pred_path, str(tmp_path / "o"), bootstrap=0, plots=False)
     w = "\n".join(m["warnings"])
-    assert "bad_gt.json: 1 annotation(s) with bbox with non-positive width or height" in w
-    assert "bad_gt.json: 1 annotation(s) with unknown image_id" in w
-    assert "bad_gt.json: 1 annotation(s) with bbox extends outside the image (kept as is): ids 12" in w
+    assert "bad_gt.json: 1 annotations with a non-positive bbox width or height (dropped): 10" in w
+    assert "bad_gt.json: 1 annotations of an unknown image_id (dropped): 11" in w
+    assert "bad_gt.json: 1 annotations whose bbox extends outside the image (clipped to the image): 12" in w
     assert "bad_pred.json: ignored 2 detection(s) with unknown image_id (not in the ground truth) (42, [1])" in w
     assert "bad_pred.json: ignored 1 detection(s) with unknown category_id (7)" in w
     assert "bad_pred.json: ignored 1 detection(s) with missing key(s) score" in w
     assert "bad_pred.json: ignored 1 detection(s) with bbox that is not 4 finite numbers" in w
     assert m["inputs"]["num_predictions"] == 4 and m["inputs"]["num_predictions_ignored"] == 5
-    assert m["inputs"]["num_truth_boxes"] == 4  # 3 + the out-of-image one
-    # image 3 now has a lesion (outside the image): with t = 0 its prediction matches it at IoU 0
+    assert m["inputs"]["num_truth_boxes"] == 4  # 3 + the out-of-image one (clipped to [60, 60, 4, 4])
+    # image 3 now has a lesion (at the image corner): with t = 0 its prediction matches it at IoU 0
     assert (m["piou"]["tp"], m["piou"]["fp"], m["piou"]["fn"]) == (3, 0, 1)
     assert m["piou"]["score"] == pytest.approx(1.5 / 4)
     assert "## Input problems" in (tmp_path / "o" / "report.md").read_text()
@@ -164,7 +167,7 @@ def test_unusable_files_raise_naming_the_file(tmp_path):
 def test_no_predictions_gives_nan_not_crash(tmp_path):
     gt = write(tmp_path, "gt.json", HAND_GT)
     m = evaluate_predictions(gt, [], str(tmp_path / "o"), bootstrap=50)
-    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] == 0.0
+    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] is None
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["bbox"]["AP"] is None
 
 
@@ -227,8 +230,9 @@ def test_bootstrap_weighted_sums_equal_reevaluating_a_resample():
     ref_ap50 = coco_bbox_metrics(rgt, rpreds, backend="pycocotools")["metrics"]["AP50"]
     assert _Ap50Stat(d)(counts[:, None])[0] == pytest.approx(ref_ap50, abs=1e-6)
     rd = build_detection_data(rgt, rpreds)
-    assert _CpmStat(d, "iou", 0.5)(counts[:, None])[0] == pytest.approx(froc(rd)["cpm"])
-    assert _CpmStat(d, "center", 0.5)(counts[:, None])[0] == pytest.approx(froc(rd, "center")["cpm"])
+    for hit in ("iou", "center"):
+        ref = froc(rd, hit)["cpm"]
+        assert _CpmStat(d, hit, 0.5)(counts[:, None])[0] == pytest.approx(math.nan if ref is None else ref, nan_ok=True)
     auc = _AucStat(d.gt_count_per_image() > 0, top_score_per_image(d), np.ones(d.num_images, bool))
     assert auc(counts[:, None])[0] == pytest.approx(image_level(rd)["auc"])
 
@@ -239,10 +243,12 @@ def test_bootstrap_is_seeded():
     a = bootstrap_metrics(d, 100, seed=1)
     b = bootstrap_metrics(d, 100, seed=1)
     c = bootstrap_metrics(d, 100, seed=2)
-    assert a == b and a != c
+    assert json.dumps(a) == json.dumps(b) and json.dumps(a) != json.dumps(c)
     assert set(a["metrics"]) == {"AP50", "piou", "cpm", "image_auc", "malignancy_auc"}
-    for v in a["metrics"].values():
-        assert v["low"] <= v["high"] and v["n_valid"] == 100
+    # about 2.5 FPs per image: 8 FP/image is never reached, so no resample has a CPM
+    assert froc(d)["cpm"] is None and a["metrics"]["cpm"]["n_valid"] == 0 and math.isnan(a["metrics"]["cpm"]["estimate"])
+    for k, v in a["metrics"].items():
+        assert k == "cpm" or (v["low"] <= v["high"] and v["n_valid"] == 100)
 
 
 def test_evaluate_json_cli(tmp_path, capsys):

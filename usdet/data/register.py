@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -67,119 +66,17 @@ def _categories(json_file: str) -> Tuple[List[int], List[str]]:
     return [int(c["id"]) for c in cats], [str(c.get("name", c["id"])) for c in cats]
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def sanitize_coco(doc: Dict[str, Any], json_file: str, image_root: str = "") -> Tuple[Dict[str, Any], List[str]]:
-    """Make a COCO dict safe for detectron2's loader; return (cleaned copy, one message per kind of problem).
+    """Make a COCO dict safe for detectron2's loader: the one cleaner of usdet
+    (:func:`usdet.evaluation.inputs.clean_coco`, shared with evaluation so that training-time and
+    offline scores see the same truth), requiring image files. Raises :class:`DatasetFormatError`
+    when no image is left."""
+    from usdet.evaluation.inputs import clean_coco
 
-    Hand-made or exported JSONs (CVAT, scripts) carry problems that would otherwise crash a long
-    run late or, worse, train silently on wrong boxes. What can be repaired is repaired and
-    reported; what cannot be trusted is left out and reported:
-    images without ``id``/``file_name`` are dropped; missing width/height are read from the file's
-    header; images sharing an id are all dropped (their annotations cannot be attributed);
-    annotations without ``image_id``/``category_id``/``bbox``, of an unknown image or category, or
-    with a box that is not 4 finite numbers of positive size are dropped; boxes partly outside
-    their image are clipped to it, boxes wholly outside are dropped; repeated annotation ids are
-    renumbered. Raises :class:`DatasetFormatError` when no image is left.
-    """
-    problems: Dict[str, List[Any]] = {}
-
-    def note(kind: str, item: Any) -> None:
-        problems.setdefault(kind, []).append(item)
-
-    cat_ids = {c["id"] for c in doc["categories"]}
-    id_count: Dict[Any, int] = {}
-    for im in doc["images"]:
-        if isinstance(im, dict) and "id" in im:
-            id_count[im["id"]] = id_count.get(im["id"], 0) + 1
-    images: List[Dict[str, Any]] = []
-    dropped_ids = set()  # their annotations go with them, without a second message
-    for i, im in enumerate(doc["images"]):
-        if not isinstance(im, dict) or "id" not in im:
-            note("image entries without 'id' (dropped)", f"images[{i}]")
-            continue
-        if id_count[im["id"]] > 1:
-            note("image entries sharing their id with another (all dropped, with their annotations)", im["id"])
-            dropped_ids.add(im["id"])
-            continue
-        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
-            note("image entries without 'file_name' (dropped, with their annotations)", im["id"])
-            dropped_ids.add(im["id"])
-            continue
-        im = dict(im)
-        if not (_number(im.get("width")) and _number(im.get("height")) and im["width"] > 0 and im["height"] > 0):
-            size = _image_size(os.path.join(image_root, im["file_name"]))
-            if size is None:
-                note("image entries without a valid width/height whose file could not be read (dropped, with "
-                     "their annotations)", im["id"])
-                dropped_ids.add(im["id"])
-                continue
-            note("image entries without a valid width/height (read from the image file)", im["id"])
-            im["width"], im["height"] = size
-        images.append(im)
-    if not images:
-        raise DatasetFormatError(json_file, "no usable image entries" + _summary(problems))
-    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
-
-    anns: List[Dict[str, Any]] = []
-    for i, a in enumerate(doc.get("annotations") or []):
-        aid = a.get("id", f"annotations[{i}]") if isinstance(a, dict) else f"annotations[{i}]"
-        if not isinstance(a, dict) or any(k not in a for k in ("image_id", "category_id", "bbox")):
-            note("annotations missing image_id/category_id/bbox (dropped)", aid)
-            continue
-        if a["image_id"] not in sizes:
-            if a["image_id"] not in dropped_ids:
-                note("annotations of an unknown image_id (dropped)", aid)
-            continue
-        if a["category_id"] not in cat_ids:
-            note(f"annotations with a category_id not in 'categories' {sorted(cat_ids)} (dropped)", aid)
-            continue
-        box = a["bbox"]
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_number(v) for v in box)):
-            note("annotations whose bbox is not 4 finite numbers (dropped)", aid)
-            continue
-        x, y, w, h = (float(v) for v in box)
-        if w <= 0 or h <= 0:
-            note("annotations with a non-positive bbox width or height (dropped)", aid)
-            continue
-        W, H = sizes[a["image_id"]]
-        x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
-        if x1 <= x0 or y1 <= y0:
-            note("annotations whose bbox lies wholly outside its image (dropped)", aid)
-            continue
-        a = dict(a)
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            note("annotations whose bbox extends outside its image (clipped to the image)", aid)
-            a["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-        anns.append(a)
-    ids = [a.get("id") for a in anns]
-    if None in ids or len(set(ids)) != len(ids):
-        note("annotations without a unique 'id' (all renumbered)", len(anns))
-        for k, a in enumerate(anns):
-            a["id"] = k + 1
-    cleaned = dict(doc, images=images, annotations=anns)
-    return cleaned, [f"{json_file}: {len(items)} {kind}: {_shown(items)}" for kind, items in problems.items()]
-
-
-def _shown(items: List[Any]) -> str:
-    uniq = list(dict.fromkeys(items))
-    return ", ".join(str(x) for x in uniq[:8]) + (f" ... ({len(uniq) - 8} more)" if len(uniq) > 8 else "")
-
-
-def _summary(problems: Dict[str, List[Any]]) -> str:
-    return "".join(f"; {len(v)} {k}: {_shown(v)}" for k, v in problems.items())
-
-
-def _image_size(path: str) -> Optional[Tuple[int, int]]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:  # header only
-            return img.size
-    except Exception:
-        return None
+    cleaned, messages = clean_coco(doc, json_file, image_root=image_root, require_file_name=True)
+    if not cleaned["images"]:
+        raise DatasetFormatError(json_file, "no usable image entries; " + "; ".join(messages))
+    return cleaned, messages
 
 
 def load_usdet_json(json_file: str, image_root: str, dataset_name: Optional[str] = None) -> List[Dict[str, Any]]:

@@ -23,7 +23,7 @@ from detectron2.data.build import build_detection_train_loader, trivial_batch_co
 from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -33,6 +33,8 @@ from usdet.data.mapper import UsdetDatasetMapper
 from usdet.engine.checkpoint import UsdetCheckpointer
 from usdet.engine.hooks import BestModelHook, EMAHook, ValidationLossHook
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
+from usdet.evaluation.evaluator import CleanCOCOEvaluator, PenalizedIoUEvaluator
+from usdet.evaluation.report import evaluate_predictions
 
 __all__ = ["Trainer", "TrainingDivergedError", "evaluate_checkpoint"]
 
@@ -77,15 +79,11 @@ class Trainer(DefaultTrainer):
         """COCO bbox AP (pycocotools; this detectron2 has no compiled fast evaluator) + penalized IoU."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
-                                    use_fast_impl=False)]
-        try:
-            from usdet.evaluation.penalized_iou import PenalizedIoUEvaluator
-        except ImportError as e:  # pragma: no cover - only while the evaluator is missing
-            logger.warning("Penalized IoU evaluator unavailable (%s); evaluating COCO AP only", e)
-        else:
-            evaluators.append(PenalizedIoUEvaluator(dataset_name, cfg=cfg, output_dir=output_folder))
-        return DatasetEvaluators(evaluators)
+        return DatasetEvaluators([
+            CleanCOCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
+                               use_fast_impl=False),
+            PenalizedIoUEvaluator(dataset_name, cfg=cfg, output_dir=output_folder),
+        ])
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -251,11 +249,6 @@ def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:
 
 def write_reports(cfg, weights: str = "") -> List[str]:
     """Write the full evaluation report of each test dataset from the saved predictions."""
-    try:
-        from usdet.evaluation.report import evaluate_predictions
-    except ImportError as e:  # pragma: no cover - only while the report module is missing
-        logger.warning("usdet.evaluation.report unavailable (%s); no report written", e)
-        return []
     written = []
     for name in cfg.DATASETS.TEST:
         out = os.path.join(cfg.OUTPUT_DIR, "inference", name)

@@ -1,8 +1,8 @@
 """usdet evaluation: penalized IoU, COCO AP, FROC, image-level ROC, bootstrap CIs, reports, plots.
 
-``PenalizedIoUEvaluator`` (a detectron2 ``DatasetEvaluator``, loaded on first use so that offline
-scoring does not import detectron2) is reachable as
-``usdet.evaluation.penalized_iou.PenalizedIoUEvaluator``; ``evaluate_predictions`` (metrics.json,
+``PenalizedIoUEvaluator`` and ``CleanCOCOEvaluator`` (detectron2 ``DatasetEvaluator``s) live in
+:mod:`usdet.evaluation.evaluator`, imported only there so that offline scoring does not import
+detectron2; ``evaluate_predictions`` (metrics.json,
 report.md, plots) is in :mod:`usdet.evaluation.report`. Function names are not re-exported here
 on purpose, so that ``usdet.evaluation.penalized_iou`` always names the module.
 """

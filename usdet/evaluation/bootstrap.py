@@ -12,8 +12,8 @@ product:
 * CPM: per-lesion detection score and FP scores, counted at the distinct lesion scores;
 * ROC AUCs: weighted Mann-Whitney statistic over score levels.
 
-Duplicated images in a resample act as tied copies. Crowd truth regions are not modelled (the
-usdet converters write none).
+Duplicated images in a resample act as tied copies. Detections inside ignore (crowd) regions are
+already removed from :class:`DetectionData` (see :mod:`usdet.evaluation.ignore`).
 """
 from __future__ import annotations
 
@@ -144,6 +144,9 @@ class _CpmStat:
         self.truth = _count_matrix(t_lvl, h.truth_image[found], L, n)
         self.fp = _count_matrix(f_lvl[keep], h.fp_image[keep], L, n)
         self.gt_count = np.bincount(h.truth_image, minlength=n).astype(np.float64)
+        # for "rate reached" (froc.rates_reached): all FPs of an image, and its lesions ever found
+        self.fp_all = np.bincount(h.fp_image, minlength=n).astype(np.float64)
+        self.found_all = np.bincount(h.truth_image[found], minlength=n).astype(np.float64)
         self.n_levels = len(levels)
         self.rates = np.asarray(rates, dtype=np.float64)
         self.size = L
@@ -152,6 +155,11 @@ class _CpmStat:
         total = self.gt_count @ wt
         n_img = wt.sum(0)
         b = wt.shape[1]
+        # a rate above the curve's end is not reached (unless every lesion is found): CPM undefined
+        end_fps = (self.fp_all @ wt) / np.maximum(n_img, 1)
+        all_found = (self.found_all @ wt) >= total
+        reached = (self.rates.max() <= end_fps + 1e-12) | all_found
+        total = np.where(reached, total, 0.0)
         if not self.n_levels:
             return np.where(total > 0, 0.0, np.nan)
         cum_t = np.cumsum(self.truth @ wt, axis=0)

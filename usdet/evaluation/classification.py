@@ -53,26 +53,20 @@ def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, Any]:
 
 
 def roc(y_true: np.ndarray, score: np.ndarray) -> Dict[str, Any]:
-    """ROC curve at every distinct score and its AUC (Mann-Whitney, ties count one half).
+    """ROC curve at every distinct score (from (0, 0)) and its AUC, by scikit-learn.
 
-    Same values as scikit-learn's ``roc_curve``/``roc_auc_score`` (checked in the tests) without
-    its import cost in the report tool. AUC is NaN when only one class is present.
+    AUC is NaN when only one class is present (scikit-learn raises there).
     """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     y_true = np.asarray(y_true, dtype=bool)
     score = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y_true.all() or not y_true.any():
         return {"auc": float("nan"), "fpr": [], "tpr": [], "thresholds": []}
-    levels, inv = np.unique(score, return_inverse=True)  # ascending
-    pos = np.bincount(inv, weights=y_true, minlength=len(levels))
-    neg = np.bincount(inv, weights=~y_true, minlength=len(levels))
-    below = np.cumsum(neg) - neg
-    auc = float(np.sum(pos * (below + 0.5 * neg)) / (n_pos * n_neg))
-    # walk thresholds from high to low: (0, 0) then one point per distinct score
-    tpr = np.r_[0.0, np.cumsum(pos[::-1]) / n_pos]
-    fpr = np.r_[0.0, np.cumsum(neg[::-1]) / n_neg]
-    thr = np.r_[np.nan, levels[::-1]]
-    return {"auc": auc, "fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
+    fpr, tpr, thr = roc_curve(y_true, score, drop_intermediate=False)
+    thr = np.where(np.isfinite(thr), thr, np.nan)  # the (0, 0) point has no threshold
+    return {"auc": float(roc_auc_score(y_true, score)), "fpr": fpr.tolist(), "tpr": tpr.tolist(),
+            "thresholds": thr.tolist()}
 
 
 def image_level(data: DetectionData, score_thresh: float = 0.45) -> Dict[str, Any]:

@@ -1,23 +1,78 @@
-"""detectron2 ``DatasetEvaluator`` for penalized IoU (see :mod:`usdet.evaluation.penalized_iou`).
+"""detectron2 ``DatasetEvaluator``s of the training-time evaluation: penalized IoU and COCO AP.
 
-Kept apart from the metric itself so that offline scoring does not import detectron2 and torch;
-``usdet.evaluation.penalized_iou.PenalizedIoUEvaluator`` still names this class.
+Both score against the same cleaned ground truth as the offline report
+(:func:`usdet.evaluation.inputs.clean_gt` of the dataset's ``json_file``), and penalized IoU takes
+detections in the form detectron2 writes them to ``coco_instances_results.json``, so a training-time
+evaluation and ``--eval-only`` / ``tools/evaluate_json.py`` on its saved predictions give the same
+numbers. Kept apart from the metrics so that offline scoring does not import detectron2 and torch.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import BoxMode
 
-from .inputs import build_detection_data
+from .inputs import build_detection_data, clean_gt, load_gt_json
 from .penalized_iou import match_penalized_iou, penalized_iou_from_matches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PenalizedIoUEvaluator"]
+__all__ = ["PenalizedIoUEvaluator", "CleanCOCOEvaluator", "evaluation_ground_truth"]
+
+#: Evaluation parameters: configuration (``TEST.PIOU.*`` in the run's config.yaml and in
+#: penalized_iou.json), not metrics, so they are kept out of the evaluator's results.
+PIOU_PARAMS = ("score_thresh", "iou_thresh", "topk", "class_aware")
+
+
+def evaluation_ground_truth(dataset_name: str) -> Dict[str, Any]:
+    """The dataset's ground truth as a cleaned COCO dict (category ids as in its JSON).
+
+    From the registered ``json_file`` (what the report reads), else from the ``DatasetCatalog``
+    records (contiguous category ids); either way through the one cleaner.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    json_file = meta.get("json_file", None)
+    if json_file:
+        return clean_gt(load_gt_json(json_file), json_file)[0]
+    images, anns = [], []
+    for rec in DatasetCatalog.get(dataset_name):
+        images.append({k: rec[k] for k in ("image_id", "file_name", "width", "height") if k in rec})
+        images[-1]["id"] = images[-1].pop("image_id")
+        for a in rec.get("annotations", []):
+            box = BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYWH_ABS)
+            anns.append({"id": len(anns) + 1, "image_id": rec["image_id"], "bbox": [float(v) for v in box],
+                         "category_id": int(a.get("category_id", 0)), "iscrowd": int(a.get("iscrowd", 0))})
+    classes = meta.get("thing_classes", None) or [str(c) for c in sorted({a["category_id"] for a in anns} | {0})]
+    cats = [{"id": i, "name": name} for i, name in enumerate(classes)]
+    return clean_gt({"images": images, "annotations": anns, "categories": cats}, dataset_name)[0]
+
+
+class CleanCOCOEvaluator(COCOEvaluator):
+    """detectron2's ``COCOEvaluator`` scoring against the cleaned ground truth.
+
+    detectron2 reads the registered JSON as is (degenerate boxes, unknown categories included);
+    the report reads it through the one cleaner. This swaps the evaluator's COCO API for one built
+    from the cleaned dict (crowd regions kept: pycocotools' own crowd matching applies).
+    """
+
+    def __init__(self, dataset_name: str, *args: Any, **kwargs: Any) -> None:
+        has_json = bool(MetadataCatalog.get(dataset_name).get("json_file", None))
+        super().__init__(dataset_name, *args, **kwargs)
+        if has_json:
+            from pycocotools.coco import COCO
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                api = COCO()
+                api.dataset = evaluation_ground_truth(dataset_name)
+                api.createIndex()
+            self._coco_api = api
 
 
 class PenalizedIoUEvaluator(DatasetEvaluator):
@@ -25,8 +80,8 @@ class PenalizedIoUEvaluator(DatasetEvaluator):
 
     The study averaged the score over the last validation batch only; this evaluator gathers
     every image from every process first. Options come from ``cfg.TEST.PIOU.*`` unless given as
-    keyword arguments. Truth comes from the dataset's ``DatasetCatalog`` records (crowd boxes
-    left out), restricted to the images actually processed.
+    keyword arguments. Truth: :func:`evaluation_ground_truth`, restricted to the images processed.
+    The results hold metrics only; the options are written once, to ``penalized_iou.json``.
     """
 
     def __init__(
@@ -74,35 +129,13 @@ class PenalizedIoUEvaluator(DatasetEvaluator):
 
     def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
         for inp, out in zip(inputs, outputs):
-            rec: Dict[str, Any] = {"image_id": inp["image_id"]}
+            rec: Dict[str, Any] = {"image_id": inp["image_id"], "instances": []}
             inst = out.get("instances") if isinstance(out, Mapping) else None
             if inst is not None and len(inst):
-                inst = inst.to("cpu")
-                scores = inst.scores.numpy().astype(np.float64)
-                # Only the top-k can ever be kept, at any threshold.
-                keep = np.argsort(-scores, kind="stable")[: self.topk]
-                xyxy = inst.pred_boxes.tensor.numpy().astype(np.float64)[keep]
-                rec["boxes"] = np.c_[xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]]
-                rec["scores"] = scores[keep]
-                rec["classes"] = inst.pred_classes.numpy().astype(np.int64)[keep]
+                # Every detection (the ignore-region rule runs before the top-k), exactly as
+                # COCOEvaluator writes them to coco_instances_results.json.
+                rec["instances"] = instances_to_coco_json(inst.to("cpu"), inp["image_id"])
             self._predictions.append(rec)
-
-    def _ground_truth(self, image_ids: set) -> Dict[Any, List[Dict[str, Any]]]:
-        from detectron2.data import DatasetCatalog
-        from detectron2.structures import BoxMode
-
-        gts: Dict[Any, List[Dict[str, Any]]] = {}
-        for rec in DatasetCatalog.get(self._dataset_name):
-            if rec["image_id"] not in image_ids:
-                continue
-            anns = []
-            for a in rec.get("annotations", []):
-                if a.get("iscrowd", 0):
-                    continue
-                box = BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYWH_ABS)
-                anns.append({"bbox": [float(v) for v in box], "category_id": int(a.get("category_id", 0))})
-            gts[rec["image_id"]] = anns
-        return gts
 
     def evaluate(self) -> Dict[str, Any]:
         if self._distributed:
@@ -119,25 +152,26 @@ class PenalizedIoUEvaluator(DatasetEvaluator):
             logger.warning("[PenalizedIoUEvaluator] did not receive valid predictions.")
             return {}
         image_ids = {p["image_id"] for p in predictions}
-        gts = self._ground_truth(image_ids)
-        missing = image_ids - set(gts)
-        if missing:
+        gt = evaluation_ground_truth(self._dataset_name)
+        known = {im["id"] for im in gt["images"]}
+        if image_ids - known:
             logger.warning(
                 "[PenalizedIoUEvaluator] %d processed image id(s) are not in dataset %s; ignored",
-                len(missing),
+                len(image_ids - known),
                 self._dataset_name,
             )
-        preds = []
-        for p in predictions:
-            if p["image_id"] not in gts or "boxes" not in p:
-                continue
-            for box, score, cls in zip(p["boxes"], p["scores"], p["classes"]):
-                preds.append({"image_id": p["image_id"], "bbox": box.tolist(), "score": float(score), "category_id": int(cls)})
-        data = build_detection_data(gts, preds, check=False)
+        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in image_ids],
+                  annotations=[a for a in gt["annotations"] if a["image_id"] in image_ids])
+        # detectron2's contiguous class indices -> the JSON's category ids (as COCOEvaluator does)
+        to_dataset = {v: k for k, v in (MetadataCatalog.get(self._dataset_name).get(
+            "thing_dataset_id_to_contiguous_id", None) or {}).items()}
+        preds = [dict(d, category_id=to_dataset.get(d["category_id"], d["category_id"]))
+                 for p in predictions if p["image_id"] in known for d in p["instances"]]
+        data = build_detection_data(gt, preds, check=False)
         m = match_penalized_iou(data, self.iou_thresh, self.topk, self.class_aware)
         res = penalized_iou_from_matches(m, self.score_thresh)
         res.pop("sweep", None)  # keep the flattened event-storage keys scalar
-        res.pop("class_aware", None)
+        params = {k: res.pop(k) for k in PIOU_PARAMS}
         if res["best_score_thresh"] is None:
             res["best_score_thresh"] = float("nan")
         logger.info(
@@ -156,5 +190,6 @@ class PenalizedIoUEvaluator(DatasetEvaluator):
         if self._output_dir:
             from usdet.utils.io import atomic_write_json
 
-            atomic_write_json(f"{self._output_dir}/penalized_iou.json", {"dataset": self._dataset_name, "piou": res})
+            atomic_write_json(f"{self._output_dir}/penalized_iou.json",
+                              {"dataset": self._dataset_name, "params": params, "piou": res})
         return {"piou": dict(res)}

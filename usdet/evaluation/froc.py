@@ -9,6 +9,14 @@ once: it is found at threshold ``tau`` when any prediction hitting it has score 
 hits on an already-found box are neither TP nor FP; a prediction hitting no truth box is an FP.
 Classes are ignored (lesion detection). Sensitivity at a rate is the highest reached at an
 average FP/image not above that rate; CPM is the mean over 1/8, 1/4, 1/2, 1, 2, 4, 8.
+
+Rates beyond the curve: the curve ends at the FP/image of the lowest-scoring detection. A rate
+above that end is *not reached* (sensitivity ``None``): lower-scoring detections the model did
+not output could have found more lesions, so the end point's sensitivity is not the value at
+that rate. The one exception is a curve that has already found every lesion (sensitivity 1
+cannot rise). CPM is ``None`` unless all seven rates are reached; ``cpm_reached`` is the mean
+over the reached rates (say so when quoting it). To reach high rates, keep more low-score
+detections (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``, ``TEST.DETECTIONS_PER_IMAGE``).
 """
 from __future__ import annotations
 
@@ -17,9 +25,10 @@ from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
-from .inputs import DetectionData, box_iou_xywh
+from .inputs import DetectionData
+from .matching import box_iou_xywh, image_pairs
 
-__all__ = ["FROC_RATES", "FrocHits", "froc_hits", "froc_curve", "sensitivity_at_rates", "froc"]
+__all__ = ["FROC_RATES", "FrocHits", "froc_hits", "froc_curve", "sensitivity_at_rates", "rates_reached", "froc"]
 
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -37,23 +46,11 @@ class FrocHits:
     iou_thresh: float
 
 
-def _pairs(data: DetectionData) -> Tuple[np.ndarray, np.ndarray]:
-    """All (prediction, truth) index pairs sharing an image."""
-    n = data.num_images
-    gt_count = np.bincount(data.gt_image, minlength=n)
-    gt_start = np.r_[0, np.cumsum(gt_count)[:-1]]
-    per_pred = gt_count[data.pred_image]
-    p_idx = np.repeat(np.arange(len(data.pred_image)), per_pred)
-    offs = np.arange(len(p_idx)) - np.repeat(np.cumsum(per_pred) - per_pred, per_pred)
-    g_idx = gt_start[data.pred_image][p_idx] + offs
-    return p_idx, g_idx
-
-
 def froc_hits(data: DetectionData, hit: str = "iou", iou_thresh: float = 0.5) -> FrocHits:
     """Decide which predictions hit which truth boxes (all predictions, any class)."""
     if hit not in ("iou", "center"):
         raise ValueError(f"FROC hit rule must be 'iou' or 'center', got {hit!r}")
-    p_idx, g_idx = _pairs(data)
+    p_idx, g_idx = image_pairs(data.pred_image, data.gt_image, data.num_images)
     pb = data.pred_boxes[p_idx]
     gb = data.gt_boxes[g_idx]
     if hit == "iou":
@@ -97,19 +94,39 @@ def sensitivity_at_rates(fps: np.ndarray, sens: np.ndarray, rates: Sequence[floa
     return sens[np.maximum(idx, 0)]
 
 
+def rates_reached(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FROC_RATES) -> np.ndarray:
+    """Which rates the curve reaches: its last FP/image is at or above the rate, or every lesion is found."""
+    rates = np.asarray(rates, dtype=np.float64)
+    all_found = bool(len(sens)) and np.isfinite(sens[-1]) and sens[-1] >= 1.0
+    return (rates <= fps[-1] + 1e-12) | all_found
+
+
 def froc(
     data: DetectionData, hit: str = "iou", iou_thresh: float = 0.5, rates: Sequence[float] = FROC_RATES
 ) -> Dict[str, Any]:
-    """``{"hit", "iou_thresh", "fps_per_image", "sensitivity", "cpm", "num_lesions", "curve"}``."""
+    """``{"hit", "iou_thresh", "fps_per_image", "sensitivity", "reached", "cpm", "cpm_reached", ...}``.
+
+    ``sensitivity`` is ``None`` at a rate the curve does not reach (see the module docstring).
+    """
     h = froc_hits(data, hit, iou_thresh)
     fps, sens, thr = froc_curve(h)
     at = sensitivity_at_rates(fps, sens, rates)
+    reached = rates_reached(fps, sens, rates)
+    no_lesion = len(h.truth_score) == 0
+    if no_lesion:
+        cpm = cpm_reached = float("nan")
+    else:
+        cpm = float(np.mean(at)) if reached.all() else None
+        cpm_reached = float(np.mean(at[reached])) if reached.any() else None
     return {
         "hit": hit,
         "iou_thresh": float(iou_thresh) if hit == "iou" else None,
         "fps_per_image": [float(r) for r in rates],
-        "sensitivity": [float(s) for s in at],
-        "cpm": float(np.mean(at)) if len(at) else float("nan"),
+        "sensitivity": [float(s) if ok else None for s, ok in zip(at, reached)],
+        "reached": [bool(ok) for ok in reached],
+        "max_fps_per_image": float(fps[-1]),
+        "cpm": cpm,
+        "cpm_reached": cpm_reached,
         "num_lesions": int(len(h.truth_score)),
         "num_images": int(h.num_images),
         "curve": {"fps_per_image": fps.tolist(), "sensitivity": sens.tolist(), "score_thresh": thr.tolist()},

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .matching import box_iou_xywh, in_ignore_region
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "load_gt_json",
     "build_detection_data",
     "PredictionArrays",
+    "clean_coco",
     "clean_gt",
     "clean_predictions",
     "coco_with_index_ids",
@@ -51,6 +54,10 @@ class DetectionData:
     pred_classes: np.ndarray  # (P,) int64 category ids
     categories: Dict[int, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    # Ignore regions (COCO iscrowd): never lesions; detections inside them are already removed.
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # (I, 4) xywh
+    ignore_image: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (I,)
+    num_ignored_predictions: int = 0  # detections removed by the ignore-region rule
 
     @property
     def num_images(self) -> int:
@@ -58,21 +65,6 @@ class DetectionData:
 
     def gt_count_per_image(self) -> np.ndarray:
         return np.bincount(self.gt_image, minlength=self.num_images)
-
-
-def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Continuous IoU of ``[x, y, w, h]`` boxes, elementwise with broadcasting (pycocotools' rule, no +1)."""
-    ax2 = a[..., 0] + a[..., 2]
-    ay2 = a[..., 1] + a[..., 3]
-    bx2 = b[..., 0] + b[..., 2]
-    by2 = b[..., 1] + b[..., 3]
-    iw = np.minimum(ax2, bx2) - np.maximum(a[..., 0], b[..., 0])
-    ih = np.minimum(ay2, by2) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return iou
 
 
 @contextlib.contextmanager
@@ -147,80 +139,155 @@ def _finite_box(b: Any) -> Optional[List[float]]:
     return out
 
 
-def clean_gt(gt: Dict[str, Any], source: str = "ground truth") -> Tuple[Dict[str, Any], List[str]]:
-    """Drop unusable annotations (with a message each kind); return a cleaned COCO dict and messages.
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    Kept: boxes partly outside the image (reported; IoU is still well defined).
-    Dropped: annotations without a 4-number bbox, with width/height <= 0, of an unknown image or
-    category.
+
+def _image_size(path: str) -> Optional[Tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # header only
+            return img.size
+    except Exception:
+        return None
+
+
+def _shown(items: List[Any]) -> str:
+    uniq = list(dict.fromkeys(repr(x) if isinstance(x, (list, dict)) else x for x in items))
+    return ", ".join(str(x) for x in uniq[:8]) + (f" ... ({len(uniq) - 8} more)" if len(uniq) > 8 else "")
+
+
+def clean_coco(
+    doc: Dict[str, Any],
+    source: str = "ground truth",
+    *,
+    image_root: Optional[str] = None,
+    require_file_name: bool = False,
+) -> Tuple[Dict[str, Any], List[str]]:
+    """The one ground-truth cleaner (registration, training-time evaluator, reports, overlays).
+
+    Returns a cleaned copy of a COCO dict and one message per kind of problem (naming ``source``).
+    Images without ``id``, or sharing their id with another (their annotations cannot be
+    attributed), are dropped. Annotations without ``image_id``/``category_id``/``bbox``, of an
+    unknown image or category, with a box that is not 4 finite numbers or of non-positive size,
+    or lying wholly outside their image, are dropped; boxes partly outside are clipped to the
+    image. Crowd annotations (``iscrowd: 1``, ignore regions) are kept as such. Repeated
+    annotation ids are renumbered (pycocotools needs unique ids).
+
+    Training needs the image files, evaluation does not: ``require_file_name`` drops images
+    without ``file_name``; ``image_root`` reads a missing width/height from the image file (an
+    unreadable one drops the image); without it such an image is kept and its boxes not clipped.
     """
-    warnings: List[str] = []
-    images = []
-    seen = set()
-    for i, im in enumerate(gt["images"]):
-        if not isinstance(im, dict) or "id" not in im:
-            _warn(warnings, f"{source}: images[{i}] has no 'id'; skipped")
-            continue
-        if im["id"] in seen:
-            _warn(warnings, f"{source}: duplicate image id {im['id']}; later entry skipped")
-            continue
-        seen.add(im["id"])
-        images.append(im)
-    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in images}
+    problems: Dict[str, List[Any]] = {}
+
+    def note(kind: str, item: Any) -> None:
+        problems.setdefault(kind, []).append(item)
+
     cats = []
-    for i, c in enumerate(gt["categories"]):
+    for i, c in enumerate(doc.get("categories") or []):
         if not isinstance(c, dict) or "id" not in c:
-            _warn(warnings, f"{source}: categories[{i}] has no 'id'; skipped")
+            note("category entries without 'id' (dropped)", f"categories[{i}]")
             continue
         cats.append(c)
     cat_ids = {c["id"] for c in cats}
-    problems: Dict[str, List[Any]] = {}
-    anns = []
-    for i, a in enumerate(gt["annotations"]):
-        aid = a.get("id", f"#{i}") if isinstance(a, dict) else f"#{i}"
-        if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
-            problems.setdefault("missing image_id/bbox/category_id (skipped)", []).append(aid)
+    id_count: Dict[Any, int] = {}
+    for im in doc.get("images") or []:
+        if isinstance(im, dict) and "id" in im:
+            try:
+                id_count[im["id"]] = id_count.get(im["id"], 0) + 1
+            except TypeError:  # an unhashable id
+                pass
+    images: List[Dict[str, Any]] = []
+    dropped_ids = set()  # their annotations go with them, without a second message
+    for i, im in enumerate(doc.get("images") or []):
+        if not isinstance(im, dict) or "id" not in im or id_count.get(_hashable(im["id"]), 0) == 0:
+            note("image entries without a usable 'id' (dropped)", f"images[{i}]")
             continue
-        if a["image_id"] not in sizes:
-            problems.setdefault("unknown image_id (skipped)", []).append(aid)
+        if id_count[im["id"]] > 1:
+            note("image entries with a duplicate image id, sharing their id with another (all dropped, "
+                 "with their annotations)", im["id"])
+            dropped_ids.add(im["id"])
             continue
-        if a["category_id"] not in cat_ids:
-            problems.setdefault("unknown category_id (skipped)", []).append(aid)
+        if require_file_name and (not isinstance(im.get("file_name"), str) or not im["file_name"]):
+            note("image entries without 'file_name' (dropped, with their annotations)", im["id"])
+            dropped_ids.add(im["id"])
             continue
-        box = _finite_box(a["bbox"])
-        if box is None:
-            problems.setdefault("bbox is not 4 finite numbers (skipped)", []).append(aid)
+        im = dict(im)
+        if not (_number(im.get("width")) and _number(im.get("height")) and im["width"] > 0 and im["height"] > 0):
+            if image_root is not None:
+                size = _image_size(os.path.join(image_root, str(im.get("file_name", ""))))
+                if size is None:
+                    note("image entries without a valid width/height whose file could not be read (dropped, "
+                         "with their annotations)", im["id"])
+                    dropped_ids.add(im["id"])
+                    continue
+                note("image entries without a valid width/height (read from the image file)", im["id"])
+                im["width"], im["height"] = size
+        images.append(im)
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in images}
+
+    anns: List[Dict[str, Any]] = []
+    for i, a in enumerate(doc.get("annotations") or []):
+        aid = a.get("id", f"annotations[{i}]") if isinstance(a, dict) else f"annotations[{i}]"
+        if not isinstance(a, dict) or any(k not in a for k in ("image_id", "category_id", "bbox")):
+            note("annotations missing image_id/category_id/bbox (dropped)", aid)
             continue
-        if box[2] <= 0 or box[3] <= 0:
-            problems.setdefault("bbox with non-positive width or height (skipped)", []).append(aid)
+        if _hashable(a["image_id"]) not in sizes:
+            if _hashable(a["image_id"]) not in dropped_ids:
+                note("annotations of an unknown image_id (dropped)", aid)
             continue
-        w, h = sizes[a["image_id"]]
-        if (
-            box[0] < 0
-            or box[1] < 0
-            or (isinstance(w, (int, float)) and box[0] + box[2] > w + 1e-6)
-            or (isinstance(h, (int, float)) and box[1] + box[3] > h + 1e-6)
-        ):
-            problems.setdefault("bbox extends outside the image (kept as is)", []).append(aid)
+        if _hashable(a["category_id"]) not in cat_ids:
+            note(f"annotations with an unknown category_id, not in 'categories' {sorted(cat_ids, key=str)} (dropped)",
+                 aid)
+            continue
+        box = a["bbox"]
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_number(v) for v in box)):
+            note("annotations whose bbox is not 4 finite numbers (dropped)", aid)
+            continue
+        x, y, w, h = (float(v) for v in box)
+        if w <= 0 or h <= 0:
+            note("annotations with a non-positive bbox width or height (dropped)", aid)
+            continue
+        W, H = sizes[a["image_id"]]
+        x0, y0, x1, y1 = x, y, x + w, y + h
+        if _number(W) and _number(H):
+            x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
+            if x1 <= x0 or y1 <= y0:
+                note("annotations whose bbox lies wholly outside its image (dropped)", aid)
+                continue
         a = dict(a)
-        a["bbox"] = box
-        a.setdefault("iscrowd", 0)
-        a.setdefault("area", box[2] * box[3])
-        if "id" not in a:
-            a["id"] = i + 1
+        a["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            note("annotations whose bbox extends outside the image (clipped to the image)", aid)
+            a.pop("area", None)
+        a["iscrowd"] = 1 if a.get("iscrowd", 0) else 0
+        if not _number(a.get("area")):
+            a["area"] = a["bbox"][2] * a["bbox"][3]
         anns.append(a)
-    for problem, ids in problems.items():
-        shown = ", ".join(str(x) for x in ids[:5]) + (" ..." if len(ids) > 5 else "")
-        _warn(warnings, f"{source}: {len(ids)} annotation(s) with {problem}: ids {shown}")
-    ids = [a["id"] for a in anns]
-    if len(set(ids)) != len(ids):  # pycocotools needs unique annotation ids
+    ids = [a.get("id") for a in anns]
+    if None in ids or len(set(map(_hashable, ids))) != len(ids):
+        note("annotations without a unique 'id' (all renumbered)", len(anns))
         for k, a in enumerate(anns):
             a["id"] = k + 1
-    cleaned = dict(gt)
-    cleaned["images"] = images
-    cleaned["annotations"] = anns
-    cleaned["categories"] = cats
-    return cleaned, warnings
+    cleaned = dict(doc, images=images, annotations=anns, categories=cats)
+    return cleaned, [f"{source}: {len(items)} {kind}: {_shown(items)}" for kind, items in problems.items()]
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
+
+
+def clean_gt(gt: Dict[str, Any], source: str = "ground truth") -> Tuple[Dict[str, Any], List[str]]:
+    """:func:`clean_coco` for evaluation (no image files needed); each message is also logged."""
+    cleaned, messages = clean_coco(gt, source)
+    for m in messages:
+        logger.warning(m)
+    return cleaned, messages
 
 
 @dataclass
@@ -390,7 +457,8 @@ def build_detection_data(
     """Arrays from a COCO dict (``images``/``annotations``/``categories``) or ``{image_id: [ann, ...]}``.
 
     ``preds`` are COCO results ``{image_id, category_id, bbox, score}``. With ``check`` (default),
-    unusable entries are dropped and reported in ``.warnings``; crowd truth boxes are left out.
+    unusable entries are dropped and reported in ``.warnings``. Crowd truth boxes become ignore
+    regions, and detections inside them are removed (:func:`usdet.evaluation.matching.in_ignore_region`).
     """
     warnings: List[str] = []
     if isinstance(gt, Mapping) and "images" in gt and "annotations" in gt:
@@ -435,15 +503,26 @@ def build_detection_data(
     gt_classes = np.asarray([a["category_id"] for a in anns], dtype=np.int64)
     # Stable sort by image keeps the annotation order inside each image (tie rule of the matching).
     order = np.argsort(gt_image, kind="stable")
+    gt_boxes, gt_image, gt_classes = gt_boxes[order], gt_image[order], gt_classes[order]
+    crowd = [a for a in coco["annotations"] if a.get("iscrowd", 0)]
+    ign_boxes = np.asarray([a["bbox"] for a in crowd], dtype=np.float64).reshape(-1, 4)
+    ign_image = np.asarray([index[a["image_id"]] for a in crowd], dtype=np.int64)
+    # The one ignore-region rule, before any score (see usdet.evaluation.matching).
+    drop = in_ignore_region(arr.image_index, arr.scores, arr.boxes, gt_image, gt_boxes, ign_image, ign_boxes,
+                            len(image_ids))
+    keep = ~drop
     return DetectionData(
         image_ids=np.asarray(image_ids),
-        gt_boxes=gt_boxes[order],
-        gt_image=gt_image[order],
-        gt_classes=gt_classes[order],
-        pred_boxes=arr.boxes,
-        pred_image=arr.image_index,
-        pred_scores=arr.scores,
-        pred_classes=arr.category_ids,
+        gt_boxes=gt_boxes,
+        gt_image=gt_image,
+        gt_classes=gt_classes,
+        pred_boxes=arr.boxes[keep],
+        pred_image=arr.image_index[keep],
+        pred_scores=arr.scores[keep],
+        pred_classes=arr.category_ids[keep],
         categories=cats,
         warnings=warnings,
+        ignore_boxes=ign_boxes,
+        ignore_image=ign_image,
+        num_ignored_predictions=int(drop.sum()),
     )

@@ -31,7 +31,8 @@ from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 
-from .inputs import DetectionData, box_iou_xywh, build_detection_data
+from .inputs import DetectionData, build_detection_data
+from .matching import greedy_match
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +65,6 @@ class PiouMatches:
     class_aware: bool
 
 
-def _top_k_candidates(data: DetectionData, topk: int) -> np.ndarray:
-    """Indices of each image's ``topk`` highest-scoring predictions, grouped by image, best first."""
-    if len(data.pred_scores) == 0:
-        return np.zeros(0, dtype=np.int64)
-    # lexsort is stable: equal scores keep the input order.
-    order = np.lexsort((-data.pred_scores, data.pred_image))
-    img = data.pred_image[order]
-    starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
-    counts = np.diff(np.r_[starts, len(img)])
-    rank = np.arange(len(img)) - np.repeat(starts, counts)
-    return order[rank < topk]
-
-
 def match_penalized_iou(
     data: DetectionData, iou_thresh: float = 0.0, topk: int = 1, class_aware: bool = False
 ) -> PiouMatches:
@@ -84,49 +72,26 @@ def match_penalized_iou(
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     n = data.num_images
-    gt_per_image = np.bincount(data.gt_image, minlength=n)
-    cand = _top_k_candidates(data, topk)
-    c_img = data.pred_image[cand]
-    c_score = data.pred_scores[cand]
-    c_box = data.pred_boxes[cand]
-    c_cls = data.pred_classes[cand]
-    iou_out = np.zeros(len(cand), dtype=np.float64)
-    matched = np.zeros(len(cand), dtype=bool)
-
-    max_gt = int(gt_per_image.max()) if n and len(data.gt_image) else 0
-    if len(cand) and max_gt:
-        # Padded (image, slot) table of truth indices in annotation order; -1 = no box.
-        gt_start = np.r_[0, np.cumsum(gt_per_image)[:-1]]
-        slot = np.arange(len(data.gt_image)) - gt_start[data.gt_image]
-        table = np.full((n, max_gt), -1, dtype=np.int64)
-        table[data.gt_image, slot] = np.arange(len(data.gt_image))
-        taken = np.zeros((n, max_gt), dtype=bool)
-        # Candidates are grouped by image, best first: rank of each within its image.
-        starts = np.flatnonzero(np.r_[True, c_img[1:] != c_img[:-1]])
-        rank = np.arange(len(cand)) - np.repeat(starts, np.diff(np.r_[starts, len(cand)]))
-        for r in range(int(rank.max()) + 1):
-            rows = np.flatnonzero(rank == r)
-            imgs = c_img[rows]
-            gidx = table[imgs]  # (R, M)
-            valid = (gidx >= 0) & ~taken[imgs]
-            if class_aware:
-                valid &= data.gt_classes[np.maximum(gidx, 0)] == c_cls[rows, None]
-            ious = box_iou_xywh(c_box[rows, None, :], data.gt_boxes[np.maximum(gidx, 0)])
-            ious = np.where(valid, ious, -1.0)
-            best = np.argmax(ious, axis=1)  # first maximum = first in annotation order
-            best_iou = ious[np.arange(len(rows)), best]
-            ok = (best_iou >= 0) & (best_iou >= iou_thresh)
-            matched[rows[ok]] = True
-            iou_out[rows[ok]] = best_iou[ok]
-            taken[imgs[ok], best[ok]] = True
+    gm = greedy_match(
+        data.pred_image,
+        data.pred_scores,
+        data.pred_boxes,
+        data.gt_image,
+        data.gt_boxes,
+        n,
+        iou_thresh,
+        topk,
+        pred_classes=data.pred_classes if class_aware else None,
+        gt_classes=data.gt_classes if class_aware else None,
+    )
     return PiouMatches(
-        image=c_img,
-        score=c_score,
-        iou=iou_out,
-        matched=matched,
+        image=data.pred_image[gm.cand],
+        score=data.pred_scores[gm.cand],
+        iou=gm.iou,
+        matched=gm.matched,
         num_images=n,
         num_gt=int(len(data.gt_image)),
-        gt_per_image=gt_per_image,
+        gt_per_image=np.bincount(data.gt_image, minlength=n),
         iou_thresh=float(iou_thresh),
         topk=int(topk),
         class_aware=bool(class_aware),
@@ -235,12 +200,3 @@ def penalized_iou(
     m = match_penalized_iou(data, iou_thresh=iou_thresh, topk=topk, class_aware=class_aware)
     return penalized_iou_from_matches(m, score_thresh)
 
-
-def __getattr__(name: str) -> Any:
-    # The detectron2 evaluator is loaded on first use: importing detectron2 (and torch) costs
-    # seconds, which offline scoring (tools/evaluate_json.py) should not pay.
-    if name == "PenalizedIoUEvaluator":
-        from .evaluator import PenalizedIoUEvaluator
-
-        return PenalizedIoUEvaluator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

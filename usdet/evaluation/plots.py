@@ -79,13 +79,20 @@ def plot_froc(
     fig, ax = plt.subplots(figsize=FIGSIZE)
     fps = np.asarray(curve_fps, dtype=float)
     sens = np.asarray(curve_sens, dtype=float)
+    at = np.asarray([np.nan if v is None else v for v in sens_at_rates], dtype=float)
     lo, hi = min(rates) / 2, max(rates) * 2
     if len(fps) and np.isfinite(sens).any():
-        # step curve; extend to the axis ends so the reached sensitivity reads at every rate
-        x = np.r_[lo, np.clip(fps, lo, None), hi]
+        # step curve from the left axis end; it stops where the detections end (rates beyond are
+        # not reached) unless every lesion is found (then it cannot rise further)
+        end = hi if sens[-1] >= 1.0 else max(fps[-1], lo)
+        x = np.r_[lo, np.clip(fps, lo, None), end]
         y = np.r_[sens[0], sens, sens[-1]]
         ax.step(x, y, where="post", lw=2, color="C0", label="FROC")
-        ax.plot(rates, sens_at_rates, "o", color="C3", label=f"at standard rates (CPM {cpm:.3f})" if cpm is not None and np.isfinite(cpm) else "at standard rates")
+        ok = np.isfinite(at)
+        label = f"at standard rates (CPM {cpm:.3f})" if cpm is not None and np.isfinite(cpm) else "at standard rates"
+        ax.plot(np.asarray(rates, dtype=float)[ok], at[ok], "o", color="C3", label=label)
+        if not ok.all():
+            ax.axvline(max(fps[-1], lo), ls=":", color="0.4", label="end of detections (higher rates not reached)")
         ax.legend(loc="lower right", fontsize=9)
     else:
         _empty_note(ax, "no truth boxes")

@@ -151,6 +151,8 @@ def evaluate_predictions(
         "num_truth_boxes": int(len(data.gt_image)),
         "num_predictions": int(len(data.pred_scores)),
         "num_predictions_ignored": int(len(preds_raw) - len(preds)),
+        "num_ignore_regions": int(len(data.ignore_image)),
+        "num_predictions_in_ignore_regions": int(data.num_ignored_predictions),
         "categories": [str(c.get("name", c["id"])) for c in gt["categories"]],
     }
 
@@ -328,6 +330,13 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         f"- Predictions: `{inp['predictions']}`: {inp['num_predictions']} detections scored, "
         f"{inp['num_predictions_ignored']} ignored\n"
     )
+    if inp.get("num_ignore_regions"):
+        out.append(
+            f"- Ignore regions (COCO `iscrowd: 1`): {inp['num_ignore_regions']}, never counted as lesions; "
+            f"{inp['num_predictions_in_ignore_regions']} detections inside ignore regions (matching no lesion at "
+            "IoU 0.5, at least half their area inside) removed before penalized IoU, FROC and the image-level "
+            "calls; COCO AP applies pycocotools' own crowd rule\n"
+        )
     if metrics.get("warnings"):
         out.append("\n## Input problems\n")
         out.extend(f"- {w}\n" for w in metrics["warnings"])
@@ -377,12 +386,24 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         "a prediction hitting nothing is an FP. Sensitivity at a rate is the highest reached at an "
         f"average FP/image not above it. {fr['num_lesions']} lesions in {fr['num_images']} images.\n\n"
     )
+    reached = fr.get("reached", [True] * len(fr["sensitivity"]))
     out.append(
         _table(
             ["FP / image"] + [f"{r:g}" for r in fr["fps_per_image"]] + ["CPM"],
-            [["sensitivity"] + list(fr["sensitivity"]) + [fr["cpm"]]],
+            [["sensitivity"] + [v if ok else "not reached" for v, ok in zip(fr["sensitivity"], reached)]
+             + [fr["cpm"] if fr["cpm"] is not None else "not reached"]],
         )
     )
+    if not all(reached):
+        missing = ", ".join(f"{r:g}" for r, ok in zip(fr["fps_per_image"], reached) if not ok)
+        out.append(
+            f"\nThe curve ends at {_fmt(fr.get('max_fps_per_image'))} FP/image before finding every "
+            f"lesion: the rates {missing} FP/image are **not reached** (the model output "
+            "no lower-scoring detections that could have found more), so their sensitivity and the CPM "
+            "are not reported. Mean over the reached rates: "
+            f"{_fmt(fr.get('cpm_reached'))}. Lower `MODEL.ROI_HEADS.SCORE_THRESH_TEST` or raise "
+            "`TEST.DETECTIONS_PER_IMAGE` to reach them.\n"
+        )
 
     il = metrics["image_level"]
     out.append("\n## Image level: lesion present vs absent\n\n")

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
+
+from usdet.evaluation.inputs import DetectionData, build_detection_data
+from usdet.evaluation.matching import box_iou_xywh, greedy_match
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 TRUTH_COLOR = (0, 176, 255)
 PRED_COLOR = (255, 80, 0)
 CROP_COLOR = (255, 230, 0)
+IGNORE_COLOR = (170, 170, 170)  # ignore regions (COCO iscrowd): dashed grey, never a lesion
 TARGET_LONG_SIDE = 768  # small crops are enlarged so labels stay legible
 
 
@@ -48,8 +51,10 @@ class OverlayVisualizer(Visualizer):
         # font size is in input pixels (Visualizer multiplies by scale); ~1.6% of the long side.
         self._default_font_size = max(out_long / 60.0, 8.0) / scale
 
-    def draw_labeled_box(self, box_xyxy: Sequence[float], color: Sequence[int], label: str = "") -> None:
-        self.draw_box(tuple(float(v) for v in box_xyxy), alpha=1.0, edge_color=_rgb01(color))
+    def draw_labeled_box(
+        self, box_xyxy: Sequence[float], color: Sequence[int], label: str = "", line_style: str = "-"
+    ) -> None:
+        self.draw_box(tuple(float(v) for v in box_xyxy), alpha=1.0, edge_color=_rgb01(color), line_style=line_style)
         if label:
             x0, y0 = float(box_xyxy[0]), float(box_xyxy[1])
             fs = self._default_font_size
@@ -60,7 +65,8 @@ class OverlayVisualizer(Visualizer):
     def add_legend(self, entries: Sequence[Tuple[str, Sequence[int]]], title: Optional[str] = None) -> None:
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([0], [0], color=_rgb01(c), lw=3, label=name) for name, c in entries]
+        handles = [Line2D([0], [0], color=_rgb01(c), lw=3, label=name, ls="--" if c == IGNORE_COLOR else "-")
+                   for name, c in entries]
         fs = self._default_font_size * self.output.scale * 0.9
         leg = self.output.ax.legend(
             handles=handles, loc="lower right", fontsize=fs, framealpha=0.75, title=title,
@@ -84,8 +90,11 @@ def draw_overlay(
     title: Optional[str] = None,
     scale: Optional[float] = None,
     show_truth: Optional[bool] = None,
+    ignore_boxes: Sequence[Sequence[float]] = (),
 ) -> np.ndarray:
     """Draw truth and predicted boxes (xyxy, image pixels) with a legend; return RGB uint8.
+
+    ``ignore_boxes`` (ignore regions, xyxy) are drawn dashed grey and listed in the legend.
 
     The output is ``scale`` times the input (default :func:`overlay_scale`). With ``crop_box``
     (a full scanner frame), everything outside it is blacked out: the workspace carries
@@ -105,6 +114,10 @@ def draw_overlay(
     if crop_box is not None:
         vis.draw_labeled_box(crop_box, CROP_COLOR)
         entries.append(("crop", CROP_COLOR))
+    if len(ignore_boxes):
+        entries.append(("ignore region", IGNORE_COLOR))
+    for box in ignore_boxes:
+        vis.draw_labeled_box(box, IGNORE_COLOR, "ignore", line_style="--")
     for i, box in enumerate(truth_boxes):
         label = truth_labels[i] if i < len(truth_labels) else ""
         vis.draw_labeled_box(box, TRUTH_COLOR, label)
@@ -142,39 +155,22 @@ def match_image(
     pred_scores: Sequence[float],
     iou_thresh: float = 0.5,
 ) -> ImageOutcome:
-    """Greedy matching by descending score, each truth used once (COCO's rule).
+    """Outcome of one image (boxes xyxy) by usdet's one greedy matcher (:func:`greedy_match`).
 
     The outcome names the kinds of result present: TP (a truth found), FN (a truth missed),
     FP (a prediction matching no truth), TN (no truth and no prediction).
     """
-    t = np.asarray(truth_boxes, dtype=np.float64).reshape(-1, 4)
-    p = np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
+    t = _xyxy_to_xywh(np.asarray(truth_boxes, dtype=np.float64).reshape(-1, 4))
+    p = _xyxy_to_xywh(np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4))
     s = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
-    if len(t) and len(p):
-        ious = pairwise_iou(Boxes(p), Boxes(t)).numpy()  # preds x truths
-    else:
-        ious = np.zeros((len(p), len(t)))
-    used = np.zeros(len(t), dtype=bool)
-    matched, fps = [], []
-    for pi in np.argsort(-s, kind="stable"):
-        cand = np.where(~used)[0]
-        if len(cand):
-            ti = cand[np.argmax(ious[pi, cand])]
-            if ious[pi, ti] >= iou_thresh:
-                used[ti] = True
-                matched.append((int(ti), int(pi), float(ious[pi, ti])))
-                continue
-        fps.append(int(pi))
-    missed = [int(i) for i in np.where(~used)[0]]
-    parts = []
-    if matched:
-        parts.append("TP")
-    if missed:
-        parts.append("FN")
-    if fps:
-        parts.append("FP")
+    m = greedy_match(np.zeros(len(p), np.int64), s, p, np.zeros(len(t), np.int64), t, 1, iou_thresh)
+    matched = [(int(g), int(c), float(i)) for c, g, i in zip(m.cand, m.gt_index, m.iou) if g >= 0]
+    fps = [int(c) for c, g in zip(m.cand, m.gt_index) if g < 0]
+    used = {g for g, _, _ in matched}
+    missed = [i for i in range(len(t)) if i not in used]
+    parts = [name for name, items in (("TP", matched), ("FN", missed), ("FP", fps)) if items]
     outcome = "-".join(parts) if parts else "TN"
-    best = float(ious.max()) if ious.size else 0.0
+    best = float(box_iou_xywh(p[:, None, :], t[None, :, :]).max()) if len(p) and len(t) else 0.0
     return ImageOutcome(outcome, best, len(matched), len(fps), len(missed), matched, fps, missed)
 
 
@@ -241,28 +237,22 @@ def _xywh_to_xyxy(b: Sequence[float]) -> List[float]:
     return [x, y, x + w, y + h]
 
 
-def load_ground_truth(gt_json: Optional[str] = None, dataset: Optional[str] = None) -> Tuple[dict, str]:
-    """COCO dict and image root from a JSON file (images relative to its layout root) or a
-    registered dataset name (its metadata's ``json_file`` / ``image_root``)."""
-    import json
+def _xyxy_to_xywh(b: np.ndarray) -> np.ndarray:
+    return np.c_[b[:, :2], b[:, 2:] - b[:, :2]]
 
-    if dataset:
-        from detectron2.data import MetadataCatalog
 
-        import usdet.data  # noqa: F401  (registers $USDET_DATASETS)
+def image_to_source(boxes_xyxy: Sequence[Sequence[float]], entry: dict, image_hw: Tuple[int, int]) -> List[List[float]]:
+    """Boxes of a converted image mapped onto its full source frame.
 
-        meta = MetadataCatalog.get(dataset)
-        gt_json = meta.get("json_file", None)
-        if not gt_json:
-            raise ValueError(f"dataset {dataset!r} is not registered with a json_file (see usdet.data.register)")
-        image_root = meta.get("image_root", os.path.dirname(os.path.dirname(gt_json)))
-    else:
-        if not gt_json:
-            raise ValueError("give a ground-truth COCO JSON (--gt) or a registered dataset (--dataset)")
-        # usdet layout: OUT/annotations/<split>.json with file_name relative to OUT
-        image_root = os.path.dirname(os.path.dirname(os.path.abspath(gt_json)))
-    with open(gt_json) as f:
-        return json.load(f), image_root
+    A converted image is the source's ``crop_box`` (source pixels), resized by ``scale``
+    (``--max-size``) to ``width`` x ``height``: per axis, source = image * crop size / image size +
+    crop origin. Without ``crop_box`` the whole source was kept (only resized).
+    """
+    h, w = entry.get("height") or image_hw[0], entry.get("width") or image_hw[1]
+    scale = float(entry.get("scale", 1.0) or 1.0)
+    cb = entry.get("crop_box") or [0, 0, w / scale, h / scale]
+    fx, fy = (cb[2] - cb[0]) / float(w), (cb[3] - cb[1]) / float(h)
+    return [[b[0] * fx + cb[0], b[1] * fy + cb[1], b[2] * fx + cb[0], b[3] * fy + cb[1]] for b in boxes_xyxy]
 
 
 def _read_source_frame(source_root: str, source_file: str) -> np.ndarray:
@@ -287,6 +277,36 @@ def _read_source_frame(source_root: str, source_file: str) -> np.ndarray:
     return read_image(path)
 
 
+@dataclass
+class _ImageBoxes:
+    """Truth, kept predictions and ignore regions of one image (xyxy), after the evaluation's
+    cleaner and ignore-region rule."""
+
+    truth: List[List[float]]
+    truth_labels: List[str]
+    preds: List[List[float]]
+    scores: List[float]
+    pred_labels: List[str]
+    ignore: List[List[float]]
+
+
+def _boxes_by_image(data: DetectionData) -> Dict[int, _ImageBoxes]:
+    names = data.categories
+    out: Dict[int, _ImageBoxes] = {}
+    for k in range(data.num_images):
+        g = data.gt_image == k
+        p = data.pred_image == k
+        out[k] = _ImageBoxes(
+            truth=[_xywh_to_xyxy(b) for b in data.gt_boxes[g]],
+            truth_labels=[names.get(int(c), str(c)) for c in data.gt_classes[g]],
+            preds=[_xywh_to_xyxy(b) for b in data.pred_boxes[p]],
+            scores=[float(v) for v in data.pred_scores[p]],
+            pred_labels=[names.get(int(c), str(c)) for c in data.pred_classes[p]],
+            ignore=[_xywh_to_xyxy(b) for b in data.ignore_boxes[data.ignore_image == k]],
+        )
+    return out
+
+
 def visualize_coco_results(
     gt: dict,
     predictions: Sequence[dict],
@@ -298,12 +318,18 @@ def visualize_coco_results(
     source_root: Optional[str] = None,
     worst_k: int = 16,
     progress: bool = True,
+    source_names: Optional[Dict[str, str]] = None,
 ) -> dict:
     """Write one overlay per ground-truth image plus contact sheets and ``summary.json``.
 
-    Files: ``OUTPUT/<outcome>_iou<x>_<stem>.png`` (crop as the model saw it),
-    ``OUTPUT/original/...`` (full source frame, with ``original``),
+    Truth and detections go through the evaluation's cleaner and ignore-region rule
+    (:func:`usdet.evaluation.inputs.build_detection_data`): ignore regions are drawn dashed grey,
+    and detections the rule removes are neither drawn nor counted. Files:
+    ``OUTPUT/<outcome>_iou<x>_<stem>.png`` (crop as the model saw it), ``OUTPUT/original/...``
+    (full source frame, with ``original``: boxes mapped through ``crop_box`` and ``scale``),
     ``OUTPUT/worst_false_positives.png``, ``OUTPUT/worst_misses.png``, ``OUTPUT/summary.json``.
+    ``source_names`` maps a pseudonymous ``source_file`` to its real path under ``source_root``
+    (the hospital converter's ``--mapping``); the real path never reaches an output.
     Images that cannot be read are listed in the summary with the reason; the rest are drawn.
     """
     from tqdm import tqdm
@@ -312,40 +338,27 @@ def visualize_coco_results(
     from usdet.utils.io import atomic_write_image, atomic_write_json
 
     if original and not source_root:
-        raise ValueError("--original needs --source-root (the folder source_file is relative to)")
-    cat_names = {c["id"]: c["name"] for c in gt.get("categories", [])}
-    truths: Dict[int, list] = defaultdict(list)
-    for a in gt.get("annotations", []):
-        if not a.get("iscrowd", 0):
-            truths[a["image_id"]].append(a)
-    preds: Dict[int, list] = defaultdict(list)
-    image_ids = {im["id"] for im in gt.get("images", [])}
-    unknown = 0
-    for p in predictions:
-        if p["image_id"] not in image_ids:
-            unknown += 1
-            continue
-        if float(p.get("score", 1.0)) >= conf_threshold:
-            preds[p["image_id"]].append(p)
+        raise ValueError("original overlays need source_root (the folder source_file is relative to)")
+    image_ids = {im["id"] for im in gt.get("images", []) if isinstance(im, dict) and "id" in im}
+    unknown = sum(1 for p in predictions if p.get("image_id") not in image_ids)
     if unknown:
         logger.warning("%d predictions refer to image ids not in the ground truth; ignored", unknown)
+    kept = [p for p in predictions if p.get("image_id") in image_ids and float(p.get("score", 1.0)) >= conf_threshold]
+    data = build_detection_data(gt, kept)
+    boxes = _boxes_by_image(data)
+    entries = {im["id"]: im for im in gt.get("images", []) if isinstance(im, dict) and "id" in im}
 
     os.makedirs(output_dir, exist_ok=True)
     counts: Dict[str, int] = defaultdict(int)
     totals = {"tp": 0, "fp": 0, "fn": 0}
     failures, per_image = [], []
-    fp_items, miss_items = [], []  # (sort key, image id, box, caption)
-    images = sorted(gt.get("images", []), key=lambda im: im["id"])
-    file_by_id = {im["id"]: im["file_name"] for im in images}
+    fp_items, miss_items = [], []  # (sort key, image index, box, caption)
+    ids = data.image_ids.tolist()
+    order = sorted(range(data.num_images), key=lambda k: ids[k])
 
-    for im in tqdm(images, desc="overlays", unit="img", disable=not progress):
-        tb = [_xywh_to_xyxy(a["bbox"]) for a in truths[im["id"]]]
-        tl = [cat_names.get(a["category_id"], str(a["category_id"])) for a in truths[im["id"]]]
-        plist = preds[im["id"]]
-        pb = [_xywh_to_xyxy(p["bbox"]) for p in plist]
-        ps = [float(p.get("score", 1.0)) for p in plist]
-        pl = [cat_names.get(p.get("category_id"), str(p.get("category_id"))) for p in plist]
-        res = match_image(tb, pb, ps, iou_thresh)
+    for k in tqdm(order, desc="overlays", unit="img", disable=not progress):
+        im, b = entries[ids[k]], boxes[k]
+        res = match_image(b.truth, b.preds, b.scores, iou_thresh)
         counts[res.outcome] += 1
         totals["tp"] += res.tp
         totals["fp"] += res.fp
@@ -359,46 +372,40 @@ def visualize_coco_results(
             continue
         title = f"{res.outcome}  IoU {res.best_iou:.2f}"
         atomic_write_image(os.path.join(output_dir, name),
-                           draw_overlay(img, tb, tl, pb, ps, pl, title=title, show_truth=True))
+                           draw_overlay(img, b.truth, b.truth_labels, b.preds, b.scores, b.pred_labels, title=title,
+                                        show_truth=True, ignore_boxes=b.ignore))
         entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name, "outcome": res.outcome,
-                 "best_iou": round(res.best_iou, 4), "tp": res.tp, "fp": res.fp, "fn": res.fn}
+                 "best_iou": round(res.best_iou, 4), "tp": res.tp, "fp": res.fp, "fn": res.fn,
+                 "ignore_regions": len(b.ignore)}
         if original:
-            try:
-                src = _read_source_frame(source_root, im["source_file"]) if im.get("source_file") else None
-                if src is None:
-                    raise ValueError("image entry has no source_file")
-                cb = im.get("crop_box") or [0, 0, img.shape[1], img.shape[0]]
-                shift = np.array([cb[0], cb[1], cb[0], cb[1]], dtype=float)
-                ob = [list(np.asarray(b) + shift) for b in tb]
-                opb = [list(np.asarray(b) + shift) for b in pb]
-                oimg = draw_overlay(src, ob, tl, opb, ps, pl, crop_box=cb, title=title, show_truth=True)
-                atomic_write_image(os.path.join(output_dir, "original", name), oimg)
+            problem = _draw_original(im, img, b, res, title, name, source_root, source_names, output_dir)
+            if problem:
+                failures.append({"image_id": im["id"], "file_name": im["file_name"], "reason": problem})
+                tqdm.write(f"no original overlay for {im['file_name']}: {problem}")
+            else:
                 entry["overlay_original"] = os.path.join("original", name)
-            except Exception as e:
-                failures.append({"image_id": im["id"], "file_name": im["file_name"],
-                                 "reason": f"original frame: {e}"})
-                tqdm.write(f"no original overlay for {im['file_name']}: {e}")
         per_image.append(entry)
         for pi in res.fp_preds:
-            fp_items.append((-ps[pi], im["id"], pb[pi], f"FP {pl[pi]} {ps[pi]:.2f}\n{os.path.basename(im['file_name'])}"))
+            fp_items.append((-b.scores[pi], k, b.preds[pi],
+                             f"FP {b.pred_labels[pi]} {b.scores[pi]:.2f}\n{os.path.basename(im['file_name'])}"))
         for ti in res.missed_truths:
             # worst misses: no prediction near them at all, then the largest
-            near = [ps[j] for j in range(len(pb)) if _iou(tb[ti], pb[j]) > 0.1]
+            t = _xyxy_to_xywh(np.asarray([b.truth[ti]]))
+            near_iou = box_iou_xywh(_xyxy_to_xywh(np.asarray(b.preds).reshape(-1, 4)), t)
+            near = [s for s, v in zip(b.scores, near_iou) if v > 0.1]
             best_near = max(near) if near else 0.0
-            area = (tb[ti][2] - tb[ti][0]) * (tb[ti][3] - tb[ti][1])
-            miss_items.append(((best_near, -area), im["id"], tb[ti],
-                               f"FN {tl[ti]} (best nearby {best_near:.2f})\n{os.path.basename(im['file_name'])}"))
-
-    preds_by_img = {k: ([_xywh_to_xyxy(p["bbox"]) for p in v], [float(p.get("score", 1)) for p in v]) for k, v in preds.items()}
-    truth_by_img = {k: [_xywh_to_xyxy(a["bbox"]) for a in v] for k, v in truths.items()}
+            area = float(t[0, 2] * t[0, 3])
+            miss_items.append(((best_near, -area), k, b.truth[ti],
+                               f"FN {b.truth_labels[ti]} (best nearby {best_near:.2f})\n{os.path.basename(im['file_name'])}"))
 
     def tiles(items):
         out = []
-        for _, iid, box, caption in sorted(items, key=lambda t: t[0])[:worst_k]:
+        for _, k, box, caption in sorted(items, key=lambda t: t[0])[:worst_k]:
             # re-read only the K images shown, so memory does not grow with the dataset
-            img = read_image(os.path.join(image_root, file_by_id[iid]))
-            pb, ps = preds_by_img.get(iid, ([], []))
-            full = draw_overlay(img, truth_by_img.get(iid, []), (), pb, ps, (), scale=1.0)
+            im = entries[ids[k]]
+            img = read_image(os.path.join(image_root, im["file_name"]))
+            bk = boxes[k]
+            full = draw_overlay(img, bk.truth, (), bk.preds, bk.scores, (), scale=1.0, ignore_boxes=bk.ignore)
             out.append((_crop_around(full, box), caption))
         return out
 
@@ -410,19 +417,42 @@ def visualize_coco_results(
     summary = {
         "conf_threshold": conf_threshold,
         "iou_threshold": iou_thresh,
-        "num_images": len(images),
+        "num_images": data.num_images,
         "outcomes": dict(sorted(counts.items())),
         "boxes": totals,
+        "ignore_regions": int(len(data.ignore_image)),
+        "detections_in_ignore_regions": int(data.num_ignored_predictions),
         "images": per_image,
         "failures": failures,
+        "ground_truth_problems": data.warnings,
     }
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def _draw_original(im: dict, img: np.ndarray, b: _ImageBoxes, res: ImageOutcome, title: str, name: str,
+                   source_root: str, source_names: Optional[Dict[str, str]], output_dir: str) -> Optional[str]:
+    """Draw one image's boxes on its full source frame; return a problem (without real paths) or None."""
+    from usdet.utils.io import atomic_write_image
+
+    source = im.get("source_file")
+    if not source:
+        return "original frame: image entry has no source_file"
+    real = source
+    if source_names is not None:
+        if source not in source_names:
+            return f"original frame: source_file {source} is not in the mapping"
+        real = source_names[source]
+    try:
+        src = _read_source_frame(source_root, real)
+    except Exception as e:
+        # the message names the real path; a pseudonymized source keeps only its pseudonym
+        reason = str(e) if source_names is None else type(e).__name__
+        return f"original frame {source}: {reason}"
+    hw = img.shape[:2]
+    cb = im.get("crop_box")
+    oimg = draw_overlay(src, image_to_source(b.truth, im, hw), b.truth_labels, image_to_source(b.preds, im, hw),
+                        b.scores, b.pred_labels, crop_box=cb, title=title, show_truth=True,
+                        ignore_boxes=image_to_source(b.ignore, im, hw))
+    atomic_write_image(os.path.join(output_dir, "original", name), oimg)
+    return None
