@@ -31,9 +31,12 @@ def synth_gt(n: int, seed: int = 0, normal_frac: float = 0.25, attrs: bool = Fal
     return {"images": images, "annotations": anns, "categories": CATS}
 
 
-def synth_model(gt: Dict[str, Any], hit_rate: float, seed: int, jitter: float = 4.0) -> List[Dict[str, Any]]:
+def synth_model(gt: Dict[str, Any], hit_rate: float, seed: int, jitter: float = 4.0,
+                n_low: int = 9) -> List[Dict[str, Any]]:
     """A model that finds each lesion with probability ``hit_rate`` (high score, jittered box) and
-    otherwise puts a lower-scored box elsewhere; lesion-free images get a low-scored false alarm."""
+    otherwise puts a lower-scored box elsewhere; lesion-free images get a low-scored false alarm.
+    Like a detectron2 model's output, every image also gets ``n_low`` scattered low-score boxes
+    (score < 0.1), so FROC reaches all its rates (up to 8 FP/image) and CPM is defined."""
     rng = np.random.default_rng(seed)
     by_img: Dict[int, List[List[float]]] = {im["id"]: [] for im in gt["images"]}
     for a in gt["annotations"]:
@@ -50,6 +53,10 @@ def synth_model(gt: Dict[str, Any], hit_rate: float, seed: int, jitter: float = 
         if not boxes:
             preds.append({"image_id": i, "category_id": 1, "bbox": [5.0, 5.0, 30.0, 30.0],
                           "score": float(rng.uniform(0.0, 0.7))})
+        for _ in range(n_low):
+            x, y = rng.uniform(0, 170, size=2)
+            preds.append({"image_id": i, "category_id": 1, "bbox": [float(x), float(y), 20.0, 20.0],
+                          "score": float(rng.uniform(0.001, 0.1))})
     return preds
 
 
