@@ -39,7 +39,8 @@ def parse_args(argv=None):
 
 
 def _one_line(e: BaseException) -> str:
-    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_predictor(args, opts):
