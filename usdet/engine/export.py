@@ -83,7 +83,8 @@ def tracing_adapter_class():
     pkg = types.ModuleType("detectron2.export")
     pkg.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
     sys.modules["detectron2.export"] = pkg
-    return importlib.import_module("detectron2.export.flatten").TracingAdapter
+    pkg.TracingAdapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
+    return pkg.TracingAdapter
 
 
 def _inference(model, inputs):
