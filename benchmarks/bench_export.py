@@ -5,61 +5,47 @@ The same PNG frames, the same weights (random init: speed does not depend on the
 thread budget (torch's, which onnxruntime is given too), in the same process: images/s of
 ``--backend torch`` (eager, batched), ``torchscript`` and ``onnxruntime`` (both exported with
 tools/export_model.py, one frame per call). Cropping is off (--no-crop) so only the model path
-differs. Targets: onnxruntime >= 1.3x eager; TorchScript is reported against the same bar.
-Writes benchmarks/results/export.json.
+differs. The model is usdet's R50-FPN (configs/Base-US-RCNN-FPN.yaml) at the CPU recipe's test
+size (320 px short edge); one thread each by default (on a shared 2-core machine, two threads
+measure contention more than the backends). Targets: onnxruntime >= 1.3x eager; TorchScript is
+reported against the same bar. Writes benchmarks/results/export.json.
 
-  python benchmarks/bench_export.py [--images 32] [--size 256 320] [--config-file CFG]
+  python benchmarks/bench_export.py [--images 8] [--size 320 400] [--threads 1] [--config-file CFG]
 """
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, best_time, write_result  # noqa: E402
+from common import REPO, best_time, predictor_setup, write_result  # noqa: E402
 
 TARGET = 1.3
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config-file", default=os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml"))
-    ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
-    ap.add_argument("--min-size-test", type=int, default=256)
+    ap.add_argument("--config-file", default=os.path.join(REPO, "configs", "Base-US-RCNN-FPN.yaml"))
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--size", type=int, nargs=2, default=(320, 400), metavar=("H", "W"))
+    ap.add_argument("--min-size-test", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
     import logging
 
-    import numpy as np
     import torch
-    from detectron2.modeling import build_model
 
-    from usdet.data.phantom import render_phantom
-    from usdet.data.sources import list_sources
     from usdet.engine.export import export_model
-    from usdet.engine.predictor import BatchPredictor, ExportedPredictor, build_predictor_cfg, predict_sources
-    from usdet.utils.io import atomic_write_image
+    from usdet.engine.predictor import BatchPredictor, ExportedPredictor, predict_sources
 
     logging.getLogger("usdet").setLevel(logging.WARNING)
-    opts = ["INPUT.MIN_SIZE_TEST", str(args.min_size_test), "INPUT.MAX_SIZE_TEST", str(2 * args.min_size_test)]
-    tmp = tempfile.mkdtemp(prefix="bench_export_")
-    cfg = build_predictor_cfg(args.config_file, "", "cpu", opts)
-    torch.manual_seed(0)
-    weights = os.path.join(tmp, "model.pth")
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    cfg = build_predictor_cfg(args.config_file, weights, "cpu", opts)
+    torch.set_num_threads(args.threads)
+    cfg, tmp, paths = predictor_setup(args.config_file, args.min_size_test, "cpu", args.images, args.size,
+                                      "bench_export_")
     for fmt in ("torchscript", "onnx"):
         export_model(cfg, fmt, os.path.join(tmp, fmt))
-
-    rng = np.random.default_rng(0)
-    frames_dir = os.path.join(tmp, "frames")
-    for i in range(args.images):
-        img, _, _ = render_phantom(rng, tuple(args.size))
-        atomic_write_image(os.path.join(frames_dir, f"frame_{i:04d}.png"), img)
-    paths = list_sources(frames_dir)
 
     predictors = {
         "torch": BatchPredictor(cfg, batch_size=args.batch_size),
