@@ -84,6 +84,7 @@ def main() -> int:
         "onnxruntime_ratio": round(ratio_ort, 3),
         "torchscript_ratio": round(ratio_ts, 3),
         "same_box_counts": len(set(counts.values())) == 1,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "met_onnxruntime": bool(ratio_ort >= TARGET),
         "met_torchscript": bool(ratio_ts >= TARGET),
     }
