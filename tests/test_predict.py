@@ -319,8 +319,18 @@ def test_predict_uses_what_eval_only_uses_ema_and_flip(ema_run, tmp_path):
         pred = BatchPredictor(build_predictor_cfg(QUICK_CFG, weights, "cpu", opts + change))
         assert pred.weights_used == ("model" if change[0] == "MODEL.EMA.ENABLED" else "ema")
         other = pred(images)
+        if change[0] == "MODEL.EMA.ENABLED":
+            assert all(torch.equal(v, raw[k]) for k, v in pred.model.state_dict().items())
         assert any(len(a) != len(b) or not torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
                    for a, b in zip(with_both, other)), change
+
+    # a model_best.pth of an EMA run holds the averaged weights as "model": used, and said so
+    best = tmp_path / "model_best.pth"
+    torch.save({"model": ema, "iteration": 2, "usdet_best": {"metric": "bbox/AP50", "value": 1.0, "iteration": 2}},
+               best)
+    pred = BatchPredictor(build_predictor_cfg(QUICK_CFG, str(best), "cpu", opts))
+    assert pred.weights_used == "ema" and "model_best" in pred.weights_note
+    assert all(torch.equal(v, ema[k]) for k, v in pred.model.state_dict().items())
 
 
 def read(path):

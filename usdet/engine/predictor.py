@@ -64,7 +64,7 @@ def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, s
         model.load_state_dict(ema)
         used, note = "ema", f"EMA weights stored in {path} (MODEL.EMA.ENABLED), as --eval-only uses"
     elif cfg.MODEL.EMA.ENABLED and "usdet_best" in extra:
-        used, note = "ema", f"{path}: model_best of an EMA run, which holds the averaged weights"
+        used, note = "ema", f"EMA weights of {path} (the model_best of a MODEL.EMA run: the averaged weights)"
     else:
         used, note = "model", f"training weights of {path}"
         if ema is not None:
