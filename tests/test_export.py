@@ -116,9 +116,9 @@ def test_exports_write_model_and_description(exported, phantom_detector):
             assert meta["check"]["ok"] is True and meta["check"]["detections"] > 0
 
 
-def test_exported_models_match_eager_on_phantom_screens(exported, screens, tmp_path):
+def test_exported_models_match_eager_on_phantom_screens(phantom_detector, exported, screens, tmp_path):
     inputs = sorted(screens.iterdir())
-    eager, report = _predict(tmp_path, "torch", _weights_of(exported), inputs)
+    eager, report = _predict(tmp_path, "torch", phantom_detector, inputs)
     assert report["backend"] == "torch" and report["num_frames"] == len(inputs)
     assert sum(len(r["boxes"]) for r in eager.values()) >= len(inputs), "the trained model should detect lesions"
     assert any(r["crop_box"][:2] != [0, 0] for r in eager.values()), "screens are cropped before detection"
@@ -130,21 +130,17 @@ def test_exported_models_match_eager_on_phantom_screens(exported, screens, tmp_p
     _assert_same_detections(eager, ort, "onnxruntime")
 
 
-def test_exported_models_match_eager_on_busi(exported, busi_root, tmp_path):
+def test_exported_models_match_eager_on_busi(phantom_detector, exported, busi_root, tmp_path):
     """Six BUSI images (benign 1-3, malignant 1-2, normal 1), cropped and resized as any frame."""
     inputs = [os.path.join(busi_root, cls, f"{cls} ({i}).png")
               for cls, ids in (("benign", (1, 2, 3)), ("malignant", (1, 2)), ("normal", (1,))) for i in ids]
-    eager, _ = _predict(tmp_path, "torch", _weights_of(exported), inputs)
+    eager, _ = _predict(tmp_path, "torch", phantom_detector, inputs)
     assert len(eager) == len(inputs)
     ts, _ = _predict(tmp_path, "torchscript", exported["torchscript"] / "model.ts", inputs)
     _assert_same_detections(eager, ts, "torchscript")
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
     ort, _ = _predict(tmp_path, "onnxruntime", exported["onnx"] / "model.onnx", inputs)
     _assert_same_detections(eager, ort, "onnxruntime")
-
-
-def _weights_of(exported):
-    return json.loads((exported["torchscript"] / "model.json").read_text())["weights"]
 
 
 def test_export_refuses_tta_and_missing_weights(phantom_detector, tmp_path, capsys):
