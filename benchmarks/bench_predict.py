@@ -13,10 +13,9 @@ benchmark.
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, best_time, write_result  # noqa: E402
+from common import REPO, best_time, predictor_setup, write_result  # noqa: E402
 
 
 def main() -> int:
@@ -30,33 +29,16 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     from detectron2.engine import DefaultPredictor
-    from detectron2.modeling import build_model
 
     from usdet.data.image_io import read_image
-    from usdet.data.phantom import render_phantom
-    from usdet.data.sources import list_sources
-    from usdet.engine.predictor import BatchPredictor, build_predictor_cfg, predict_sources
-    from usdet.utils.io import atomic_write_image, atomic_write_json
+    from usdet.engine.predictor import BatchPredictor, predict_sources
+    from usdet.utils.io import atomic_write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = ["INPUT.MIN_SIZE_TEST", str(args.min_size_test), "INPUT.MAX_SIZE_TEST", str(2 * args.min_size_test)]
-    tmp = tempfile.mkdtemp(prefix="bench_predict_")
-    cfg = build_predictor_cfg(args.config_file, "", device, opts)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    weights = os.path.join(tmp, "model.pth")
-    torch.save({"model": model.state_dict()}, weights)
-    cfg = build_predictor_cfg(args.config_file, weights, device, opts)
-
-    rng = np.random.default_rng(0)
-    frames_dir = os.path.join(tmp, "frames")
-    for i in range(args.images):
-        img, _, _ = render_phantom(rng, tuple(args.size))
-        atomic_write_image(os.path.join(frames_dir, f"frame_{i:04d}.png"), img)
-    paths = list_sources(frames_dir)
+    cfg, tmp, paths = predictor_setup(args.config_file, args.min_size_test, device, args.images, args.size,
+                                      "bench_predict_")
 
     reference = DefaultPredictor(cfg)
     ours = BatchPredictor(cfg, batch_size=args.batch_size)

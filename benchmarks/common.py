@@ -74,3 +74,30 @@ def write_result(name: str, result: Dict[str, Any]) -> str:
     print(f"[bench] {name}: " + ", ".join(f"{k}={v}" for k, v in result.items()
                                          if k not in ("machine", "benchmark") and not isinstance(v, (dict, list))))
     return path
+
+
+def predictor_setup(config_file: str, min_size_test: int, device: str, images: int, size, prefix: str):
+    """For the prediction benchmarks: ``(cfg, tmp_dir, frame_paths)``: the config with random-init
+    weights saved in ``tmp_dir`` (speed does not depend on them) and ``images`` phantom PNG frames
+    of ``size`` (H, W) there."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from detectron2.modeling import build_model
+
+    from usdet.data.phantom import render_phantom
+    from usdet.data.sources import list_sources
+    from usdet.engine.predictor import build_predictor_cfg
+    from usdet.utils.io import atomic_write_image
+
+    opts = ["INPUT.MIN_SIZE_TEST", str(min_size_test), "INPUT.MAX_SIZE_TEST", str(2 * min_size_test)]
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    torch.manual_seed(0)
+    weights = os.path.join(tmp, "model.pth")
+    torch.save({"model": build_model(build_predictor_cfg(config_file, "", device, opts)).state_dict()}, weights)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        img, _, _ = render_phantom(rng, tuple(size))
+        atomic_write_image(os.path.join(tmp, "frames", f"frame_{i:04d}.png"), img)
+    return build_predictor_cfg(config_file, weights, device, opts), tmp, list_sources(os.path.join(tmp, "frames"))

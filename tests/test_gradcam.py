@@ -7,33 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from usdet.engine.predictor import build_predictor_cfg
 from usdet.visualization.gradcam import DetectorCAM, resolve_layer
-from train_helpers import QUICK_CFG, load_tool
+from train_helpers import QUICK_CFG, load_tool, train_phantom_detector
 
 TRAIN_ITERS = 150
 SIZE = 128
-
-
-def _phantom_batches(seed, batch_size=4):
-    """Endless batches of one-lesion phantoms in detectron2's training input format."""
-    from detectron2.structures import Boxes, Instances
-
-    from usdet.data.phantom import render_phantom
-
-    rng = np.random.default_rng(seed)
-    while True:
-        batch = []
-        for _ in range(batch_size):
-            rgb, boxes, _ = render_phantom(rng, SIZE, kinds=[str(rng.choice(["benign", "malignant"]))])
-            b = np.asarray(boxes, np.float32).reshape(-1, 4)
-            b[:, 2:] += b[:, :2]
-            inst = Instances((SIZE, SIZE))
-            inst.gt_boxes = Boxes(torch.from_numpy(b))
-            inst.gt_classes = torch.zeros(len(b), dtype=torch.int64)
-            bgr = np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))  # the quick config is BGR
-            batch.append({"image": torch.from_numpy(bgr), "instances": inst})
-        yield batch
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,19 +26,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The quick R18-FPN trained for a few seconds on phantoms with detectron2's SimpleTrainer."""
-    from detectron2.engine import SimpleTrainer, hooks
-    from detectron2.modeling import build_model
-
-    torch.manual_seed(0)
-    cfg = build_predictor_cfg(QUICK_CFG, "", "cpu")
-    model = build_model(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, (it + 1) / 10))
-    trainer = SimpleTrainer(model, _phantom_batches(seed=0), opt)
-    trainer.register_hooks([hooks.LRScheduler(opt, warmup)])
-    trainer.train(0, TRAIN_ITERS)
-    model.eval()
+    """The quick R18-FPN trained for a few seconds on phantoms (once per session, train_helpers)."""
+    cfg, model = train_phantom_detector(TRAIN_ITERS, SIZE, seed=0)
     weights = str(tmp_path_factory.mktemp("cam_model") / "model.pth")
     torch.save({"model": model.state_dict()}, weights)
     return cfg, model, weights

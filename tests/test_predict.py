@@ -196,3 +196,144 @@ def test_predict_tool_no_crop_and_nothing_processed(tiny_model, inputs, tmp_path
     assert rc == 1
     assert json.loads((out2 / "predictions.json").read_text()) == []
     assert len(json.loads((out2 / "report.json").read_text())["failures"]) == 1
+
+
+def test_batch_of_mixed_sizes_matches_default_predictor_per_image(tiny_model):
+    """Frames of different sizes in one batch: each gets DefaultPredictor's boxes for it alone
+    (padding a frame up to a larger one in its batch would change its features and anchors)."""
+    from detectron2.engine import DefaultPredictor
+
+    cfg = build_predictor_cfg(tiny_model[0], tiny_model[1], "cpu", ALL_BOXES)
+    rng = np.random.default_rng(2)
+    sizes = [(100, 140), (90, 210), (128, 128), (61, 150), (100, 143)]  # 128x179, 128x299, 128x128, ...
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    batched = BatchPredictor(cfg, batch_size=len(images))(images)
+    single = DefaultPredictor(cfg)
+    for img, got in zip(images, batched):
+        ref = single(img[:, :, ::-1])["instances"].to("cpu")
+        assert got.image_size == img.shape[:2]
+        assert len(got) == len(ref) > 0
+        np.testing.assert_allclose(got.pred_boxes.tensor.numpy(), ref.pred_boxes.tensor.numpy(), atol=1e-3)
+        np.testing.assert_allclose(got.scores.numpy(), ref.scores.numpy(), atol=1e-4)
+
+
+def test_missing_or_unreadable_weights_end_with_one_line(tiny_model, inputs, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    onnx_dir = tmp_path / "exp"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"not onnx")
+    (onnx_dir / "model.json").write_text(json.dumps({"format": "onnx"}))
+    cases = [
+        (["--backend", "torch", "--config-file", tiny_model[0], "--weights", str(tmp_path / "nope.pth")],
+         [str(tmp_path / "nope.pth"), "not found"]),
+        (["--config-file", tiny_model[0], "--weights", str(garbage)], [str(garbage), "not a readable checkpoint"]),
+        (["--backend", "onnxruntime", "--weights", str(tmp_path / "nope.onnx")],
+         [str(tmp_path / "nope.onnx"), "not found"]),
+        (["--backend", "onnxruntime", "--weights", str(onnx_dir / "model.onnx")],
+         [str(onnx_dir / "model.onnx"), "not a readable onnx model"]),
+        (["--backend", "torchscript", "--weights", str(onnx_dir / "model.onnx")], ["onnx export", "--backend onnxruntime"]),
+    ]
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # the one case that depends on it: then the message says to install it
+        cases[3] = (cases[3][0], ["--backend onnxruntime needs the onnxruntime package"])
+    for argv, words in cases:
+        rc = _run_tool([*argv, "--input", str(inputs / "frames" / "screen.png"), "--output", str(tmp_path / "o"),
+                        "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, argv
+        assert len(err.splitlines()) == 1 and err.startswith("predict: error: "), err
+        assert all(w in err for w in words), (words, err)
+    assert not (tmp_path / "o" / "predictions.json").exists()
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A real 3-iteration training with MODEL.EMA on phantoms: its final checkpoint carries both
+    the training weights and the EMA weights, in the trainer's own format."""
+    from train_helpers import make_datasets_root, quick_cfg
+    from usdet.engine import Trainer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = make_datasets_root(str(tmp_path_factory.mktemp("ema_datasets")))
+        out = tmp_path_factory.mktemp("ema_run")
+        cfg = quick_cfg(out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "0",
+                        "MODEL.EMA.ENABLED", "True", "MODEL.EMA.DECAY", "0.9",
+                        "SOLVER.BEST_CHECKPOINT.ENABLED", "False")
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        torch.set_num_threads(before)
+    return root, out, str(out / "model_final.pth")
+
+
+def test_predict_uses_what_eval_only_uses_ema_and_flip(ema_run, tmp_path):
+    """tools/predict.py on the validation images gives --eval-only's detections exactly: the EMA
+    weights of the checkpoint, and detectron2's flip TTA when TEST.FLIP is on; report says which."""
+    from detectron2.data import DatasetCatalog
+
+    from train_helpers import quick_cfg
+    from usdet.engine import evaluate_checkpoint
+    from usdet.engine.predictor import ema_weights
+
+    _, run_dir, weights = ema_run
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    ema, raw = ema_weights(ckpt), ckpt["model"]
+    assert ema is not None and any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+    opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.EMA.ENABLED", "True", "TEST.FLIP", "True",
+            "MODEL.ROI_HEADS.NUM_CLASSES", "1"]
+    ev = tmp_path / "eval"
+    evaluate_checkpoint(quick_cfg(ev, "MODEL.WEIGHTS", weights, *opts))
+    coco = json.load(open(ev / "inference" / "ph1_val" / "coco_instances_results.json"))
+    dicts = DatasetCatalog.get("ph1_val")
+    files = {d["image_id"]: d["file_name"] for d in dicts}
+    out = tmp_path / "pred"
+    run_cfg = str(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else QUICK_CFG
+    rc = _run_tool(["--config-file", run_cfg, "--weights", weights, "--input", *files.values(),
+                    "--output", str(out), "--no-crop", "--score-thresh", "0", "--no-progress", *opts])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights_used"] == "ema" and report["tta"] is True and "EMA" in report["weights_note"]
+    records = {r["source"]: r for r in json.loads((out / "predictions.json").read_text())}
+    n = 0
+    for image_id, fname in files.items():
+        want = sorted(([d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3],
+                        d["score"]] for d in coco if d["image_id"] == image_id), key=lambda r: -r[4])
+        got = [[*b["bbox_xyxy_original"], b["score"]] for b in records[fname]["boxes"]]
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(np.array(got)[:, :4], np.array(want)[:, :4], atol=0.011)
+        np.testing.assert_allclose(np.array(got)[:, 4], np.array(want)[:, 4], atol=2e-4)
+        n += len(got)
+    assert n == report["num_boxes"]
+
+    # the same predictor without EMA or without the flip gives other boxes (both choices matter)
+    images = [read(f) for f in list(files.values())[:3]]
+    base = build_predictor_cfg(QUICK_CFG, weights, "cpu", opts)
+    with_both = BatchPredictor(base)(images)
+    for change in (["MODEL.EMA.ENABLED", "False"], ["TEST.FLIP", "False"]):
+        pred = BatchPredictor(build_predictor_cfg(QUICK_CFG, weights, "cpu", opts + change))
+        assert pred.weights_used == ("model" if change[0] == "MODEL.EMA.ENABLED" else "ema")
+        other = pred(images)
+        if change[0] == "MODEL.EMA.ENABLED":
+            assert all(torch.equal(v, raw[k]) for k, v in pred.model.state_dict().items())
+        assert any(len(a) != len(b) or not torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
+                   for a, b in zip(with_both, other)), change
+
+    # a model_best.pth of an EMA run holds the averaged weights as "model": used, and said so
+    best = tmp_path / "model_best.pth"
+    torch.save({"model": ema, "iteration": 2, "usdet_best": {"metric": "bbox/AP50", "value": 1.0, "iteration": 2}},
+               best)
+    pred = BatchPredictor(build_predictor_cfg(QUICK_CFG, str(best), "cpu", opts))
+    assert pred.weights_used == "ema" and "model_best" in pred.weights_note
+    assert all(torch.equal(v, ema[k]) for k, v in pred.model.state_dict().items())
+
+
+def read(path):
+    from usdet.data.image_io import read_image
+
+    return read_image(path)

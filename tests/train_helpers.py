@@ -89,6 +89,63 @@ def state_tensors(sd, prefix: str = "") -> Dict[str, object]:
     return out
 
 
+def phantom_batches(seed: int, size: int, batch_size: int = 4):
+    """Endless batches of one-lesion phantoms in detectron2's training input format (BGR, as the quick config)."""
+    import numpy as np
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    from usdet.data.phantom import render_phantom
+
+    rng = np.random.default_rng(seed)
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            rgb, boxes, _ = render_phantom(rng, size, kinds=[str(rng.choice(["benign", "malignant"]))])
+            b = np.asarray(boxes, np.float32).reshape(-1, 4)
+            b[:, 2:] += b[:, :2]
+            inst = Instances((size, size))
+            inst.gt_boxes = Boxes(torch.from_numpy(b))
+            inst.gt_classes = torch.zeros(len(b), dtype=torch.int64)
+            bgr = np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))
+            batch.append({"image": torch.from_numpy(bgr), "instances": inst})
+        yield batch
+
+
+_TRAINED: Dict[tuple, object] = {}
+
+
+def train_phantom_detector(iters: int = 150, size: int = 128, seed: int = 0):
+    """``(cfg, model)``: the quick R18-FPN trained ``iters`` steps on phantoms (detectron2's
+    SimpleTrainer, one thread), confident enough to detect phantom lesions. Trained once per
+    test session for given arguments; every call gets its own copy of the model, in eval mode."""
+    import torch
+    from detectron2.engine import SimpleTrainer, hooks
+    from detectron2.modeling import build_model
+
+    from usdet.engine.predictor import build_predictor_cfg
+
+    key = (iters, size, seed)
+    cfg = build_predictor_cfg(QUICK_CFG, "", "cpu")
+    if key not in _TRAINED:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch.manual_seed(seed)
+            model = build_model(cfg)
+            opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, (it + 1) / 10))
+            trainer = SimpleTrainer(model, phantom_batches(seed, size), opt)
+            trainer.register_hooks([hooks.LRScheduler(opt, warmup)])
+            trainer.train(0, iters)
+        finally:
+            torch.set_num_threads(threads)
+        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = build_model(cfg)
+    model.load_state_dict(_TRAINED[key])
+    return cfg, model.eval()
+
+
 def tail(text: Optional[str], n: int = 3000) -> str:
     return (text or "")[-n:]
 

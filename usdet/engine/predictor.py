@@ -3,21 +3,22 @@
 detectron2's ``DefaultPredictor`` runs one image per forward pass; a folder of cine frames
 (or a multi-frame DICOM) is far faster in batches, with reading and cropping of the next
 frames overlapped with the model. Preprocessing is DefaultPredictor's exactly (same
-``ResizeShortestEdge`` test transform, same channel order), so both give the same boxes.
+``ResizeShortestEdge`` test transform, same channel order) and frames share a batch only with
+frames of the same padded size, so both give the same boxes. Backends: eager PyTorch
+(``BatchPredictor``, the model ``--eval-only`` evaluates) or a TorchScript / ONNX export
+(``ExportedPredictor``), behind one ``FramePredictor`` interface.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
-import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -29,29 +30,71 @@ logger = logging.getLogger(__name__)
 CropBox = Tuple[int, int, int, int]
 
 
-class BatchPredictor:
-    """Run a detectron2 model built from ``cfg`` on lists of RGB frames, ``batch_size`` at a time.
+def ema_weights(checkpoint: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+    """The averaged weights a training checkpoint carries, or None.
 
-    Weights come from ``cfg.MODEL.WEIGHTS`` through ``DetectionCheckpointer``, the device from
-    ``cfg.MODEL.DEVICE``. Returns one ``Instances`` (boxes in the given frame's pixels) per frame.
+    The one place that knows where usdet's EMA lives in a checkpoint (``EMAHook``'s state inside
+    the trainer's hook states): if the averaging changes its storage, only this changes.
+    """
+    state = ((checkpoint.get("trainer") or {}).get("hooks") or {}).get("EMAHook")
+    return state.get("ema") if isinstance(state, dict) else None
+
+
+def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, str]:
+    """Load ``cfg.MODEL.WEIGHTS`` into ``model`` the way ``--eval-only`` does; say which weights.
+
+    Returns ``(weights_used, note)``: ``"ema"`` when ``MODEL.EMA.ENABLED`` and the checkpoint
+    carries EMA weights (loaded in place of the training weights), or when it is a
+    ``model_best.pth`` of such a run (the best-model hook saved the averaged weights);
+    ``"model"`` otherwise. A missing or unreadable file raises ``FileNotFoundError`` /
+    ``RuntimeError`` with a one-line message naming the file.
+    """
+    from usdet.engine.checkpoint import UsdetCheckpointer
+
+    path = cfg.MODEL.WEIGHTS
+    if not path:
+        raise FileNotFoundError("no weights given (MODEL.WEIGHTS / --weights is empty)")
+    if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: weights file not found")
+    ckpt = UsdetCheckpointer(model, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    extra = ckpt.load(path, checkpointables=[])
+    extra = extra if isinstance(extra, dict) else {}
+    ema = ema_weights(extra)
+    if cfg.MODEL.EMA.ENABLED and ema is not None:
+        model.load_state_dict(ema)
+        used, note = "ema", f"EMA weights stored in {path} (MODEL.EMA.ENABLED), as --eval-only uses"
+    elif cfg.MODEL.EMA.ENABLED and "usdet_best" in extra:
+        used, note = "ema", f"EMA weights of {path} (the model_best of a MODEL.EMA run: the averaged weights)"
+    else:
+        used, note = "model", f"training weights of {path}"
+        if ema is not None:
+            note += " (it also carries EMA weights, unused because MODEL.EMA.ENABLED is off, as in --eval-only)"
+    logger.info("Predicting with the %s", note)
+    return used, note
+
+
+class FramePredictor:
+    """What every backend shares: DefaultPredictor's preprocessing and batching over frames.
+
+    ``preprocess`` turns an RGB frame into the model's input (``ResizeShortestEdge`` test
+    transform, the config's channel order, uint8 CHW); subclasses implement ``run_batch``.
     """
 
-    def __init__(self, cfg: CfgNode, batch_size: int = 8, model: Optional[torch.nn.Module] = None):
+    backend = "base"
+
+    def __init__(self, min_size: int, max_size: int, input_format: str, class_names: Sequence[str],
+                 batch_size: int = 8):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.cfg = cfg.clone()
-        if model is None:
-            model = build_model(self.cfg)
-            DetectionCheckpointer(model).load(self.cfg.MODEL.WEIGHTS)
-        self.model = model.eval()
-        self.device = next(self.model.parameters()).device
-        self.aug = T.ResizeShortestEdge(
-            [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = self.cfg.INPUT.FORMAT
-        if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format}")
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {input_format}")
+        self.aug = T.ResizeShortestEdge([int(min_size), int(min_size)], int(max_size))
+        self.input_format = input_format
+        self.class_names = list(class_names)
         self.batch_size = int(batch_size)
+        self.weights_used = "model"
+        self.weights_note = ""
+        self.tta = False
 
     def preprocess(self, image_rgb: np.ndarray) -> dict:
         """One model input dict for an HxWx3 uint8 RGB frame (DefaultPredictor's transform)."""
@@ -65,18 +108,109 @@ class BatchPredictor:
         return {"image": tensor, "height": height, "width": width}
 
     def run_batch(self, inputs: Sequence[dict]) -> List[Instances]:
-        """Forward already preprocessed inputs in one ``model.inference`` call."""
-        if not inputs:
-            return []
-        with torch.inference_mode():
-            outputs = self.model.inference(list(inputs), do_postprocess=True)
-        return [o["instances"].to("cpu") for o in outputs]
+        raise NotImplementedError
 
     def __call__(self, images_rgb: Sequence[np.ndarray]) -> List[Instances]:
         results: List[Instances] = []
         for start in range(0, len(images_rgb), self.batch_size):
             chunk = images_rgb[start : start + self.batch_size]
             results.extend(self.run_batch([self.preprocess(im) for im in chunk]))
+        return results
+
+
+class BatchPredictor(FramePredictor):
+    """Run a detectron2 model built from ``cfg`` on lists of RGB frames, ``batch_size`` at a time.
+
+    The model ``--eval-only`` evaluates: weights from ``cfg.MODEL.WEIGHTS`` (the EMA weights when
+    the config enables EMA and the checkpoint has them, see ``load_inference_weights``) and
+    detectron2's ``GeneralizedRCNNWithTTA`` when ``TEST.FLIP`` / ``TEST.AUG.ENABLED``. The device is
+    ``cfg.MODEL.DEVICE``. Returns one ``Instances`` (boxes in the given frame's pixels) per frame.
+    """
+
+    backend = "torch"
+
+    def __init__(self, cfg: CfgNode, batch_size: int = 8, model: Optional[torch.nn.Module] = None):
+        super().__init__(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT,
+                         thing_classes_for(cfg), batch_size)
+        self.cfg = cfg.clone()
+        if model is None:
+            model = build_model(self.cfg)
+            self.weights_used, self.weights_note = load_inference_weights(model, self.cfg)
+        self.model = model.eval()
+        self.device = next(self.model.parameters()).device
+        self._tta_model = None
+        if self.cfg.TEST.FLIP or self.cfg.TEST.AUG.ENABLED:
+            from detectron2.modeling import GeneralizedRCNNWithTTA
+
+            from usdet.engine.trainer import tta_config
+
+            self._tta_model = GeneralizedRCNNWithTTA(tta_config(self.cfg), self.model)
+            self.tta = True
+            logger.info("Test-time augmentation on (TEST.FLIP / TEST.AUG), as in --eval-only")
+        self._divisibility = int(getattr(getattr(self.model, "backbone", None), "size_divisibility", 0) or 0)
+
+    def _padded_shape(self, image: torch.Tensor) -> Tuple[int, int]:
+        h, w = image.shape[-2:]
+        d = self._divisibility
+        return (h, w) if d <= 1 else (-(-h // d) * d, -(-w // d) * d)
+
+    def run_batch(self, inputs: Sequence[dict]) -> List[Instances]:
+        """Forward already preprocessed inputs, one ``model.inference`` call per padded size.
+
+        Frames are batched only with frames padded to the same size: padding a small frame up to
+        a larger one in its batch changes its features near the border (and the anchors the RPN
+        sees), so each frame gets exactly the boxes ``DefaultPredictor`` gives it alone.
+        """
+        if not inputs:
+            return []
+        if self._tta_model is not None:
+            with torch.inference_mode():
+                return [o["instances"].to("cpu") for o in self._tta_model(list(inputs))]
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(self._padded_shape(x["image"]), []).append(i)
+        results: List[Optional[Instances]] = [None] * len(inputs)
+        with torch.inference_mode():
+            for idx in groups.values():
+                outputs = self.model.inference([inputs[i] for i in idx], do_postprocess=True)
+                for i, o in zip(idx, outputs):
+                    results[i] = o["instances"].to("cpu")
+        return results  # type: ignore[return-value]
+
+
+class ExportedPredictor(FramePredictor):
+    """A model written by ``tools/export_model.py`` (TorchScript or ONNX), run on CPU.
+
+    Same preprocessing as ``BatchPredictor`` (from the resize rule in the JSON beside the file),
+    one frame per call (the exported graph takes one uint8 CHW image, normalization inside), and
+    detectron2's own ``detector_postprocess`` to scale boxes back to the frame.
+    """
+
+    def __init__(self, path: str, backend: str, batch_size: int = 8, threads: Optional[int] = None):
+        from usdet.engine.export import load_exported
+
+        self.meta, self._run = load_exported(path, backend, threads=threads)
+        rule = self.meta["input"]["resize"]
+        super().__init__(rule["short_edge"], rule["max_size"], self.meta["input"]["format"],
+                         self.meta["class_names"], batch_size)
+        self.backend = backend
+        self.device = "cpu"
+        self.weights_used = self.meta["weights_used"]
+        self.weights_note = f"{self.meta['weights_note']}, exported to {path}"
+
+    def run_batch(self, inputs: Sequence[dict]) -> List[Instances]:
+        from detectron2.modeling.postprocessing import detector_postprocess
+        from detectron2.structures import Boxes
+
+        results = []
+        for x in inputs:
+            image = x["image"]
+            boxes, scores, classes = self._run(image)
+            inst = Instances(tuple(image.shape[-2:]))
+            inst.pred_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+            inst.pred_classes = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
+            results.append(detector_postprocess(inst, x["height"], x["width"]))
         return results
 
 
@@ -219,7 +353,7 @@ def instances_to_boxes(
 
 
 def predict_sources(
-    predictor: BatchPredictor,
+    predictor: FramePredictor,
     sources: Sequence[str],
     score_thresh: float = 0.5,
     crop: bool = True,
@@ -238,7 +372,7 @@ def predict_sources(
     """
     from tqdm import tqdm
 
-    class_names = list(class_names) if class_names is not None else thing_classes_for(predictor.cfg)
+    class_names = list(class_names) if class_names is not None else predictor.class_names
     records: List[dict] = []
     failures: List[dict] = []
     bar = tqdm(total=len(sources), desc="predict", unit="src", disable=not progress)
@@ -311,7 +445,7 @@ def build_predictor_cfg(
     return cfg
 
 
-def _overlay_writer(out_dir: str) -> Callable[[dict, np.ndarray], None]:
+def overlay_writer(out_dir: str) -> Callable[[dict, np.ndarray], None]:
     """``on_frame`` callback drawing each frame's boxes (full frame, crop box shown) into out_dir."""
     import re
 
@@ -349,50 +483,3 @@ def _overlay_writer(out_dir: str) -> Callable[[dict, np.ndarray], None]:
         rec["overlay"] = os.path.join("overlays", name + ".png")
 
     return write
-
-
-def run_predict_tool(args) -> int:
-    """Body of tools/predict.py (see its --help); returns the exit status."""
-    from usdet.data.sources import list_sources
-    from usdet.utils.io import atomic_write_json
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    opts = [o for o in (args.opts or []) if o != "--"]
-    try:
-        cfg = build_predictor_cfg(args.config_file, args.weights, args.device, opts)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad config file / key / weights: one line
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"predict: error: {args.config_file}: {msg}", file=sys.stderr)
-        return 2
-    predictor = BatchPredictor(cfg, batch_size=args.batch_size)
-    sources = list_sources(args.input)
-    if not sources:
-        print(f"no inputs found in {' '.join(args.input)}", file=sys.stderr)
-        return 1
-    os.makedirs(args.output, exist_ok=True)
-    on_frame = _overlay_writer(os.path.join(args.output, "overlays")) if args.overlays else None
-    records, failures = predict_sources(
-        predictor, sources, score_thresh=args.score_thresh, crop=not args.no_crop,
-        on_frame=on_frame, progress=not args.no_progress,
-    )
-    atomic_write_json(os.path.join(args.output, "predictions.json"), records)
-    report = {
-        "config_file": args.config_file,
-        "weights": args.weights,
-        "device": str(predictor.device),
-        "score_thresh": args.score_thresh,
-        "crop": not args.no_crop,
-        "num_sources": len(sources),
-        "num_frames": len(records),
-        "num_boxes": sum(len(r["boxes"]) for r in records),
-        "crop_notes": [{"source": r["source"], "frame": r["frame"], "note": r["crop_note"]}
-                       for r in records if "crop_note" in r],
-        "failures": failures,
-    }
-    atomic_write_json(os.path.join(args.output, "report.json"), report)
-    print(f"{len(records)} frame(s) from {len(sources) - len({f['source'] for f in failures})} of "
-          f"{len(sources)} source(s), {report['num_boxes']} box(es) >= {args.score_thresh}; "
-          f"{len(failures)} failed -> {os.path.join(args.output, 'predictions.json')}")
-    for f in failures:
-        print(f"  FAILED {f['source']}: {f['reason']}", file=sys.stderr)
-    return 0 if records else 1
