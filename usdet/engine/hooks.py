@@ -6,6 +6,7 @@ so they cost nothing measurable per iteration.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import operator
@@ -19,7 +20,8 @@ from detectron2.utils import comm
 from usdet.engine.rng import preserve_rng
 from usdet.utils.io import atomic_write_json
 
-__all__ = ["BestModelHook", "EMAHook", "ValidationLossHook", "read_best_record"]
+__all__ = ["BestModelHook", "EMAHook", "MissedEvaluationHook", "ValidationLossHook", "read_best_record",
+           "read_evaluation_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +265,77 @@ class EMAHook(HookBase):
         self._ema = {k: v.to(device).clone() for k, v in state["ema"].items()}
         self.updates = int(state["updates"])
         self._loaded = True
+
+
+EVAL_RECORD = "last_evaluation.json"
+
+
+def read_evaluation_record(output_dir: str) -> int:
+    """The iteration whose evaluation-time hooks last finished (``last_evaluation.json``), or -1."""
+    path = os.path.join(output_dir, EVAL_RECORD)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return int(json.load(fh)["iteration"])
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s: unreadable (%s); treating the last evaluation as missing", path, e)
+        return -1
+
+
+class MissedEvaluationHook(HookBase):
+    """The evaluation-time hooks of each iteration run exactly once, even across a kill.
+
+    detectron2 runs the periodic checkpointer before the evaluation hooks, so a checkpoint at
+    iteration k is written before the evaluation (validation loss, metrics, best-model
+    candidacy) of k; a kill during that evaluation resumes at k + 1 and would skip it. The
+    checkpoint records the iteration whose evaluation was still due (``usdet.pending_evaluation``,
+    see ``Trainer.state_dict``), this hook writes ``last_evaluation.json`` once the evaluation-time
+    hooks of an iteration have finished, and a resumed run whose checkpoint names a pending
+    evaluation newer than that record runs it first, at storage iteration k, so its metrics and
+    its best-model candidacy are exactly those of the uninterrupted run. Register it last.
+    """
+
+    def __init__(self, output_dir: str, actions: List[tuple]):
+        """``actions``: ``(is_due(iteration) -> bool, run(iteration) -> None)`` in hook order."""
+        self._output_dir = output_dir
+        self._actions = actions
+        self.missed: Optional[int] = None  # set by the trainer on resume
+
+    def due(self, iteration: int) -> bool:
+        return any(is_due(iteration) for is_due, _ in self._actions)
+
+    def pending_since(self, pending: Optional[int]) -> Optional[int]:
+        """``pending`` if the record shows its evaluation never finished (all ranks agree on rank 0's view)."""
+        done = read_evaluation_record(self._output_dir) if comm.is_main_process() else -1
+        done = comm.all_gather(done)[0]
+        return pending if pending is not None and pending > done else None
+
+    def _record(self, iteration: int) -> None:
+        if comm.is_main_process():
+            atomic_write_json(os.path.join(self._output_dir, EVAL_RECORD), {"iteration": int(iteration)})
+
+    def before_train(self) -> None:
+        k = self.missed
+        if k is None:
+            return
+        self.missed = None
+        logger.info("The evaluation of iteration %d was interrupted by the stop before this --resume: running it "
+                    "now, before training continues", k)
+        storage, saved = self.trainer.storage, (self.trainer.storage.iter, self.trainer.iter)
+        storage.iter = self.trainer.iter = k
+        try:
+            for is_due, run in self._actions:
+                if is_due(k):
+                    run(k)
+        finally:
+            storage.iter, self.trainer.iter = saved
+        self._record(k)
+
+    def after_step(self) -> None:
+        if self.due(self.trainer.iter):
+            self._record(self.trainer.iter)
+
+    def after_train(self) -> None:
+        if self.trainer.iter + 1 >= self.trainer.max_iter:  # the final evaluation ran (after_train)
+            self._record(self.trainer.max_iter - 1)

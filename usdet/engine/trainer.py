@@ -4,7 +4,8 @@ What it adds, each by an override or a hook (no detectron2 internals are replace
 - evaluation = COCO bbox AP + penalized IoU over the whole evaluation set;
 - ``model_best.pth`` by any flattened metric, whose best value survives ``--resume``;
 - honest resume: optimizer/grad-scaler state, RNG state and data position are checkpointed,
-  so a resumed run continues as if never stopped; checkpoints are written atomically and
+  so a resumed run continues as if never stopped, including an evaluation the stop
+  interrupted (run first on resume); checkpoints are written atomically and
   ``last_checkpoint`` only names periodic ones;
 - a NaN/Inf loss stops with a message naming the iteration, the last good checkpoint and the
   likely causes;
@@ -30,8 +31,9 @@ from detectron2.utils import comm
 from usdet.config import resolve_normalization
 from usdet.data.loader import ResumableTrainLoader, build_resumable_train_loader
 from usdet.data.mapper import UsdetDatasetMapper
+from usdet.data.mixing import check_train_weights, load_training_sources
 from usdet.engine.checkpoint import UsdetCheckpointer
-from usdet.engine.hooks import BestModelHook, EMAHook, ValidationLossHook
+from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, ValidationLossHook
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
 
 __all__ = ["Trainer", "TrainingDivergedError", "evaluate_checkpoint"]
@@ -51,6 +53,8 @@ class Trainer(DefaultTrainer):
         if not cfg.INPUT.NORMALIZATION_RESOLVED:  # setup() already resolved (and logged) it
             logging.getLogger("usdet").info(resolve_normalization(cfg))
         self._best_hook: Optional[BestModelHook] = None
+        self._missed_eval_hook: Optional[MissedEvaluationHook] = None
+        self._pending_eval: Optional[int] = None
         super().__init__(cfg)
 
     # ------------------------------------------------------------------ builders
@@ -59,14 +63,19 @@ class Trainer(DefaultTrainer):
         """usdet's mapper; a resumable, seeded loader (``DATALOADER.SAMPLER_TRAIN TrainingSampler``)."""
         mapper = UsdetDatasetMapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            if len(cfg.DATASETS.TRAIN_WEIGHTS):
+                raise ValueError("DATASETS.TRAIN_WEIGHTS needs DATALOADER.SAMPLER_TRAIN TrainingSampler (usdet's "
+                                 f"resumable sampler), not {cfg.DATALOADER.SAMPLER_TRAIN}")
             logger.warning("DATALOADER.SAMPLER_TRAIN %s: using detectron2's loader; after --resume the data "
                            "order is not the uninterrupted run's", cfg.DATALOADER.SAMPLER_TRAIN)
             return build_detection_train_loader(cfg, mapper=mapper)
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        weights = check_train_weights(cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_WEIGHTS)
+        dataset, sources = load_training_sources(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return build_resumable_train_loader(
             dataset, mapper, total_batch_size=cfg.SOLVER.IMS_PER_BATCH, seed=seed,
-            num_workers=cfg.DATALOADER.NUM_WORKERS, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING)
+            num_workers=cfg.DATALOADER.NUM_WORKERS, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            sources=sources, source_weights=weights)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -122,19 +131,31 @@ class Trainer(DefaultTrainer):
             ret.insert(ckpt_pos, self._ema_hook)
         eval_pos = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         ret[eval_pos] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate)
+        max_iter, eval_period, val_period = cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.TEST.VAL_LOSS_PERIOD
+
+        def eval_due(k: int) -> bool:  # EvalHook.after_step's rule (the final one runs in after_train)
+            return eval_period > 0 and (k + 1) % eval_period == 0 and k + 1 != max_iter
+
+        # What runs at evaluation time, in hook order, for the missed-evaluation hook.
+        actions: List[tuple] = []
         extra_before: List[Any] = []
-        if cfg.TEST.VAL_LOSS_PERIOD > 0 and len(cfg.DATASETS.TEST):
+        if val_period > 0 and len(cfg.DATASETS.TEST):
             loader = self.build_val_loss_loader(cfg)
-            extra_before.append(ValidationLossHook(cfg.TEST.VAL_LOSS_PERIOD, lambda: loader,
-                                                   seed=max(cfg.SEED, 0)))
+            val_hook = ValidationLossHook(val_period, lambda: loader, seed=max(cfg.SEED, 0))
+            extra_before.append(val_hook)
+            actions.append((lambda k: (k + 1) % val_period == 0 or k + 1 == max_iter, lambda k: val_hook._do()))
+        actions.append((eval_due, lambda k: ret[eval_pos]._do_eval()))
         extra_after: List[Any] = []
         if cfg.SOLVER.BEST_CHECKPOINT.ENABLED and comm.is_main_process() and len(cfg.DATASETS.TEST):
-            self._best_hook = BestModelHook(cfg.TEST.EVAL_PERIOD, self.checkpointer,
+            self._best_hook = BestModelHook(eval_period, self.checkpointer,
                                             cfg.SOLVER.BEST_CHECKPOINT.METRIC, cfg.SOLVER.BEST_CHECKPOINT.MODE,
                                             cfg.OUTPUT_DIR,
                                             state_fn=self._ema_hook.ema_state_dict if self._ema_hook else None)
             extra_after.append(self._best_hook)
-        return ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
+            actions.append((eval_due, self._best_hook._check))
+        self._missed_eval_hook = MissedEvaluationHook(cfg.OUTPUT_DIR, actions)
+        return (ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
+                + [self._missed_eval_hook])
 
     def _evaluate(self):
         """The periodic evaluation: of the averaged weights when MODEL.EMA is on."""
@@ -160,6 +181,8 @@ class Trainer(DefaultTrainer):
             loader.set_start_iter(self.start_iter)
         if self._best_hook is not None:
             self._best_hook.restore(resumed)
+        if resumed and self._missed_eval_hook is not None:
+            self._missed_eval_hook.missed = self._missed_eval_hook.pending_since(self._pending_eval)
 
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
@@ -169,6 +192,10 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             usdet["data_seed"] = loader.seed
+        if self._missed_eval_hook is not None and self._missed_eval_hook.due(self.iter):
+            # Saved before this iteration's evaluation (detectron2's hook order): due on resume
+            # unless last_evaluation.json shows it finished.
+            usdet["pending_evaluation"] = int(self.iter)
         ret["usdet"] = usdet
         return ret
 
@@ -180,6 +207,7 @@ class Trainer(DefaultTrainer):
             logger.warning("The checkpoint has no optimizer state (written by plain detectron2 0.6?): "
                            "momentum restarts from zero")
         extra = state_dict.get("usdet", {})
+        self._pending_eval = extra.get("pending_evaluation")
         loader = self._trainer.data_loader
         if "data_seed" in extra and isinstance(loader, ResumableTrainLoader):
             loader.set_seed(extra["data_seed"])
