@@ -125,3 +125,24 @@ def test_dataset_normalization_uses_the_weighted_mix(tmp_path):
     assert cfg.MODEL.PIXEL_STD == pytest.approx(pool.std(0).tolist(), abs=1e-3)
     with pytest.raises(ValueError, match="names 2 files for 3 training datasets"):
         build_config("", [*opts[:1], "('x', 'y', 'z')", *opts[2:]])
+
+
+def test_mixed_recipe_is_the_cpu_recipe_on_two_sources(tmp_path):
+    from train_helpers import REPO
+
+    from usdet.engine import build_config
+
+    stats = []
+    for name, mean in (("busi", 70.0), ("breast", 110.0)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"mean": [mean] * 3, "std": [40.0] * 3, "num_images": 10}))
+        stats.append(str(path))
+    mixed = build_config(os.path.join(REPO, "configs", "BUSI", "recipe_mixed_cpu.yaml"),
+                         ["INPUT.NORMALIZATION_FILE", ",".join(stats)])
+    single = build_config(os.path.join(REPO, "configs", "BUSI", "recipe_scratch_cpu.yaml"),
+                          ["INPUT.NORMALIZATION_FILE", stats[0]])
+    assert list(mixed.DATASETS.TRAIN) == ["busi_train", "breast_train"]
+    assert list(mixed.DATASETS.TRAIN_WEIGHTS) == [0.6, 0.4]
+    assert mixed.MODEL.PIXEL_MEAN == pytest.approx([0.6 * 70 + 0.4 * 110] * 3)
+    assert mixed.SOLVER.MAX_ITER == single.SOLVER.MAX_ITER and mixed.SOLVER.IMS_PER_BATCH == single.SOLVER.IMS_PER_BATCH
+    assert mixed.MODEL.RESNETS.DEPTH == single.MODEL.RESNETS.DEPTH and mixed.INPUT.AUG == single.INPUT.AUG
