@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+import usdet.modeling  # noqa: F401  (registers usdet's RPN and ROI heads, named by the configs)
 from usdet.config import add_usdet_config, resolve_normalization
 from usdet.utils.io import atomic_write_text
 
