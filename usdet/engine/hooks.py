@@ -11,6 +11,7 @@ import logging
 import math
 import operator
 import os
+import zlib
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -143,20 +144,26 @@ class ValidationLossHook(HookBase):
     detectron2 models return losses only in training mode; that mode would also update
     BatchNorm running statistics with validation images, so BatchNorm layers are switched to
     eval mode for the pass (running stats used, not changed). Proposal sampling inside the
-    model draws from torch's RNG: it runs with a fixed seed and the training RNG state is
-    restored afterwards and successive values are comparable. Logs ``val_loss`` and ``val_<loss_name>``.
+    model draws from torch's RNG: each image's pass is seeded by the image (so the mean over
+    all images is the same in 1 or N processes), the training RNG state is restored afterwards,
+    and successive values are comparable. Logs ``val_loss`` and ``val_<loss_name>``.
     """
 
-    def __init__(self, period: int, data_loader_fn, seed: int = 0):
+    def __init__(self, period: int, data_loader_fn, seed: int = 0, before=None):
         self._period = int(period)
         self._data_loader_fn = data_loader_fn
         self._seed = int(seed)
+        self._before = before  # e.g. the trainer's sync_buffers: rank 0's BN statistics everywhere
 
     def _losses(self, model: torch.nn.Module, data: Iterable) -> Dict[str, float]:
         sums: Dict[str, float] = {}
         count = 0
         with torch.no_grad():
             for batch in data:
+                # Seeded by the batch's images, so a loss does not depend on which process or in
+                # which order an image is seen (the val-loss loader has one image per batch).
+                key = "|".join(str(d.get("image_id", d.get("file_name", ""))) for d in batch)
+                torch.manual_seed(self._seed * 1000003 + zlib.crc32(key.encode()))
                 loss_dict = model(batch)
                 for k, v in loss_dict.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
@@ -170,9 +177,10 @@ class ValidationLossHook(HookBase):
         bns = _bn_modules(model)
         for m in bns:
             m.eval()
+        if self._before is not None:
+            self._before()
         try:
             with preserve_rng():
-                torch.manual_seed(self._seed)
                 part = self._losses(model, self._data_loader_fn())
         finally:
             for m in bns:
