@@ -209,51 +209,50 @@ class ValidationLossHook(HookBase):
 class EMAHook(HookBase):
     """Exponential moving average of the weights, used for evaluation and for ``model_best.pth``.
 
-    After every step: ``ema = d * ema + (1 - d) * weights`` for parameters and floating buffers
-    (BN statistics), with ``d = min(decay, (1 + n) / (10 + n))`` so early, random weights fade
-    fast. The average lives in the hook's state, hence in every periodic checkpoint, and
-    ``--resume`` continues it. Started from the weights present at ``before_train`` (so
-    ``MODEL.WEIGHTS`` of a stage-2 run is its starting point).
+    The average is torch's own ``torch.optim.swa_utils.AveragedModel`` (parameters and floating
+    buffers such as BN statistics, ``use_buffers=True``) with an EMA ``multi_avg_fn`` whose decay
+    warms up, ``d = min(decay, (1 + n) / (10 + n))`` after n updates, so early, random weights fade
+    fast (torch's ``get_ema_multi_avg_fn`` has a fixed decay). Started from the weights present at
+    ``before_train`` (so ``MODEL.WEIGHTS`` of a stage-2 run is its starting point). The average lives
+    in the hook's state, hence in every periodic checkpoint (``{"ema": state dict, "updates",
+    "decay"}``, keys unchanged), and ``--resume`` continues it.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        from torch.optim.swa_utils import AveragedModel
+
         if not 0.0 < decay < 1.0:
             raise ValueError(f"MODEL.EMA.DECAY must be in (0, 1), got {decay}")
         self._model = model.module if hasattr(model, "module") else model
         self.decay = float(decay)
-        self.updates = 0
-        self._ema: Dict[str, torch.Tensor] = {}
+        self._averaged = AveragedModel(self._model, multi_avg_fn=self._ema_step, use_buffers=True)
         self._loaded = False
 
-    def _init_from_model(self) -> None:
-        self._ema = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
-        self.updates = 0
+    @torch.no_grad()
+    def _ema_step(self, averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
+        n = int(num_averaged)  # the update about to be made is the n-th (the start copy is number 0)
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        if averaged and averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # integer buffers (BN's num_batches_tracked): the current value
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    @property
+    def updates(self) -> int:
+        return max(int(self._averaged.n_averaged) - 1, 0)
 
     def before_train(self) -> None:
         if not self._loaded:
-            self._init_from_model()
+            self._averaged.n_averaged.zero_()
+            self._averaged.update_parameters(self._model)  # the first "update" copies the start weights
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        current = self._model.state_dict()
-        floats_ema, floats_now = [], []
-        for k, e in self._ema.items():
-            v = current[k]
-            if e.is_floating_point():
-                floats_ema.append(e)
-                floats_now.append(v.detach())
-            else:
-                e.copy_(v)
-        if floats_ema:
-            torch._foreach_lerp_(floats_ema, floats_now, 1.0 - d)
+        self._averaged.update_parameters(self._model)
 
     def ema_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The averaged weights, as a model state dict."""
-        if not self._ema:
-            self._init_from_model()
-        return self._ema
+        """The averaged weights, as a model state dict (tensors shared with the average)."""
+        return self._averaged.module.state_dict()
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -269,9 +268,8 @@ class EMAHook(HookBase):
         return {"ema": self.ema_state_dict(), "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        device = next(iter(self._model.state_dict().values())).device
-        self._ema = {k: v.to(device).clone() for k, v in state["ema"].items()}
-        self.updates = int(state["updates"])
+        self._averaged.module.load_state_dict(state["ema"])
+        self._averaged.n_averaged.fill_(int(state["updates"]) + 1)
         self._loaded = True
 
 
