@@ -50,12 +50,12 @@ def inside_ignore(boxes: Boxes, ignore: Optional[Boxes]) -> Optional[torch.Tenso
 class UsdetRPN(RPN):
     """detectron2's ``RPN``; anchors mostly inside an ignore region are never sampled as negatives."""
 
-    _pending: List[Optional[torch.Tensor]]
-
+    @torch.jit.unused
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
         all_anchors = Boxes.cat(anchors)
-        real, self._pending = [], []
+        real: List[Instances] = []
+        self._pending: List[Optional[torch.Tensor]] = []
         for inst in gt_instances:
             r, ignore = split_ignored(inst)
             real.append(r)
@@ -65,6 +65,7 @@ class UsdetRPN(RPN):
         finally:
             self._pending = []
 
+    @torch.jit.unused
     def _subsample_labels(self, label: torch.Tensor) -> torch.Tensor:
         mask = self._pending.pop(0) if getattr(self, "_pending", None) else None
         if mask is not None:
@@ -77,11 +78,11 @@ class UsdetRPN(RPN):
 class UsdetROIHeads(StandardROIHeads):
     """detectron2's ``StandardROIHeads``; proposals mostly inside an ignore region are never background."""
 
-    _pending: List[Optional[torch.Tensor]]
-
+    @torch.jit.unused
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]):
-        real, self._pending = [], []
+        real: List[Instances] = []
+        self._pending: List[Optional[torch.Tensor]] = []
         for props, inst in zip(proposals, targets):
             r, ignore = split_ignored(inst)
             real.append(r)
@@ -94,6 +95,7 @@ class UsdetROIHeads(StandardROIHeads):
         finally:
             self._pending = []
 
+    @torch.jit.unused
     def _sample_proposals(self, matched_idxs: torch.Tensor, matched_labels: torch.Tensor,
                           gt_classes: torch.Tensor):
         mask = self._pending.pop(0) if getattr(self, "_pending", None) else None
