@@ -116,9 +116,11 @@ DATA_ORDER = textwrap.dedent("""
         from train_helpers import make_datasets_root, quick_cfg
         from usdet.engine import Trainer
         make_datasets_root(os.environ["USDET_DATASETS"])
-        loader = iter(Trainer.build_train_loader(quick_cfg(out)))
+        train_loader = Trainer.build_train_loader(quick_cfg(out))
+        loader, positions = iter(train_loader), iter(train_loader.batch_sampler)
         batches = [[(d["file_name"], float(d["image"].float().mean())) for d in next(loader)] for _ in range(n)]
-        json.dump(batches, open(os.path.join(out, f"rank{comm.get_rank()}.json"), "w"))
+        json.dump({"batches": batches, "positions": [[p for p, _ in next(positions)] for _ in range(n)]},
+                  open(os.path.join(out, f"rank{comm.get_rank()}.json"), "w"))
 
     if __name__ == "__main__":
         from usdet.engine.launch import launch
@@ -137,11 +139,13 @@ def test_two_ranks_split_the_one_process_stream(datasets_root, tmp_path):
 
     loader = iter(Trainer.build_train_loader(quick_cfg(str(tmp_path))))
     one = [[[d["file_name"], float(d["image"].float().mean())] for d in next(loader)] for _ in range(8)]
+    # disjoint stream positions (each sample is seen once), together every position of the stream
+    pos = [[p for b in r["positions"] for p in b] for r in ranks]
+    assert set(pos[0]).isdisjoint(pos[1]) and sorted(pos[0] + pos[1]) == list(range(16))
     for i in range(8):
-        assert len(ranks[0][i]) == len(ranks[1][i]) == 1
-        assert ranks[0][i][0] != ranks[1][i][0] or ranks[0][i][0][0] != ranks[1][i][0][0]
+        assert len(ranks[0]["batches"][i]) == len(ranks[1]["batches"][i]) == 1
         # same images with the same augmentation: the 1-process batch of the same total size
-        assert sorted(ranks[0][i] + ranks[1][i]) == sorted(one[i])
+        assert sorted(ranks[0]["batches"][i] + ranks[1]["batches"][i]) == sorted(one[i])
 
 
 def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(datasets_root, two_proc_run, tmp_path):
