@@ -19,7 +19,7 @@ from train_helpers import (REPO, capture_log, make_datasets_root, quick_cfg, sta
 # losses after iterations 1 and 3, final after 5.
 SCHEDULE = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2",
             "TEST.VAL_LOSS_PERIOD", "2", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "2",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.PIOU.SCORE_THRESH", "0.0"]
 EVAL_PREFIXES = ("bbox/", "piou/")
 
 
@@ -90,6 +90,12 @@ def test_evaluation_in_two_processes_is_the_one_process_evaluation_of_the_checkp
         counts = [k for k in two if k.startswith("piou/") and float(two[k]).is_integer()]
         assert counts and all(two[k] == one[k] for k in counts)  # counts exact
         assert two == pytest.approx(one, rel=1e-9, abs=1e-12, nan_ok=True)
+    assert metrics[6]["piou/tp"] + metrics[6]["piou/fp"] > 0  # the scores had detections to count
+    # The boxes and scores themselves (the last evaluation's predictions, of model_final): equal only
+    # if rank 1 evaluated with rank 0's BatchNorm statistics.
+    preds = [sorted((p["image_id"], round(p["score"], 5), [round(v, 3) for v in p["bbox"]]) for p in json.load(open(
+        os.path.join(d, "inference", "ph1_val", "coco_instances_results.json")))) for d in (two_proc_run, cfg.OUTPUT_DIR)]
+    assert len(preds[0]) > 10 and preds[0] == preds[1]
     # the validation loss of the last step: the mean over all images, as one process computes it
     trainer = Trainer(cfg)
     trainer.checkpointer.load(os.path.join(two_proc_run, "model_final.pth"), checkpointables=[])
