@@ -3,11 +3,14 @@ and normalization statistics of the weighted mix."""
 import collections
 import json
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
 
-from train_helpers import make_datasets_root, quick_cfg
+from train_helpers import REPO, make_datasets_root, quick_cfg, tail, train_net_cmd, train_net_env
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +75,28 @@ def test_mixed_training_set_reconciles_classes_and_resumes_data_order(datasets_r
     from_ph2 = sum("ph2" in f for b in batches for f, _ in b)
     assert from_ph2 / 24 > 0.5  # weight 3:1 (the sources have equal sizes)
 
-    # Resume from a checkpoint at iteration 4: the data order continues at iteration 5, images and
-    # augmentations identical to the uninterrupted run's.
-    trainer.iter = 4
-    trainer.checkpointer.save("model_0000004", iteration=4)
     del trainer
-    resumed = Trainer(quick_cfg(str(out), *opts))
+
+    # A real mixed training run, SIGKILLed right after its checkpoint of iteration 3, then resumed: the
+    # data order continues at iteration 4 with the uninterrupted stream's images and augmentations.
+    schedule = ["SOLVER.MAX_ITER", "200", "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0"]
+    run = str(tmp_path / "killed")
+    proc = subprocess.Popen(train_net_cmd(run, *opts, *schedule), env=train_net_env(datasets_root), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tag, deadline = os.path.join(run, "last_checkpoint"), time.time() + 240
+    try:
+        while not (os.path.exists(tag) and open(tag).read().strip() == "model_0000003.pth"):
+            assert proc.poll() is None, tail(proc.stderr.read())
+            assert time.time() < deadline, "no model_0000003.pth within 240 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed = Trainer(quick_cfg(run, *opts, *schedule))
     resumed.resume_or_load(resume=True)
-    assert resumed.start_iter == 5
-    assert _batch_files(resumed, 7) == batches[5:12]
+    assert resumed.start_iter == 4
+    assert _batch_files(resumed, 8) == batches[4:12]
 
 
 def test_class_lists_that_cannot_be_mapped_are_refused(datasets_root, tmp_path):
