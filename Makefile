@@ -9,7 +9,7 @@ STAMP := $(VENV)/.usdet-setup-stamp
 VENV_FLAGS := $(if $(USDET_SYSTEM_SITE),--system-site-packages,)
 QUIET_PIP := { grep -v -e "is ignored: it is neither" || true; }
 
-.PHONY: setup test demo bench train-busi-cpu train-busi-gpu clean-venv
+.PHONY: setup test demo bench train-busi-cpu train-mixed-cpu train-busi-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -44,6 +44,17 @@ train-busi-cpu: setup datasets/busi/annotations/test.json
 	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_cpu.yaml --eval-only \
 	  MODEL.WEIGHTS output/busi_recipe_cpu/model_best.pth DATASETS.TEST "('busi_test',)" \
 	  TEST.BOOTSTRAP 1000 OUTPUT_DIR output/busi_recipe_cpu/test
+
+# BUSI + BrEaST-Lesions-USG (issue 11): the mixed CPU recipe, then both test splits.
+BREAST_ROOT ?= $(or $(USDET_BREAST_ROOT),../shared/data/breast)
+datasets/breast/annotations/test.json: | setup
+	$(PY) tools/convert_to_coco.py breast --root $(BREAST_ROOT) --output datasets/breast
+
+train-mixed-cpu: setup datasets/busi/annotations/test.json datasets/breast/annotations/test.json
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_mixed_cpu.yaml
+	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_mixed_cpu.yaml --eval-only \
+	  MODEL.WEIGHTS output/mixed_recipe_cpu/model_best.pth DATASETS.TEST "('busi_test', 'breast_test')" \
+	  TEST.BOOTSTRAP 1000 OUTPUT_DIR output/mixed_recipe_cpu/test
 
 train-busi-gpu: setup datasets/busi/annotations/test.json
 	$(PY) tools/train_net.py --config-file configs/BUSI/recipe_scratch_gpu.yaml

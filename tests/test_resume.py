@@ -250,3 +250,84 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     with pytest.raises(RuntimeError, match=r"model_0000001.pth: not a readable checkpoint"):
         UsdetCheckpointer(torch.nn.Linear(4, 4), str(tmp_path)).resume_or_load("", resume=True)
+
+
+# ---------------------------------------------------------------------------- kill during evaluation
+# Checkpoints and evaluations both after iterations 2 and 5 (CHECKPOINT_PERIOD == EVAL_PERIOD, as in
+# every shipped config), final after 7; the best model is chosen by the validation loss, so the
+# evaluation at 5 is a best-model candidate.
+EVAL_SCHEDULE = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "3",
+                 "TEST.VAL_LOSS_PERIOD", "3", "SOLVER.STEPS", "(5,)", "SOLVER.WARMUP_ITERS", "3",
+                 "SOLVER.BEST_CHECKPOINT.METRIC", "val_loss", "SOLVER.BEST_CHECKPOINT.MODE", "min",
+                 "MODEL.EMA.ENABLED", "True", "MODEL.EMA.DECAY", "0.9"]
+
+# train_net, SIGKILLed by itself as the second periodic evaluation (iteration 5) starts its inference:
+# after the checkpoint of 5 and the validation loss of 5, before the metrics and the best-model check.
+KILL_DURING_EVAL = textwrap.dedent("""
+    import os, signal, sys
+    from usdet.engine import trainer as T
+    real_test, calls = T.Trainer.test.__func__, []
+    def dying_test(cls, cfg, model, evaluators=None):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_test(cls, cfg, model, evaluators)
+    T.Trainer.test = classmethod(dying_test)
+    sys.path.insert(0, os.path.join(sys.argv[1], "tools"))
+    import train_net
+    train_net.cli(sys.argv[2:])
+""")
+
+
+def _eval_metrics(run_dir):
+    """{iteration: {evaluation key: value}} from metrics.json."""
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.json")):
+        rec = json.loads(line)
+        ev = {k: v for k, v in rec.items() if k.startswith(("bbox/", "piou/", "val_"))}
+        if ev:
+            out.setdefault(rec["iteration"], {}).update(ev)
+    return out
+
+
+def _best_lines(run_dir):
+    return [ln.split("] ", 1)[-1] for ln in open(os.path.join(run_dir, "log.txt")).read().splitlines()
+            if "Saved model_best.pth" in ln or "Best-model hook:" in ln]
+
+
+def test_sigkill_during_evaluation_runs_the_missed_evaluation_on_resume(datasets_root, tmp_path):
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    r = run_train_net(datasets_root, ref, *EVAL_SCHEDULE)
+    assert r.returncode == 0, tail(r.stderr)
+
+    cmd = train_net_cmd(run, *EVAL_SCHEDULE)
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_EVAL, REPO, *cmd[2:]], env=train_net_env(datasets_root),
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == -signal.SIGKILL, tail(r.stderr)
+    assert open(os.path.join(run, "last_checkpoint")).read() == "model_0000005.pth"
+    assert json.load(open(os.path.join(run, "last_evaluation.json"))) == {"iteration": 2}
+    assert _load(os.path.join(run, "model_0000005.pth"))["trainer"]["usdet"]["pending_evaluation"] == 5
+    assert json.load(open(os.path.join(run, "best_metric.json")))["iteration"] == 2  # 5 never judged
+
+    r = run_train_net(datasets_root, run, *EVAL_SCHEDULE, resume=True)
+    assert r.returncode == 0, tail(r.stderr)
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "The evaluation of iteration 5 was interrupted" in log
+    assert "Starting training from iteration 6" in log
+
+    # The evaluation of 5 happened, at iteration 5, with the uninterrupted run's values, and the
+    # best-model decisions (each candidate and its value) are the uninterrupted run's.
+    ref_metrics, run_metrics = _eval_metrics(ref), _eval_metrics(run)
+    assert 5 in ref_metrics and "bbox/AP50" in ref_metrics[5] and "piou/score" in ref_metrics[5]
+    assert run_metrics.keys() == ref_metrics.keys()
+    for it, values in ref_metrics.items():
+        assert run_metrics[it] == pytest.approx(values, rel=1e-6, abs=1e-9, nan_ok=True), it
+    assert _best_lines(run) == _best_lines(ref)
+    assert any("at iteration 5" in ln for ln in _best_lines(ref))  # 5 was judged in both runs
+    assert json.load(open(os.path.join(run, "best_metric.json"))) == json.load(open(os.path.join(ref,
+                                                                                                 "best_metric.json")))
+    assert json.load(open(os.path.join(run, "last_evaluation.json"))) == {"iteration": 7}
+
+    # model_final was saved before the final validation loss, so it names 7 as pending; the record
+    # says 7 finished, so another --resume does not run it twice.
+    assert _load(os.path.join(run, "model_final.pth"))["trainer"]["usdet"].get("pending_evaluation") == 7

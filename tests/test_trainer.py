@@ -251,6 +251,27 @@ def test_ema_hook_averages_and_round_trips():
         EMAHook(model, decay=1.0)
 
 
+def test_ema_is_torch_averaged_model_with_buffers():
+    from torch.optim.swa_utils import AveragedModel
+
+    from usdet.engine import EMAHook
+
+    model = torch.nn.BatchNorm1d(1)
+    ema = EMAHook(model, decay=0.5)
+    assert isinstance(ema._averaged, AveragedModel) and ema._averaged.use_buffers
+    ema.before_train()
+    means = [0.0]
+    for step, m in enumerate([4.0, 8.0], start=1):
+        model.running_mean.fill_(m)
+        model.num_batches_tracked.fill_(10 * step)
+        ema.after_step()
+        d = min(0.5, (1 + step) / (10 + step))
+        means.append(d * means[-1] + (1 - d) * m)
+    state = ema.state_dict()
+    assert float(state["ema"]["running_mean"][0]) == pytest.approx(means[-1])  # BN statistics averaged too
+    assert int(state["ema"]["num_batches_tracked"]) == 20 and state["updates"] == 2
+
+
 def test_ema_weights_are_evaluated_and_kept_as_best_and_flip_tta(datasets_root, tmp_path, one_thread):
     from usdet.engine import Trainer, evaluate_checkpoint
 

@@ -5,6 +5,8 @@
   python tools/train_net.py --config-file CFG --resume                      # continue a killed run
   python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/x/model_best.pth
   python tools/train_net.py --config-file CFG --num-gpus 4                  # one machine, 4 GPUs
+  python tools/train_net.py --config-file CFG --num-gpus 2                  # no CUDA: 2 CPU processes (gloo)
+  python tools/train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST0:PORT
 Trailing KEY VALUE pairs override the config.
 """
 import logging
@@ -13,10 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
 
 import usdet.data  # noqa: E402,F401  (registers $USDET_DATASETS/<dataset>_<split>)
 from usdet.engine import Trainer, TrainingDivergedError, check_datasets, evaluate_checkpoint, setup  # noqa: E402
+from usdet.engine.launch import launch  # noqa: E402  (detectron2's, plus CPU processes on gloo without CUDA)
 
 
 def _fail(e: Exception) -> SystemExit:

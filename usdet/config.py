@@ -22,6 +22,11 @@ def add_usdet_config(cfg: CN) -> None:
     """Add usdet's config keys (with defaults) to a detectron2 config, in place."""
     _C = cfg
 
+    # Training on several sources (usdet/data/mixing.py): one positive weight per DATASETS.TRAIN
+    # entry = the probability that a training sample comes from that dataset (normalized); empty =
+    # plain concatenation (every image equally likely). Classes are reconciled by name.
+    _C.DATASETS.TRAIN_WEIGHTS = ()
+
     # Penalized IoU evaluator (usdet/evaluation/penalized_iou.py).
     _C.TEST.PIOU = CN()
     _C.TEST.PIOU.SCORE_THRESH = 0.45
@@ -43,7 +48,10 @@ def add_usdet_config(cfg: CN) -> None:
     # Input normalization, applied once (by the model, from MODEL.PIXEL_MEAN/STD):
     #   "imagenet": ImageNet mean/std (0-255), reordered to INPUT.FORMAT;
     #   "dataset":  mean/std of the training split from INPUT.NORMALIZATION_FILE (the converter's
-    #               OUT/pixel_stats.json, RGB 0-255), reordered to INPUT.FORMAT;
+    #               OUT/pixel_stats.json, RGB 0-255), reordered to INPUT.FORMAT; with several
+    #               DATASETS.TRAIN, comma-separated files in the same order, combined into the
+    #               statistics of the mix actually sampled (weighted by DATASETS.TRAIN_WEIGHTS, or
+    #               by each file's num_images without weights);
     #   "config":   MODEL.PIXEL_MEAN/STD exactly as written (e.g. detectron2's MSRA weights need
     #               BGR ImageNet mean and std 1).
     # resolve_normalization() writes the result into MODEL.PIXEL_MEAN/STD and sets
@@ -107,6 +115,42 @@ def read_pixel_stats(path: str) -> Tuple[List[float], List[float]]:
     return mean, std
 
 
+def mixed_pixel_stats(cfg: CN) -> Tuple[List[float], List[float]]:
+    """Mean/std (RGB, 0-255) of the training mix from one ``pixel_stats.json`` per training dataset.
+
+    The mix is a mixture distribution: mean = sum w_i m_i, variance = sum w_i (s_i^2 + m_i^2) - mean^2,
+    with w_i the sampling probability of source i (``DATASETS.TRAIN_WEIGHTS``, or each file's
+    ``num_images`` share when the sources are simply concatenated). Images weigh equally, whatever
+    their pixel count (the model sees them resized to similar sizes).
+    """
+    files = [f.strip() for f in str(cfg.INPUT.NORMALIZATION_FILE).split(",") if f.strip()]
+    stats = [read_pixel_stats(os.path.expanduser(f)) for f in files]
+    if len(stats) == 1:
+        return stats[0]
+    names = list(cfg.DATASETS.TRAIN)
+    if len(files) != len(names):
+        raise ValueError(f"INPUT.NORMALIZATION_FILE names {len(files)} files for {len(names)} training datasets "
+                         f"{names}: give one pixel_stats.json per DATASETS.TRAIN entry, in the same order")
+    weights = list(cfg.DATASETS.TRAIN_WEIGHTS)
+    if not weights:
+        weights = []
+        for f in files:
+            with open(os.path.expanduser(f), "r", encoding="utf-8") as fh:
+                n = json.load(fh).get("num_images")
+            if not isinstance(n, int) or n <= 0:
+                raise ValueError(f"{f}: no positive 'num_images' to weight the concatenated sources by; "
+                                 "set DATASETS.TRAIN_WEIGHTS")
+            weights.append(n)
+    if len(weights) != len(files) or min(weights) <= 0:
+        raise ValueError(f"DATASETS.TRAIN_WEIGHTS {weights}: one positive weight per training dataset {names}")
+    total = float(sum(weights))
+    w = [float(x) / total for x in weights]
+    mean = [sum(wi * m[c] for wi, (m, _) in zip(w, stats)) for c in range(3)]
+    second = [sum(wi * (s[c] ** 2 + m[c] ** 2) for wi, (m, s) in zip(w, stats)) for c in range(3)]
+    std = [max(second[c] - mean[c] ** 2, 0.0) ** 0.5 for c in range(3)]
+    return mean, std
+
+
 def resolve_normalization(cfg: CN) -> str:
     """Set ``MODEL.PIXEL_MEAN/STD`` from ``INPUT.NORMALIZATION`` (once) and return a log line.
 
@@ -127,7 +171,7 @@ def resolve_normalization(cfg: CN) -> str:
             if not cfg.INPUT.NORMALIZATION_FILE:
                 raise ValueError("INPUT.NORMALIZATION 'dataset' needs INPUT.NORMALIZATION_FILE "
                                  "(the converter's OUT/pixel_stats.json)")
-            mean, std = read_pixel_stats(os.path.expanduser(cfg.INPUT.NORMALIZATION_FILE))
+            mean, std = mixed_pixel_stats(cfg)
             cfg.MODEL.PIXEL_MEAN = [round(v, 4) for v in _to_format(mean, fmt)]
             cfg.MODEL.PIXEL_STD = [round(v, 4) for v in _to_format(std, fmt)]
         cfg.INPUT.NORMALIZATION_RESOLVED = True
@@ -135,7 +179,9 @@ def resolve_normalization(cfg: CN) -> str:
             cfg.freeze()
     source = {
         "imagenet": "ImageNet statistics",
-        "dataset": f"training-split statistics from {cfg.INPUT.NORMALIZATION_FILE}",
+        "dataset": f"training-split statistics from {cfg.INPUT.NORMALIZATION_FILE}"
+                   + (f" weighted {list(cfg.DATASETS.TRAIN_WEIGHTS)}" if "," in str(cfg.INPUT.NORMALIZATION_FILE)
+                      and len(cfg.DATASETS.TRAIN_WEIGHTS) else ""),
         "config": "MODEL.PIXEL_MEAN/STD as written in the config",
     }[choice]
     return (f"Input normalization '{choice}' ({source}), applied once by the model: "

@@ -6,6 +6,8 @@ detectron2's (``shuffle(range(N)) + shuffle(range(N)) + ...`` from one seeded ge
 across ranks, grouped by aspect ratio), but batching happens on indices, so skipping the first
 ``start_iter`` batches is cheap; and each sample's augmentation is seeded by its position in the
 stream. A run resumed at iteration k therefore sees exactly the batches an uninterrupted run sees.
+With per-source weights (``DATASETS.TRAIN_WEIGHTS``, usdet.data.mixing) each stream position first
+draws its source from the seeded generator, so a weighted mix keeps the same guarantees.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["ResumableBatchSampler", "SeededMapDataset", "build_resumable_train_loader"]
 
 
+_SOURCE_CHUNK = 1024  # sources are drawn this many positions at a time (part of the stream's definition)
+
+
 def sample_seed(seed: int, position: int) -> int:
     """The augmentation seed of the sample at ``position`` of the stream (a 32-bit integer)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(position)]).generate_state(1)[0])
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(position) & 0xFFFFFFFF]).generate_state(1)[0])
 
 
 class ResumableBatchSampler(torchdata.Sampler):
@@ -43,10 +48,20 @@ class ResumableBatchSampler(torchdata.Sampler):
 
     def __init__(self, sizes: Sequence[Tuple[int, int]], batch_size: int, seed: int, *, shuffle: bool = True,
                  aspect_ratio_grouping: bool = True, rank: Optional[int] = None,
-                 world_size: Optional[int] = None):
+                 world_size: Optional[int] = None, sources: Optional[Sequence[int]] = None,
+                 source_weights: Optional[Sequence[float]] = None):
         if len(sizes) == 0:
             raise ValueError("the training set is empty: check DATASETS.TRAIN and the annotation files")
         self.num_samples = len(sizes)
+        self._members: List[np.ndarray] = []
+        self._weights: Optional[torch.Tensor] = None
+        if source_weights is not None:
+            src = np.asarray(sources if sources is not None else [0] * len(sizes))
+            self._members = [np.flatnonzero(src == s) for s in range(len(source_weights))]
+            empty = [s for s, m in enumerate(self._members) if len(m) == 0]
+            if empty:
+                raise ValueError(f"training dataset(s) number {empty} of DATASETS.TRAIN are empty but weighted")
+            self._weights = torch.tensor([float(w) for w in source_weights], dtype=torch.float64)
         # bucket 0: wider than tall, 1: otherwise; unknown size -> 1 (any fixed choice is fine)
         self._bucket = np.array([0 if (w or 0) > (h or 0) else 1 for w, h in sizes], dtype=np.int8)
         if not aspect_ratio_grouping:
@@ -58,7 +73,31 @@ class ResumableBatchSampler(torchdata.Sampler):
         self.world_size = comm.get_world_size() if world_size is None else world_size
         self.start_batch = 0
 
+    def _permutations(self, members: np.ndarray, g: torch.Generator) -> Iterator[int]:
+        while True:
+            order = torch.randperm(len(members), generator=g) if self.shuffle else torch.arange(len(members))
+            yield from members[order.numpy()].tolist()
+
+    def _weighted_stream(self) -> Iterator[Tuple[int, int]]:
+        """Each position draws its source by weight, then the next index of that source's own
+        seeded permutations: a fixed function of the seed, like the unweighted stream."""
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        per_source = []
+        for s, members in enumerate(self._members):
+            gs = torch.Generator()
+            gs.manual_seed(sample_seed(self.seed, -1 - s))
+            per_source.append(self._permutations(members, gs))
+        position = 0
+        while True:
+            for s in torch.multinomial(self._weights, _SOURCE_CHUNK, replacement=True, generator=g).tolist():
+                yield position, next(per_source[s])
+                position += 1
+
     def _global_stream(self) -> Iterator[Tuple[int, int]]:
+        if self._weights is not None:
+            yield from self._weighted_stream()
+            return
         g = torch.Generator()
         g.manual_seed(self.seed)
         position = 0
@@ -164,14 +203,15 @@ class ResumableTrainLoader:
 
 
 def build_resumable_train_loader(dataset: List[Dict[str, Any]], mapper: Callable, *, total_batch_size: int,
-                                 seed: int, num_workers: int = 0,
-                                 aspect_ratio_grouping: bool = True) -> ResumableTrainLoader:
+                                 seed: int, num_workers: int = 0, aspect_ratio_grouping: bool = True,
+                                 sources: Optional[Sequence[int]] = None,
+                                 source_weights: Optional[Sequence[float]] = None) -> ResumableTrainLoader:
     """The usdet training loader over detectron2 dataset dicts (see the module docstring)."""
     world = comm.get_world_size()
     if total_batch_size <= 0 or total_batch_size % world != 0:
         raise ValueError(f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
                          f"number of processes ({world})")
     sizes = [(d.get("width", 0), d.get("height", 0)) for d in dataset]
-    sampler = ResumableBatchSampler(sizes, total_batch_size // world, seed,
-                                    aspect_ratio_grouping=aspect_ratio_grouping)
+    sampler = ResumableBatchSampler(sizes, total_batch_size // world, seed, aspect_ratio_grouping=aspect_ratio_grouping,
+                                    sources=sources, source_weights=source_weights)
     return ResumableTrainLoader(SeededMapDataset(dataset, mapper, seed), sampler, num_workers)

@@ -1,8 +1,10 @@
 """Dataset dict -> model input, for usdet's training, validation-loss and test loaders.
 
-Differs from detectron2's ``DatasetMapper`` in two ways that matter for ultrasound: images are
+Differs from detectron2's ``DatasetMapper`` in three ways that matter for ultrasound: images are
 read by ``usdet.data.image_io`` (every odd export format, and a clear error naming the file),
-and the augmentations see the boxes (``AugInput.boxes``), so a random crop can keep lesions whole.
+the augmentations see the boxes (``AugInput.boxes``), so a random crop can keep lesions whole,
+and ignore regions (``iscrowd: 1``) are kept, flagged ``gt_ignore``, for usdet's heads
+(usdet.modeling.ignore_regions) instead of being dropped.
 """
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ class UsdetDatasetMapper:
         if self.image_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR for usdet, got {self.image_format!r}")
         self.use_masks = bool(cfg.MODEL.MASK_ON)
+        # Ignore regions (iscrowd 1) stay as instances flagged gt_ignore only for a model whose
+        # heads honour them (usdet.modeling); otherwise they are dropped, i.e. background.
+        self.keep_ignore = (cfg.MODEL.PROPOSAL_GENERATOR.NAME == "UsdetRPN"
+                            and cfg.MODEL.ROI_HEADS.NAME == "UsdetROIHeads")
         self.mask_format = cfg.INPUT.MASK_FORMAT
 
     def __repr__(self) -> str:
@@ -53,7 +59,7 @@ class UsdetDatasetMapper:
             image = image[:, :, ::-1]
         utils.check_image_size(d, image)
 
-        annos = [a for a in d.pop("annotations", []) if a.get("iscrowd", 0) == 0]
+        annos = [a for a in d.pop("annotations", []) if self.keep_ignore or a.get("iscrowd", 0) == 0]
         boxes = None
         if annos:
             boxes = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
@@ -70,5 +76,7 @@ class UsdetDatasetMapper:
                 a.pop("segmentation", None)
         annos = [utils.transform_instance_annotations(a, transforms, (h, w)) for a in annos]
         instances = utils.annotations_to_instances(annos, (h, w), mask_format=self.mask_format)
+        if self.keep_ignore:
+            instances.gt_ignore = torch.tensor([bool(a.get("iscrowd", 0)) for a in annos], dtype=torch.bool)
         d["instances"] = utils.filter_empty_instances(instances)
         return d

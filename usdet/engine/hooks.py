@@ -6,10 +6,12 @@ so they cost nothing measurable per iteration.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import operator
 import os
+import zlib
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -19,7 +21,8 @@ from detectron2.utils import comm
 from usdet.engine.rng import preserve_rng
 from usdet.utils.io import atomic_write_json
 
-__all__ = ["BestModelHook", "EMAHook", "ValidationLossHook", "read_best_record"]
+__all__ = ["BestModelHook", "EMAHook", "MissedEvaluationHook", "ValidationLossHook", "read_best_record",
+           "read_evaluation_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,20 +144,26 @@ class ValidationLossHook(HookBase):
     detectron2 models return losses only in training mode; that mode would also update
     BatchNorm running statistics with validation images, so BatchNorm layers are switched to
     eval mode for the pass (running stats used, not changed). Proposal sampling inside the
-    model draws from torch's RNG: it runs with a fixed seed and the training RNG state is
-    restored afterwards and successive values are comparable. Logs ``val_loss`` and ``val_<loss_name>``.
+    model draws from torch's RNG: each image's pass is seeded by the image (so the mean over
+    all images is the same in 1 or N processes), the training RNG state is restored afterwards,
+    and successive values are comparable. Logs ``val_loss`` and ``val_<loss_name>``.
     """
 
-    def __init__(self, period: int, data_loader_fn, seed: int = 0):
+    def __init__(self, period: int, data_loader_fn, seed: int = 0, before=None):
         self._period = int(period)
         self._data_loader_fn = data_loader_fn
         self._seed = int(seed)
+        self._before = before  # e.g. the trainer's sync_buffers: rank 0's BN statistics everywhere
 
     def _losses(self, model: torch.nn.Module, data: Iterable) -> Dict[str, float]:
         sums: Dict[str, float] = {}
         count = 0
         with torch.no_grad():
             for batch in data:
+                # Seeded by the batch's images, so a loss does not depend on which process or in
+                # which order an image is seen (the val-loss loader has one image per batch).
+                key = "|".join(str(d.get("image_id", d.get("file_name", ""))) for d in batch)
+                torch.manual_seed(self._seed * 1000003 + zlib.crc32(key.encode()))
                 loss_dict = model(batch)
                 for k, v in loss_dict.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
@@ -168,9 +177,10 @@ class ValidationLossHook(HookBase):
         bns = _bn_modules(model)
         for m in bns:
             m.eval()
+        if self._before is not None:
+            self._before()
         try:
             with preserve_rng():
-                torch.manual_seed(self._seed)
                 part = self._losses(model, self._data_loader_fn())
         finally:
             for m in bns:
@@ -199,51 +209,50 @@ class ValidationLossHook(HookBase):
 class EMAHook(HookBase):
     """Exponential moving average of the weights, used for evaluation and for ``model_best.pth``.
 
-    After every step: ``ema = d * ema + (1 - d) * weights`` for parameters and floating buffers
-    (BN statistics), with ``d = min(decay, (1 + n) / (10 + n))`` so early, random weights fade
-    fast. The average lives in the hook's state, hence in every periodic checkpoint, and
-    ``--resume`` continues it. Started from the weights present at ``before_train`` (so
-    ``MODEL.WEIGHTS`` of a stage-2 run is its starting point).
+    The average is torch's own ``torch.optim.swa_utils.AveragedModel`` (parameters and floating
+    buffers such as BN statistics, ``use_buffers=True``) with an EMA ``multi_avg_fn`` whose decay
+    warms up, ``d = min(decay, (1 + n) / (10 + n))`` after n updates, so early, random weights fade
+    fast (torch's ``get_ema_multi_avg_fn`` has a fixed decay). Started from the weights present at
+    ``before_train`` (so ``MODEL.WEIGHTS`` of a stage-2 run is its starting point). The average lives
+    in the hook's state, hence in every periodic checkpoint (``{"ema": state dict, "updates",
+    "decay"}``, keys unchanged), and ``--resume`` continues it.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        from torch.optim.swa_utils import AveragedModel
+
         if not 0.0 < decay < 1.0:
             raise ValueError(f"MODEL.EMA.DECAY must be in (0, 1), got {decay}")
         self._model = model.module if hasattr(model, "module") else model
         self.decay = float(decay)
-        self.updates = 0
-        self._ema: Dict[str, torch.Tensor] = {}
+        self._averaged = AveragedModel(self._model, multi_avg_fn=self._ema_step, use_buffers=True)
         self._loaded = False
 
-    def _init_from_model(self) -> None:
-        self._ema = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
-        self.updates = 0
+    @torch.no_grad()
+    def _ema_step(self, averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
+        n = int(num_averaged)  # the update about to be made is the n-th (the start copy is number 0)
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        if averaged and averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # integer buffers (BN's num_batches_tracked): the current value
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    @property
+    def updates(self) -> int:
+        return max(int(self._averaged.n_averaged) - 1, 0)
 
     def before_train(self) -> None:
         if not self._loaded:
-            self._init_from_model()
+            self._averaged.n_averaged.zero_()
+            self._averaged.update_parameters(self._model)  # the first "update" copies the start weights
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        current = self._model.state_dict()
-        floats_ema, floats_now = [], []
-        for k, e in self._ema.items():
-            v = current[k]
-            if e.is_floating_point():
-                floats_ema.append(e)
-                floats_now.append(v.detach())
-            else:
-                e.copy_(v)
-        if floats_ema:
-            torch._foreach_lerp_(floats_ema, floats_now, 1.0 - d)
+        self._averaged.update_parameters(self._model)
 
     def ema_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The averaged weights, as a model state dict."""
-        if not self._ema:
-            self._init_from_model()
-        return self._ema
+        """The averaged weights, as a model state dict (tensors shared with the average)."""
+        return self._averaged.module.state_dict()
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -259,7 +268,80 @@ class EMAHook(HookBase):
         return {"ema": self.ema_state_dict(), "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        device = next(iter(self._model.state_dict().values())).device
-        self._ema = {k: v.to(device).clone() for k, v in state["ema"].items()}
-        self.updates = int(state["updates"])
+        self._averaged.module.load_state_dict(state["ema"])
+        self._averaged.n_averaged.fill_(int(state["updates"]) + 1)
         self._loaded = True
+
+
+EVAL_RECORD = "last_evaluation.json"
+
+
+def read_evaluation_record(output_dir: str) -> int:
+    """The iteration whose evaluation-time hooks last finished (``last_evaluation.json``), or -1."""
+    path = os.path.join(output_dir, EVAL_RECORD)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return int(json.load(fh)["iteration"])
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s: unreadable (%s); treating the last evaluation as missing", path, e)
+        return -1
+
+
+class MissedEvaluationHook(HookBase):
+    """The evaluation-time hooks of each iteration run exactly once, even across a kill.
+
+    detectron2 runs the periodic checkpointer before the evaluation hooks, so a checkpoint at
+    iteration k is written before the evaluation (validation loss, metrics, best-model
+    candidacy) of k; a kill during that evaluation resumes at k + 1 and would skip it. The
+    checkpoint records the iteration whose evaluation was still due (``usdet.pending_evaluation``,
+    see ``Trainer.state_dict``), this hook writes ``last_evaluation.json`` once the evaluation-time
+    hooks of an iteration have finished, and a resumed run whose checkpoint names a pending
+    evaluation newer than that record runs it first, at storage iteration k, so its metrics and
+    its best-model candidacy are exactly those of the uninterrupted run. Register it last.
+    """
+
+    def __init__(self, output_dir: str, actions: List[tuple]):
+        """``actions``: ``(is_due(iteration) -> bool, run(iteration) -> None)`` in hook order."""
+        self._output_dir = output_dir
+        self._actions = actions
+        self.missed: Optional[int] = None  # set by the trainer on resume
+
+    def due(self, iteration: int) -> bool:
+        return any(is_due(iteration) for is_due, _ in self._actions)
+
+    def pending_since(self, pending: Optional[int]) -> Optional[int]:
+        """``pending`` if the record shows its evaluation never finished (all ranks agree on rank 0's view)."""
+        done = read_evaluation_record(self._output_dir) if comm.is_main_process() else -1
+        done = comm.all_gather(done)[0]
+        return pending if pending is not None and pending > done else None
+
+    def _record(self, iteration: int) -> None:
+        if comm.is_main_process():
+            atomic_write_json(os.path.join(self._output_dir, EVAL_RECORD), {"iteration": int(iteration)})
+
+    def before_train(self) -> None:
+        k = self.missed
+        if k is None:
+            return
+        self.missed = None
+        logger.info("The evaluation of iteration %d was interrupted by the stop before this --resume: running it "
+                    "now, before training continues", k)
+        storage, saved = self.trainer.storage, (self.trainer.storage.iter, self.trainer.iter)
+        storage.iter = self.trainer.iter = k
+        try:
+            for is_due, run in self._actions:
+                if is_due(k):
+                    run(k)
+        finally:
+            storage.iter, self.trainer.iter = saved
+        self._record(k)
+
+    def after_step(self) -> None:
+        if self.due(self.trainer.iter):
+            self._record(self.trainer.iter)
+
+    def after_train(self) -> None:
+        if self.trainer.iter + 1 >= self.trainer.max_iter:  # the final evaluation ran (after_train)
+            self._record(self.trainer.max_iter - 1)

@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+import usdet.modeling  # noqa: F401  (registers usdet's RPN and ROI heads, named by the configs)
 from usdet.config import add_usdet_config, resolve_normalization
 from usdet.utils.io import atomic_write_text
 
@@ -62,6 +63,15 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
     from detectron2.data import MetadataCatalog
 
     num_classes = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    train = [] if eval_only else list(cfg.DATASETS.TRAIN)
+    if len(train) > 1:  # several sources: classes reconciled by name onto the first one's
+        from usdet.data.mixing import check_train_weights, reconcile_classes
+
+        check_train_weights(train, cfg.DATASETS.TRAIN_WEIGHTS)
+        reconcile_classes({n: MetadataCatalog.get(n).get("thing_classes", []) for n in train}, train)
+        names = [train[0]] + [n for n in names if n not in train]
+    elif len(cfg.DATASETS.TRAIN_WEIGHTS) and not eval_only:
+        check_train_weights(train, cfg.DATASETS.TRAIN_WEIGHTS)
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:

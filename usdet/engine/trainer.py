@@ -4,7 +4,8 @@ What it adds, each by an override or a hook (no detectron2 internals are replace
 - evaluation = COCO bbox AP + penalized IoU over the whole evaluation set;
 - ``model_best.pth`` by any flattened metric, whose best value survives ``--resume``;
 - honest resume: optimizer/grad-scaler state, RNG state and data position are checkpointed,
-  so a resumed run continues as if never stopped; checkpoints are written atomically and
+  so a resumed run continues as if never stopped, including an evaluation the stop
+  interrupted (run first on resume); checkpoints are written atomically and
   ``last_checkpoint`` only names periodic ones;
 - a NaN/Inf loss stops with a message naming the iteration, the last good checkpoint and the
   likely causes;
@@ -17,6 +18,7 @@ import os
 import weakref
 from typing import Any, Dict, List, Optional
 
+import torch.distributed as dist
 import torch.utils.data as torchdata
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.build import build_detection_train_loader, trivial_batch_collator
@@ -30,8 +32,10 @@ from detectron2.utils import comm
 from usdet.config import resolve_normalization
 from usdet.data.loader import ResumableTrainLoader, build_resumable_train_loader
 from usdet.data.mapper import UsdetDatasetMapper
+from usdet.data.mixing import check_train_weights, load_training_sources
 from usdet.engine.checkpoint import UsdetCheckpointer
-from usdet.engine.hooks import BestModelHook, EMAHook, ValidationLossHook
+from usdet.engine.launch import cpu_ddp
+from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, ValidationLossHook
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
 from usdet.evaluation.evaluator import CleanCOCOEvaluator, PenalizedIoUEvaluator
 from usdet.evaluation.report import evaluate_predictions
@@ -53,7 +57,20 @@ class Trainer(DefaultTrainer):
         if not cfg.INPUT.NORMALIZATION_RESOLVED:  # setup() already resolved (and logged) it
             logging.getLogger("usdet").info(resolve_normalization(cfg))
         self._best_hook: Optional[BestModelHook] = None
-        super().__init__(cfg)
+        self._missed_eval_hook: Optional[MissedEvaluationHook] = None
+        self._pending_eval: Optional[int] = None
+        self._step_gathered = False
+        self._rng_per_rank: List[Dict[str, Any]] = []
+        with cpu_ddp():  # detectron2 0.6 cannot wrap a CPU model in DDP (usdet.engine.launch)
+            super().__init__(cfg)
+        # Note when a step reached detectron2's metrics gather (all ranks meet there), for run_step.
+        write_metrics = self._trainer._write_metrics
+
+        def _write_metrics(*args, **kwargs):
+            self._step_gathered = True
+            return write_metrics(*args, **kwargs)
+
+        self._trainer._write_metrics = _write_metrics
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -61,14 +78,19 @@ class Trainer(DefaultTrainer):
         """usdet's mapper; a resumable, seeded loader (``DATALOADER.SAMPLER_TRAIN TrainingSampler``)."""
         mapper = UsdetDatasetMapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            if len(cfg.DATASETS.TRAIN_WEIGHTS):
+                raise ValueError("DATASETS.TRAIN_WEIGHTS needs DATALOADER.SAMPLER_TRAIN TrainingSampler (usdet's "
+                                 f"resumable sampler), not {cfg.DATALOADER.SAMPLER_TRAIN}")
             logger.warning("DATALOADER.SAMPLER_TRAIN %s: using detectron2's loader; after --resume the data "
                            "order is not the uninterrupted run's", cfg.DATALOADER.SAMPLER_TRAIN)
             return build_detection_train_loader(cfg, mapper=mapper)
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        weights = check_train_weights(cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_WEIGHTS)
+        dataset, sources = load_training_sources(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return build_resumable_train_loader(
             dataset, mapper, total_batch_size=cfg.SOLVER.IMS_PER_BATCH, seed=seed,
-            num_workers=cfg.DATALOADER.NUM_WORKERS, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING)
+            num_workers=cfg.DATALOADER.NUM_WORKERS, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            sources=sources, source_weights=weights)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -99,9 +121,10 @@ class Trainer(DefaultTrainer):
         """Batched loader over ``DATASETS.TEST`` with annotations and test-time resizing."""
         dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TEST), filter_empty=False)
         mapper = UsdetDatasetMapper(cfg, is_train=False, keep_annotations=True)
-        batch = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         dataset = MapDataset(DatasetFromList(dicts, copy=False), mapper)
-        return torchdata.DataLoader(dataset, batch_size=batch, sampler=InferenceSampler(len(dataset)),
+        # One image per batch: each image's losses are then a function of the image and the
+        # weights alone, whatever the number of processes (see ValidationLossHook).
+        return torchdata.DataLoader(dataset, batch_size=1, sampler=InferenceSampler(len(dataset)),
                                     num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator)
 
     def build_hooks(self):
@@ -120,22 +143,52 @@ class Trainer(DefaultTrainer):
             ret.insert(ckpt_pos, self._ema_hook)
         eval_pos = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         ret[eval_pos] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate)
+        max_iter, eval_period, val_period = cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.TEST.VAL_LOSS_PERIOD
+
+        def eval_due(k: int) -> bool:  # EvalHook.after_step's rule (the final one runs in after_train)
+            return eval_period > 0 and (k + 1) % eval_period == 0 and k + 1 != max_iter
+
+        # What runs at evaluation time, in hook order, for the missed-evaluation hook.
+        actions: List[tuple] = []
         extra_before: List[Any] = []
-        if cfg.TEST.VAL_LOSS_PERIOD > 0 and len(cfg.DATASETS.TEST):
+        if val_period > 0 and len(cfg.DATASETS.TEST):
             loader = self.build_val_loss_loader(cfg)
-            extra_before.append(ValidationLossHook(cfg.TEST.VAL_LOSS_PERIOD, lambda: loader,
-                                                   seed=max(cfg.SEED, 0)))
+            val_hook = ValidationLossHook(val_period, lambda: loader, seed=max(cfg.SEED, 0), before=self.sync_buffers)
+            extra_before.append(val_hook)
+            actions.append((lambda k: (k + 1) % val_period == 0 or k + 1 == max_iter, lambda k: val_hook._do()))
+        actions.append((eval_due, lambda k: ret[eval_pos]._do_eval()))
         extra_after: List[Any] = []
         if cfg.SOLVER.BEST_CHECKPOINT.ENABLED and comm.is_main_process() and len(cfg.DATASETS.TEST):
-            self._best_hook = BestModelHook(cfg.TEST.EVAL_PERIOD, self.checkpointer,
+            self._best_hook = BestModelHook(eval_period, self.checkpointer,
                                             cfg.SOLVER.BEST_CHECKPOINT.METRIC, cfg.SOLVER.BEST_CHECKPOINT.MODE,
                                             cfg.OUTPUT_DIR,
                                             state_fn=self._ema_hook.ema_state_dict if self._ema_hook else None)
             extra_after.append(self._best_hook)
-        return ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
+            actions.append((eval_due, self._best_hook._check))
+        self._missed_eval_hook = MissedEvaluationHook(cfg.OUTPUT_DIR, actions)
+        return (ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
+                + [self._missed_eval_hook])
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) and averaged weights.
+
+        DDP keeps the parameters equal, but usdet's BN is per process (SyncBN is CUDA-only and
+        detectron2 wraps DDP with broadcast_buffers=False), so the running statistics drift
+        apart; checkpoints hold rank 0's. Called before every evaluation and validation loss, so
+        an evaluation in N processes is the evaluation of the saved checkpoint.
+        """
+        if comm.get_world_size() == 1:
+            return
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        tensors = list(model.buffers())
+        if self._ema_hook is not None:
+            tensors += list(self._ema_hook.ema_state_dict().values())
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
     def _evaluate(self):
         """The periodic evaluation: of the averaged weights when MODEL.EMA is on."""
+        self.sync_buffers()
         if self._ema_hook is not None:
             with self._ema_hook.averaged_weights():
                 self._last_eval_results = self.test(self.cfg, self.model)
@@ -158,15 +211,26 @@ class Trainer(DefaultTrainer):
             loader.set_start_iter(self.start_iter)
         if self._best_hook is not None:
             self._best_hook.restore(resumed)
+        if resumed and self._missed_eval_hook is not None:
+            self._missed_eval_hook.missed = self._missed_eval_hook.pending_since(self._pending_eval)
 
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
         # detectron2 0.6 leaves the inner trainer out: the optimizer (momentum) and AMP scaler.
         ret["_trainer"] = self._trainer.state_dict()
         usdet: Dict[str, Any] = {"rng": capture_rng()}
+        if self._rng_per_rank:  # every rank's streams (proposal sampling differs per rank)
+            usdet["rng_per_rank"] = self._rng_per_rank
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             usdet["data_seed"] = loader.seed
+        # What the data order depends on besides the seed: resuming with others changes it.
+        usdet["world_size"] = comm.get_world_size()
+        usdet["ims_per_batch"] = int(self.cfg.SOLVER.IMS_PER_BATCH)
+        if self._missed_eval_hook is not None and self._missed_eval_hook.due(self.iter):
+            # Saved before this iteration's evaluation (detectron2's hook order): due on resume
+            # unless last_evaluation.json shows it finished.
+            usdet["pending_evaluation"] = int(self.iter)
         ret["usdet"] = usdet
         return ret
 
@@ -178,22 +242,50 @@ class Trainer(DefaultTrainer):
             logger.warning("The checkpoint has no optimizer state (written by plain detectron2 0.6?): "
                            "momentum restarts from zero")
         extra = state_dict.get("usdet", {})
+        self._pending_eval = extra.get("pending_evaluation")
+        changed = layout_change_message(extra, comm.get_world_size(), int(self.cfg.SOLVER.IMS_PER_BATCH),
+                                        int(state_dict.get("iteration", -1)) + 1)
+        if changed:
+            logger.warning(changed)
         loader = self._trainer.data_loader
         if "data_seed" in extra and isinstance(loader, ResumableTrainLoader):
             loader.set_seed(extra["data_seed"])
-        if "rng" in extra:
+        per_rank = extra.get("rng_per_rank") or []
+        if len(per_rank) == comm.get_world_size() > 1:
+            restore_rng(per_rank[comm.get_rank()])
+        elif "rng" in extra:
             if comm.get_rank() == 0:
                 restore_rng(extra["rng"])
-            else:  # only rank 0's state is saved; other ranks get a fixed function of it
+            else:  # another process count: other ranks get a fixed function of rank 0's state
                 reseed_all(int(extra.get("data_seed", 0)) * 1000003 + comm.get_rank() * 7919 + int(self.iter))
 
     # ------------------------------------------------------------------ NaN guard
     def run_step(self) -> None:
         self._trainer.iter = self.iter
+        self._step_gathered = False
+        error: Optional[FloatingPointError] = None
         try:
             self._trainer.run_step()
         except FloatingPointError as e:
-            raise TrainingDivergedError(self._divergence_message(e)) from e
+            if comm.get_world_size() == 1 or not self._step_gathered:
+                # Single process, or raised in this rank's forward pass: stop now (on one machine
+                # the launcher then stops the other processes).
+                raise TrainingDivergedError(self._divergence_message(e)) from e
+            error = e
+        if comm.get_world_size() > 1:
+            # detectron2 checks the gathered loss on rank 0 only; the other ranks would run on
+            # into the next step's gradient all-reduce and wait there until the timeout.
+            found = comm.all_gather(None if error is None else str(error))
+            failed = [(rank, msg) for rank, msg in enumerate(found) if msg is not None]
+            if failed:
+                rank, msg = failed[0]
+                err = error or FloatingPointError(f"{msg} (detected on rank {rank})")
+                raise TrainingDivergedError(self._divergence_message(err)) from err
+            # detectron2 checkpoints on rank 0 only: collect every rank's RNG state for it now
+            # (no hook before the checkpointer draws random numbers).
+            period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+            if (period > 0 and (self.iter + 1) % period == 0) or self.iter >= self.max_iter - 1:
+                self._rng_per_rank = comm.all_gather(capture_rng())
 
     def _divergence_message(self, err: Exception) -> str:
         cfg = self.cfg
@@ -222,6 +314,24 @@ class Trainer(DefaultTrainer):
         lines.append("Likely causes:")
         lines += [f"  - {c}" for c in causes]
         return "\n".join(lines)
+
+
+def layout_change_message(saved: Dict[str, Any], world_size: int, ims_per_batch: int, start_iter: int) -> str:
+    """What changes when a run is resumed with another process count or batch, or "" when nothing does."""
+    w0, b0 = saved.get("world_size"), saved.get("ims_per_batch")
+    if w0 is None or b0 is None or (int(w0), int(b0)) == (world_size, ims_per_batch):
+        return ""
+    msg = (f"Resuming at iteration {start_iter} a checkpoint written by {w0} process(es) with SOLVER.IMS_PER_BATCH "
+           f"{b0}, now {world_size} process(es) with {ims_per_batch}: ")
+    if int(b0) != ims_per_batch:
+        return msg + (f"the data stream is now read {ims_per_batch} samples per iteration instead of {b0}, so from here "
+                      "on samples are skipped or repeated relative to the uninterrupted run and the data order differs; "
+                      "the LR schedule continues at the same iteration (SOLVER.BASE_LR is not rescaled), so the "
+                      "effective learning rate per sample changes")
+    return msg + (f"the same samples are drawn per iteration, but each process now takes every {world_size}-th of "
+                  "them and groups them by aspect ratio itself, so batches differ in detail from the uninterrupted "
+                  "run's (and BatchNorm sees other per-process batches); iteration, LR position and optimizer state "
+                  "continue unchanged")
 
 
 def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:

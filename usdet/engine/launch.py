@@ -1,0 +1,103 @@
+"""Multi-process training without CUDA: a thin launcher around detectron2's ``launch``.
+
+detectron2 0.6's ``launch`` asserts CUDA and hard-codes NCCL, and its ``create_ddp_model`` passes
+``device_ids=[local_rank]``, which torch's DistributedDataParallel refuses for a CPU model. With
+CUDA, :func:`launch` is detectron2's own, unchanged. Without CUDA it starts the same processes
+itself with the gloo backend and detectron2's process-group conventions (global rank =
+machine_rank * processes_per_machine + local_rank, one local group per machine), so
+``--num-gpus N``, ``--num-machines``, ``--machine-rank`` and ``--dist-url`` mean on CPU what they
+mean on GPUs. Done here at run time rather than in tools/install_detectron2.py's install-time
+patch so that it works with any installed detectron2 (a user's own upstream build included)
+without reinstalling it; upstream detectron2 later added a similar CPU path to its launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.utils import comm
+
+__all__ = ["launch", "cpu_ddp_model", "cpu_ddp"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, per_machine: int, machine_rank: int,
+                dist_url: str, args: Sequence[Any], timeout: timedelta) -> None:
+    rank = machine_rank * per_machine + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    # detectron2's comm.get_local_rank/size read its local group: one group per machine, created
+    # by every process in the same order.
+    for machine in range(world_size // per_machine):
+        group = dist.new_group(list(range(machine * per_machine, (machine + 1) * per_machine)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+
+
+def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: Optional[str] = None, args: Sequence[Any] = (), timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """detectron2's ``launch`` with CUDA; without it, ``num_gpus_per_machine`` CPU processes on gloo."""
+    if torch.cuda.is_available():
+        from detectron2.engine import launch as d2_launch
+
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+                         dist_url=dist_url, args=args, timeout=timeout)
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if dist_url in (None, "", "auto"):
+        if num_machines > 1:
+            raise SystemExit("usdet launch: --dist-url auto works on one machine only; give every machine "
+                             "tcp://HOST_OF_MACHINE_0:PORT")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    logger.info("No CUDA: starting %d CPU process(es) on this machine (rank %d of %d machines), gloo backend, %s",
+                num_gpus_per_machine, machine_rank, num_machines, dist_url)
+    try:
+        mp.start_processes(_cpu_worker, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
+                           args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args),
+                                 timeout))
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        # torch stopped the other processes of this machine; each printed its own message above.
+        raise SystemExit(f"usdet: a training process failed, all processes on this machine were stopped "
+                         f"({str(e).strip().splitlines()[0]})") from None
+
+
+def cpu_ddp_model(create_ddp_model: Callable) -> Callable:
+    """detectron2's ``create_ddp_model`` without ``device_ids`` for a CPU model (torch refuses them)."""
+
+    def create(model: torch.nn.Module, **kwargs: Any):
+        params = list(model.parameters())
+        if params and params[0].device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return create_ddp_model(model, **kwargs)
+
+    return create
+
+
+@contextlib.contextmanager
+def cpu_ddp() -> Iterator[None]:
+    """While building a ``DefaultTrainer``: its DDP wrapping works for CPU models too."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = cpu_ddp_model(original)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
