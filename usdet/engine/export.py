@@ -38,6 +38,11 @@ BOX_TOL_PX = 0.5
 SCORE_TOL = 1e-3
 
 
+# usdet's RPN differs from detectron2's only in training (ignore regions are not sampled), so its
+# inference graph is RPN's.
+EXPORTABLE_PROPOSAL_GENERATORS = ("RPN", "UsdetRPN")
+
+
 class ExportError(ValueError):
     """The config asks for something the exported graph cannot reproduce."""
 
@@ -54,8 +59,9 @@ def check_exportable(cfg: CfgNode) -> None:
                           "Faster R-CNN) is exported")
     if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
         raise ExportError("MODEL.MASK_ON / MODEL.KEYPOINT_ON: only box detectors are exported")
-    if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN":
-        raise ExportError(f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME}: only RPN is exported")
+    if cfg.MODEL.PROPOSAL_GENERATOR.NAME not in EXPORTABLE_PROPOSAL_GENERATORS:
+        raise ExportError(f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME}: only "
+                          f"{' / '.join(EXPORTABLE_PROPOSAL_GENERATORS)} are exported")
     if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
         raise ExportError(f"INPUT.FORMAT {cfg.INPUT.FORMAT}: only RGB / BGR inputs are exported")
 
