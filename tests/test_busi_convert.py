@@ -3,7 +3,6 @@
 Synthetic BUSI-layout folders (phantom frames with 1-bit masks) cover the mechanics and run
 everywhere; a real BUSI subset (symlinked) checks counts and boxes against the real masks.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -14,9 +13,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from usdet.data import busi
+from usdet.data import convert
 from usdet.data.coco import mask_to_box
 from usdet.data.phantom import render_phantom
+from train_helpers import load_tool
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -65,9 +65,8 @@ def make_fake_busi(root, n_lesion=4, n_normal=2, size=(72, 96), pad=None, seed=0
 
 
 def _run(root, out, *extra):
-    p = argparse.ArgumentParser()
-    busi.add_arguments(p)
-    return busi.main(p.parse_args(["--root", str(root), "--output", str(out), "--no-progress", *extra]))
+    return load_tool("convert_to_coco").main(["busi", "--root", str(root), "--output", str(out), "--no-progress",
+                                              *extra])
 
 
 def _tree_state(root):
@@ -119,7 +118,7 @@ def test_crop_offsets_shift_boxes_exactly(tmp_path, monkeypatch):
         x, y, w, h = cv2.boundingRect((rgb.max(axis=2) > 0).astype(np.uint8))
         return Found((x, y, x + w, y + h))
 
-    monkeypatch.setattr(busi, "_load_cropper", lambda: non_black_region)
+    monkeypatch.setattr(convert, "find_image_region", non_black_region)
     assert _run(tmp_path / "plain", tmp_path / "out_plain") == 0
     assert _run(tmp_path / "padded", tmp_path / "out_padded", "--crop", "auto") == 0
     plain, plain_anns = _load_all(tmp_path / "out_plain")
@@ -140,11 +139,6 @@ def test_crop_offsets_shift_boxes_exactly(tmp_path, monkeypatch):
         assert sorted(shifted) == sorted(bx for bx in src_boxes if bx)
     report = json.load(open(tmp_path / "out_padded/report.json"))
     assert report["crop"]["outcomes"] == {"cropped": 5}
-
-    monkeypatch.setattr(busi, "_load_cropper", lambda: None)  # H-crop's module absent -> falls back
-    assert _run(tmp_path / "padded", tmp_path / "out_fallback", "--crop", "auto") == 0
-    report = json.load(open(tmp_path / "out_fallback/report.json"))
-    assert report["crop"]["used"] == "none" and "not installed" in report["crop"]["note"]
 
 
 def test_max_size_resizes_masks_with_images(tmp_path):
