@@ -180,6 +180,9 @@ def add_masks(p: argparse.ArgumentParser) -> None:
                    help="table column with the patient (images of one patient never straddle splits; default 'patient')")
     p.add_argument("--attributes", default="",
                    help="comma-separated table columns written as image keys (e.g. 'device,birads')")
+    p.add_argument("--key-file", default=None,
+                   help="pseudonym key (default: $USDET_PSEUDONYM_KEY), required when the table has a patient "
+                        "column: patients are written only as keyed pseudonyms")
     p.add_argument("--name", default="masks", help="dataset name in report.json (default 'masks')")
     add_core_arguments(p)
 
@@ -195,7 +198,7 @@ def run_masks(args: argparse.Namespace) -> int:
                                  image_column=args.image_column, label_column=args.label_column,
                                  patient_column=args.patient_column,
                                  attributes=[a.strip() for a in args.attributes.split(",") if a.strip()],
-                                 dataset=name)
+                                 key_file=args.key_file, dataset=name)
 
     return run_core(name, args, scan, mask_pattern=args.mask_pattern, mask_colors=args.mask_colors,
                     table=os.path.basename(args.table) if args.table else None)

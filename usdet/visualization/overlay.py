@@ -249,7 +249,9 @@ def load_ground_truth(gt_json: Optional[str] = None, dataset: Optional[str] = No
     if dataset:
         from detectron2.data import MetadataCatalog
 
-        import usdet.data  # noqa: F401  (registers $USDET_DATASETS)
+        from usdet.data.register import ensure_usdet_datasets
+
+        ensure_usdet_datasets()
 
         meta = MetadataCatalog.get(dataset)
         gt_json = meta.get("json_file", None)
