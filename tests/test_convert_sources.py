@@ -434,3 +434,27 @@ print(sorted(m for m in ("torch", "detectron2") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_frames_folds_by_patient(tmp_path):
+    """The hospital converter's --folds K --fold k: each frame tested once, a patient never straddles."""
+    from test_frames import build_set, write_csv
+
+    rows, _ = build_set(str(tmp_path / "src"), seed=5)
+    write_csv(tmp_path / "boxes.csv", rows)
+    (tmp_path / "key").write_text("k" * 32)
+    tested = []
+    for k in range(2):
+        out = tmp_path / f"fold{k}"
+        assert run("frames", "--images", tmp_path / "src", "--annotations", tmp_path / "boxes.csv", "--output", out,
+                   "--key-file", tmp_path / "key", "--folds", "2", "--fold", k) == 0
+        report = json.load(open(out / "report.json"))
+        assert report["split"]["method"] == "kfold" and report["split"]["fold"] == k
+        split_of_patient = {}
+        for s in ("train", "val", "test"):
+            for im in json.load(open(out / "annotations" / f"{s}.json"))["images"]:
+                split_of_patient.setdefault(im["patient"], set()).add(s)
+                if s == "test":
+                    tested.append(im["source_file"])
+        assert all(len(v) == 1 for v in split_of_patient.values())
+    assert len(tested) == len(set(tested)) == len({r[0] for r in rows})  # rows are boxes; 20 frames

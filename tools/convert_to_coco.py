@@ -57,16 +57,21 @@ def add_core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def check_folds(args: argparse.Namespace) -> None:
+    """Raise ValueError for --folds/--fold/--val-fraction values that cannot work."""
+    if args.folds == 1 or args.folds < 0:
+        raise ValueError(f"--folds must be at least 2 (or 0: off), got {args.folds}")
+    if args.folds and not 0 <= args.fold < args.folds:
+        raise ValueError(f"--fold must be in 0..{args.folds - 1}, got {args.fold}")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+
+
 def core_options(args: argparse.Namespace, **extra):
     from usdet.data.convert import CLASS_CHOICES as CLASSES, ConvertOptions
     from usdet.data.split import parse_fractions
 
-    if args.folds and not 0 <= args.fold < args.folds:
-        raise ValueError(f"--fold must be in 0..{args.folds - 1}, got {args.fold}")
-    if args.folds == 1 or args.folds < 0:
-        raise ValueError(f"--folds must be at least 2 (or 0: off), got {args.folds}")
-    if not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    check_folds(args)
     test_fold = extra.pop("test_fold", None)
     return ConvertOptions(
         classes=CLASSES[args.classes], fractions=parse_fractions(args.split), seed=args.seed, crop=args.crop,
@@ -218,6 +223,11 @@ def add_frames(parser: argparse.ArgumentParser) -> None:
                         help="one 'lesion' class or 'benign,malignant' (labels must then be benign/malignant)")
     parser.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="K-fold cross-validation by patient: --fold is test, the rest train/val (replaces --split)")
+    parser.add_argument("--fold", type=int, default=0, help="the test fold with --folds, 0..K-1 (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.15,
+                        help="share of the non-test frames that goes to val with --folds (default 0.15)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--suppress-marks", action="store_true",
                         help="inpaint burned-in calipers/text/colour marks inside the crop (off by default)")
@@ -238,6 +248,7 @@ def run_frames(args: argparse.Namespace) -> int:
         if args.mapping:
             check_mapping_path(args.mapping, args.output)
         fractions = parse_fractions(args.split)
+        check_folds(args)
     except (PseudonymKeyError, ValueError) as e:
         print(f"frames: {e}", file=sys.stderr)
         return 2
@@ -245,7 +256,8 @@ def run_frames(args: argparse.Namespace) -> int:
         report = convert_frames(
             args.images, args.annotations, args.output, key, classes=args.classes.split(","),
             fractions=fractions, seed=args.seed, workers=max(1, args.workers), mapping=args.mapping,
-            suppress=args.suppress_marks, min_visible=args.min_visible, progress=not args.no_progress)
+            suppress=args.suppress_marks, min_visible=args.min_visible, progress=not args.no_progress,
+            folds=args.folds, fold=args.fold, val_fraction=args.val_fraction)
     except (AnnotationError, FileNotFoundError, NotADirectoryError) as e:
         print(f"frames: {e}", file=sys.stderr)
         return 2

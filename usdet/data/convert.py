@@ -26,7 +26,7 @@ from usdet.data.crop import find_image_region
 from usdet.data.decode import SkipFile, decode_file, is_binary_mask, mask_bool
 from usdet.data.duplicates import (NEAR_DUP_CORR, NEAR_DUP_HAMMING, fingerprint, near_duplicate_components,
                                    pixel_sha)
-from usdet.data.split import SPLITS, assign_groups, group_stratified_split, kfold_split
+from usdet.data.split import assign_groups, split_by_group
 
 CLASS_CHOICES = {"lesion": ["lesion"], "benign,malignant": ["benign", "malignant"]}
 NORMAL = "normal"
@@ -448,19 +448,10 @@ def _assign_splits(scan: SourceScan, kept: List[int], labels: Dict[int, str], gr
                 "seed": opt.seed, "folds_present": sorted({scan.images[i].fold for i in kept}),
                 "groups_straddling_the_published_partition": straddle}
         written = ["train", "val", "test"] if opt.val_fraction > 0 else ["train", "test"]
-    elif opt.folds:
-        by_key = kfold_split(keys, groups, labs, opt.folds, opt.fold, opt.val_fraction, opt.seed)
-        split_of = {i: by_key[scan.images[i].file] for i in kept}
-        info = {"method": "kfold", "folds": opt.folds, "fold": opt.fold, "val_fraction": opt.val_fraction,
-                "seed": opt.seed, "groups": len(set(groups)),
-                "note": "fold k is the test split; the same --seed and --folds give the same K folds, so "
-                        "every image is tested exactly once over --fold 0..K-1 and no group straddles"}
-        written = ["train", "val", "test"] if opt.val_fraction > 0 else ["train", "test"]
     else:
-        by_key = group_stratified_split(keys, groups, labs, opt.fractions, opt.seed)
+        by_key, written, info = split_by_group(keys, groups, labs, opt.fractions, opt.seed, opt.folds, opt.fold,
+                                               opt.val_fraction)
         split_of = {i: by_key[scan.images[i].file] for i in kept}
-        info = {"method": "fractions", "fractions": [round(f, 6) for f in opt.fractions], "seed": opt.seed}
-        written = [s for s, f in zip(SPLITS, opt.fractions) if f > 0]
     return split_of, written, info
 
 

@@ -42,7 +42,7 @@ from usdet.data.dicom import DicomReadError, dicom_patient_id, is_dicom_file
 from usdet.data.image_io import ImageReadError
 from usdet.data.privacy import Pseudonymizer, check_mapping_path, redact
 from usdet.data.sources import iter_source_frames
-from usdet.data.split import SPLITS, group_stratified_split
+from usdet.data.split import SPLITS, split_by_group
 from usdet.utils.io import atomic_write_image, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,8 @@ def _process_file(task: Dict[str, Any]) -> List[Dict[str, Any]]:
 def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, *,
                    classes: Sequence[str] = ("lesion",), fractions=(0.7, 0.15, 0.15), seed: int = 0,
                    workers: int = 1, mapping: Optional[str] = None, suppress: bool = False,
-                   min_visible: float = 0.5, progress: bool = True) -> Dict[str, Any]:
+                   min_visible: float = 0.5, progress: bool = True, folds: int = 0, fold: int = 0,
+                   val_fraction: float = 0.15) -> Dict[str, Any]:
     """Convert; returns the report (also written to OUT/report.json). See the module docstring."""
     classes = list(classes)
     if not os.path.isdir(images_dir):
@@ -333,7 +334,8 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
 
     keys = [r.key for r in usable]
     groups = [pseudo(r.patient, "pt") for r in usable]
-    split_of = group_stratified_split(keys, groups, [r.image_label for r in usable], fractions, seed) if usable else {}
+    split_of, _, split_info = split_by_group(keys, groups, [r.image_label for r in usable], fractions, seed,
+                                             folds, fold, val_fraction)
 
     jobs: Dict[int, Dict[str, Any]] = {}
     by_file: Dict[str, Dict[Optional[int], Dict[str, Any]]] = defaultdict(dict)
@@ -421,7 +423,7 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
     report = {
         "dataset": "hospital frames",
         "classes": classes,
-        "split": {"fractions": list(fractions), "seed": seed, "by": "patient (pseudonym)"},
+        "split": {**split_info, "by": "patient (pseudonym)"},
         "pseudonym_key_id": pseudo.key_id,
         "counts": counts,
         "refused": refused,
