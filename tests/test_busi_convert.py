@@ -311,3 +311,39 @@ def test_real_busi_subset_counts_and_boxes(busi_subset):
                  ("benign (85)", "malignant (52)"), ("benign (437)", "normal (34)")):
         a, b = (images[f"{p.split(' ')[0]}/{p}.png"] for p in pair)
         assert a["group"] == b["group"] and a["split"] == b["split"], pair
+
+
+def test_crop_auto_runs_the_real_cropper_on_drawn_screens(tmp_path):
+    """--crop auto through usdet.data.crop itself (no stand-in): scanner screens drawn around phantoms."""
+    from usdet.data.crop import find_image_region
+    from usdet.data.screens import make_screen
+
+    rng = np.random.default_rng(21)
+    root, truth = tmp_path / "root", {}
+    os.makedirs(root / "benign")
+    for i in range(1, 5):
+        gray = render_phantom(np.random.default_rng(100 + i), (220, 300), ["benign"])[0][..., 0]
+        s = make_screen(rng, gray, [(120, 90, 170, 130)], probe="linear", theme=("dark", "grey")[i % 2],
+                        jpeg_quality=None, gain=1.0, doppler=False)
+        mask = np.zeros(s.frame.shape[:2], np.uint8)
+        x0, y0, x1, y1 = s.lesion_boxes[0]
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(s.frame).save(root / "benign" / f"benign ({i}).png")
+        Image.fromarray(mask).save(root / "benign" / f"benign ({i})_mask.png")
+        truth[f"benign/benign ({i}).png"] = (s, find_image_region(s.frame).box)
+    assert _run(root, tmp_path / "out", "--crop", "auto") == 0
+    images, anns = _load_all(tmp_path / "out")
+    report = json.load(open(tmp_path / "out/report.json"))
+    assert report["crop"]["outcomes"] == {"cropped": 4}
+    for src, (s, found) in truth.items():
+        im = images[src]
+        assert im["crop_box"] == list(found)  # the real cropper's own answer
+        bx0, by0 = max(found[0], s.box[0]), max(found[1], s.box[1])
+        bx1, by1 = min(found[2], s.box[2]), min(found[3], s.box[3])
+        inter = max(0, bx1 - bx0) * max(0, by1 - by0)
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        assert inter / (area(found) + area(s.box) - inter) >= 0.95, (found, s.box)
+        x0, y0, x1, y1 = s.lesion_boxes[0]
+        (box,) = [a["bbox"] for a in anns[im["id"]]]
+        assert [box[0] + found[0], box[1] + found[1], box[2], box[3]] == [x0, y0, x1 - x0, y1 - y0]
+        assert (im["width"], im["height"]) == (found[2] - found[0], found[3] - found[1])

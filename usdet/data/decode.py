@@ -6,7 +6,6 @@ here, so the same broken file gets the same reason whichever dataset it comes fr
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from typing import List, Optional, Tuple
 
@@ -138,7 +137,3 @@ def is_binary_mask(arr: np.ndarray) -> bool:
     gray = arr.max(axis=2) if arr.ndim == 3 else arr
     return distinct_values(gray) <= 2
 
-
-def source_path(root: str, rel: str) -> str:
-    """``root/rel`` with ``rel`` in forward-slash form (as report.json names files)."""
-    return os.path.join(root, *rel.split("/"))
