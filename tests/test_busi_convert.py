@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from usdet.data import convert
+from usdet.data import convert_image
 from usdet.data.coco import mask_to_box
 from usdet.data.phantom import render_phantom
 from train_helpers import load_tool
@@ -118,7 +118,7 @@ def test_crop_offsets_shift_boxes_exactly(tmp_path, monkeypatch):
         x, y, w, h = cv2.boundingRect((rgb.max(axis=2) > 0).astype(np.uint8))
         return Found((x, y, x + w, y + h))
 
-    monkeypatch.setattr(convert, "find_image_region", non_black_region)
+    monkeypatch.setattr(convert_image, "find_image_region", non_black_region)
     assert _run(tmp_path / "plain", tmp_path / "out_plain") == 0
     assert _run(tmp_path / "padded", tmp_path / "out_padded", "--crop", "auto") == 0
     plain, plain_anns = _load_all(tmp_path / "out_plain")

@@ -415,13 +415,13 @@ import usdet.data.mask_folders, usdet.data.frames
 import convert_to_coco, crop_workspace
 assert convert_to_coco.NEAR_DUP_CORR == usdet.data.duplicates.NEAR_DUP_CORR
 assert convert_to_coco.NEAR_DUP_HAMMING == usdet.data.duplicates.NEAR_DUP_HAMMING
-import usdet.data.convert as core
-orig = core._process
+import usdet.data.convert_image as core
+orig = core.process_image
 def spy(job):  # runs in the worker processes: a loaded torch fails the image, and so the test
     if "torch" in sys.modules or "detectron2" in sys.modules:
         raise RuntimeError("torch in a converter worker")
     return orig(job)
-core._process = spy
+core.process_image = spy
 rc = convert_to_coco.main(["busbra", "--root", {str(tmp_path / 'root')!r}, "--output", {str(tmp_path / 'out')!r},
                            "--workers", "2", "--no-progress"])
 assert rc == 0, rc

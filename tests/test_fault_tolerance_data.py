@@ -113,7 +113,7 @@ def check_consistent(out: str) -> list:
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import usdet.data.convert as core
+    import usdet.data.convert_image as core
     import usdet.utils.io as uio
     mode, n = os.environ["USDET_TEST_KILL"].split(":")
     n = int(n)

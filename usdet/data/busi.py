@@ -14,8 +14,7 @@ import re
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
-from usdet.data.convert import (CLASS_CHOICES, ConvertOptions, MaskFile, SourceImage, SourceScan,  # noqa: F401
-                                OutputWriteError, convert, natural_key)
+from usdet.data.convert import ConvertOptions, MaskFile, SourceImage, SourceScan, convert, natural_key
 
 CLASS_FOLDERS = ("benign", "malignant", "normal")
 _MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")

@@ -17,11 +17,8 @@ from usdet.data.image_io import MAX_PIXELS, ImageReadError, read_image, to_uint8
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class SkipFile(Exception):
-    """This source cannot be used; ``file`` and ``reason`` become one line of report.json's ``skipped``.
-
-    (Plain Exception args, so it crosses worker processes.)
-    """
+class FileProblem(Exception):
+    """A problem with one file: ``file`` and ``reason`` (plain Exception args, so it crosses worker processes)."""
 
     def __init__(self, file: str, reason: str):
         super().__init__(file, reason)
@@ -30,6 +27,10 @@ class SkipFile(Exception):
 
     def __str__(self) -> str:
         return f"{self.file}: {self.reason}"
+
+
+class SkipFile(FileProblem):
+    """This source cannot be used; ``file`` and ``reason`` become one line of report.json's ``skipped``."""
 
 
 def header_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
