@@ -356,6 +356,7 @@ def test_mask_folders_patterns_colours_table_and_zero_split(tmp_path, monkeypatc
             truth.setdefault(f"img{i}.png", []).append((kind, boxes[len(truth.get(f'img{i}.png', []))]))
         write_png(masks / "colour" / f"img{i}.png", colour)
     write_png(masks / "stray_mask0.png", np.zeros(SIZE, np.uint8))  # matches no image
+    write_png(imgs / "extra.png", phantom(99, ())[0])  # an image without a table row
     with open(tmp_path / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "label", "patient", "device"])
@@ -381,6 +382,7 @@ def test_mask_folders_patterns_colours_table_and_zero_split(tmp_path, monkeypatc
     why = reasons(report)
     assert why["masks/stray_mask0.png"] == "mask matches no image"
     assert "not found" in why["table.csv row 8"]
+    assert why["extra.png"] == "image without a row in table.csv"
     assert "MRN" not in (tmp_path / "out" / "report.json").read_text()
     # colour-coded class masks (BUS-UCLM convention), no table; --split 0,0,1 writes only test.json
     assert run("masks", "--images", imgs, "--masks", masks / "colour", "--mask-pattern", "{stem}.png",
@@ -394,6 +396,7 @@ def test_mask_folders_patterns_colours_table_and_zero_split(tmp_path, monkeypatc
         got = sorted((a["category_id"], a["bbox"]) for a in anns[im["id"]])
         assert got == sorted(({"benign": 1, "malignant": 2}[k], b) for k, b in lesions), f
         assert im["label"] == lesions[0][0]
+    assert images["extra.png"]["label"] == "normal" and not anns.get(images["extra.png"]["id"])  # no mask: negative
     from usdet.data.register import register_all_usdet_datasets
 
     assert register_all_usdet_datasets(str(tmp_path / "colour_root")) == []

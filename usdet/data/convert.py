@@ -24,7 +24,7 @@ from usdet.data import convert_image
 from usdet.data.coco import (PixelStats, categories_for, invalidate_previous_output, remove_stale_images,
                              write_coco_dataset)
 from usdet.data.convert_image import MaskFile, OutputWriteError, SourceImage  # noqa: F401  (the core's API)
-from usdet.data.duplicates import NEAR_DUP_CORR, NEAR_DUP_HAMMING, near_duplicate_components
+from usdet.data.duplicates import NEAR_DUP_CORR, NEAR_DUP_HAMMING, components, near_duplicate_components
 from usdet.data.split import assign_groups, split_by_group
 
 CLASS_CHOICES = {"lesion": ["lesion"], "benign,malignant": ["benign", "malignant"]}
@@ -125,31 +125,19 @@ def _groups(scan: SourceScan, kept: List[int], results, opt: ConvertOptions):
     near: Dict[int, List[int]] = defaultdict(list)
     for pos, c in enumerate(comp):
         near[int(c)].append(kept[pos])
-    # union-find over images: one near-duplicate component, or one declared group, is one set
-    parent = {i: i for i in kept}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
+    # one near-duplicate component, or one declared group (patient), is one set
+    pos_of = {i: p for p, i in enumerate(kept)}
+    pairs = []
     first_of_group: Dict[str, int] = {}
     for i in kept:
         g = scan.images[i].group
         if g is not None:
-            union(first_of_group.setdefault(g, i), i)
+            pairs.append((pos_of[first_of_group.setdefault(g, i)], pos_of[i]))
     for members in near.values():
-        for i in members[1:]:
-            union(members[0], i)
+        pairs += [(pos_of[members[0]], pos_of[i]) for i in members[1:]]
     sets: Dict[int, List[int]] = defaultdict(list)
-    for i in kept:
-        sets[find(i)].append(i)
+    for pos, root in enumerate(components(len(kept), pairs)):
+        sets[int(root)].append(kept[pos])
     group_of: Dict[int, str] = {}
     for members in sets.values():
         declared = [scan.images[i].group for i in sorted(members) if scan.images[i].group is not None]

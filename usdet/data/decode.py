@@ -99,16 +99,13 @@ def decode_file(path: str, rel: str, is_mask: bool, color_mask: bool = False) ->
     elif arr.dtype not in (np.uint8, np.uint16):
         raise SkipFile(rel, f"{kind} has unsupported pixel type {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 4:
-        alpha = arr[..., 3]
-        if not is_mask and alpha.min() < 255:
+        if not is_mask and cv2.minMaxLoc(cv2.extractChannel(arr, 3))[0] < 255:
             notes.append("image has transparency: alpha dropped")
         elif not is_mask:
             notes.append("RGBA image: opaque alpha dropped")
-        arr = arr[..., :3]
-    elif arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha
-        arr = arr[..., 0]
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR)  # contiguous, unlike arr[..., :3] (later steps copy it)
+    elif arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray (+ alpha)
+        arr = np.ascontiguousarray(arr[..., 0])
     return arr, notes
 
 

@@ -7,7 +7,7 @@ decodes it; the graph of close fingerprints is then split into connected compone
 from __future__ import annotations
 
 import hashlib
-from typing import Tuple
+from typing import Iterable, Tuple
 
 import cv2
 import numpy as np
@@ -24,12 +24,17 @@ def pixel_sha(img: np.ndarray) -> str:
 
 
 def fingerprint(img: np.ndarray) -> Tuple[np.ndarray, bytes]:
-    """64x64 zero-mean unit-norm vector (for correlation) and a 256-bit dHash, from a downscaled gray copy."""
+    """64x64 zero-mean unit-norm vector (for correlation) and a 256-bit dHash, from a downscaled gray copy.
+
+    A colour image is downscaled first and converted to gray at 64x64 (both are linear, so this
+    equals gray-then-downscale up to rounding, for a fraction of the work).
+    """
     import imagehash
     from PIL import Image
 
-    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
+    if small.ndim == 3:
+        small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     vec = small.astype(np.float32).ravel()
     vec -= vec.mean()
     norm = float(np.linalg.norm(vec))
@@ -38,17 +43,35 @@ def fingerprint(img: np.ndarray) -> Tuple[np.ndarray, bytes]:
     return vec.astype(np.float16), np.packbits(dhash.hash.ravel()).tobytes()
 
 
+def components(n: int, pairs: Iterable[Tuple[int, int]]) -> np.ndarray:
+    """Connected components of ``n`` nodes joined by ``pairs``: each node's smallest member index.
+
+    A plain union-find: scipy.sparse.csgraph gives the same answer but costs a quarter second of
+    import in every converter run (measured by benchmarks/bench_convert.py), for a sparse graph.
+    """
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)], np.int64)
+
+
 def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float,
                               ham_thresh: int, block: int = 256) -> np.ndarray:
     """Connected components of the 'near-duplicate' graph (correlation or dHash distance).
 
     Pairs are compared in ``block`` x ``block`` tiles of the upper triangle, converted to float32
     tile by tile, so the working memory beyond the fingerprints themselves stays constant
-    however many images there are.
+    however many images there are. Returns each image's component label (its smallest member).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(vecs)
     if n == 0:
         return np.zeros(0, np.int64)
@@ -63,8 +86,7 @@ def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh:
             # Hamming distance of 0/1 vectors: popcount(a) + popcount(b) - 2 a.b
             ham = bi.sum(axis=1)[:, None] + bj.sum(axis=1)[None, :] - 2 * (bi @ bj.T)
             r, c = np.nonzero((corr >= corr_thresh) | (ham <= ham_thresh))
-            rows.append(r + i0)
-            cols.append(c + j0)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+            keep = r + i0 < c + j0  # each pair once, no self-pairs
+            rows.append(r[keep] + i0)
+            cols.append(c[keep] + j0)
+    return components(n, zip(np.concatenate(rows).tolist(), np.concatenate(cols).tolist()))
