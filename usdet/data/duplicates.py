@@ -27,11 +27,17 @@ def fingerprint(img: np.ndarray) -> Tuple[np.ndarray, bytes]:
     """64x64 zero-mean unit-norm vector (for correlation) and a 256-bit dHash, from a downscaled gray copy.
 
     A colour image is downscaled first and converted to gray at 64x64 (both are linear, so this
-    equals gray-then-downscale up to rounding, for a fraction of the work).
+    equals gray-then-downscale up to rounding, for a fraction of the work). The image is first
+    brought to a multiple of 64 (bilinear, a scale close to 1), so the area average is an integer
+    one: a third of the cost (measured by benchmarks/bench_convert.py), the same BUSI groups.
     """
     import imagehash
     from PIL import Image
 
+    h, w = img.shape[:2]
+    kx, ky = max(1, w // 64), max(1, h // 64)
+    if (w, h) != (64 * kx, 64 * ky):  # to a multiple of 64 first: OpenCV's area resize is 3x faster then
+        img = cv2.resize(img, (64 * kx, 64 * ky), interpolation=cv2.INTER_LINEAR)
     small = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
     if small.ndim == 3:
         small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
