@@ -6,7 +6,7 @@
 The baseline to beat (issue 7): COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml from random init with
 BN in backbone and FPN, one class, negatives kept, short side 256-320 (test 320), batch 4,
 LR 0.02 with 100 warmup iterations, gradient clipping (norm 1.0), 680 iterations with steps at
-510 and 612. usdet only supplies the dataset names (``import usdet.data``); training is stock
+510 and 612. usdet only supplies the dataset names (``ensure_usdet_datasets``); training is stock
 detectron2, so the comparison measures usdet's recipe, not a re-implementation of the baseline.
 Evaluate it afterwards with ``tools/train_net.py --eval-only --config-file DIR/config.yaml
 MODEL.WEIGHTS DIR/model_final.pth INPUT.NORMALIZATION config``.
@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import usdet.data  # noqa: E402,F401  (registers busi_train/val/test from $USDET_DATASETS)
+from usdet.data.register import ensure_usdet_datasets  # noqa: E402
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides (e.g. MODEL.DEVICE cpu)")
     args = ap.parse_args()
+    ensure_usdet_datasets()  # busi_train/val/test from $USDET_DATASETS
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"))
     cfg.merge_from_list(BASELINE + ["OUTPUT_DIR", args.output] + list(args.opts))

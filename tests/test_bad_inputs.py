@@ -351,9 +351,6 @@ KEY = "bad-inputs-test-key-0123456789"
 
 @pytest.fixture(scope="module")
 def frames_run(frames_dir, tmp_path_factory):
-    from usdet.data import frames as frames_mod
-    import argparse
-
     d = frames_dir["dir"]
     ann = tmp_path_factory.mktemp("frames_ann") / "boxes.csv"
     rows = []
@@ -369,11 +366,10 @@ def frames_run(frames_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("frames_out")
     key_file = ann.parent / "key.txt"
     key_file.write_text(KEY)
-    ap = argparse.ArgumentParser()
-    frames_mod.add_arguments(ap)
-    args = ap.parse_args(["--images", str(d), "--annotations", str(ann), "--output", str(out),
+    convert_to_coco = load_tool("convert_to_coco")
+    args = convert_to_coco.build_parser().parse_args(["frames", "--images", str(d), "--annotations", str(ann), "--output", str(out),
                           "--key-file", str(key_file), "--no-progress"])
-    rc = frames_mod.main(args)
+    rc = convert_to_coco.run_frames(args)
     report = json.loads((out / "report.json").read_text())
     images = {}
     for split in ("train", "val", "test"):

@@ -3,7 +3,6 @@
 Synthetic BUSI-layout folders (phantom frames with 1-bit masks) cover the mechanics and run
 everywhere; a real BUSI subset (symlinked) checks counts and boxes against the real masks.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -14,9 +13,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from usdet.data import busi
+from usdet.data import convert_image
 from usdet.data.coco import mask_to_box
 from usdet.data.phantom import render_phantom
+from train_helpers import load_tool
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -65,9 +65,8 @@ def make_fake_busi(root, n_lesion=4, n_normal=2, size=(72, 96), pad=None, seed=0
 
 
 def _run(root, out, *extra):
-    p = argparse.ArgumentParser()
-    busi.add_arguments(p)
-    return busi.main(p.parse_args(["--root", str(root), "--output", str(out), "--no-progress", *extra]))
+    return load_tool("convert_to_coco").main(["busi", "--root", str(root), "--output", str(out), "--no-progress",
+                                              *extra])
 
 
 def _tree_state(root):
@@ -119,7 +118,7 @@ def test_crop_offsets_shift_boxes_exactly(tmp_path, monkeypatch):
         x, y, w, h = cv2.boundingRect((rgb.max(axis=2) > 0).astype(np.uint8))
         return Found((x, y, x + w, y + h))
 
-    monkeypatch.setattr(busi, "_load_cropper", lambda: non_black_region)
+    monkeypatch.setattr(convert_image, "find_image_region", non_black_region)
     assert _run(tmp_path / "plain", tmp_path / "out_plain") == 0
     assert _run(tmp_path / "padded", tmp_path / "out_padded", "--crop", "auto") == 0
     plain, plain_anns = _load_all(tmp_path / "out_plain")
@@ -140,11 +139,6 @@ def test_crop_offsets_shift_boxes_exactly(tmp_path, monkeypatch):
         assert sorted(shifted) == sorted(bx for bx in src_boxes if bx)
     report = json.load(open(tmp_path / "out_padded/report.json"))
     assert report["crop"]["outcomes"] == {"cropped": 5}
-
-    monkeypatch.setattr(busi, "_load_cropper", lambda: None)  # H-crop's module absent -> falls back
-    assert _run(tmp_path / "padded", tmp_path / "out_fallback", "--crop", "auto") == 0
-    report = json.load(open(tmp_path / "out_fallback/report.json"))
-    assert report["crop"]["used"] == "none" and "not installed" in report["crop"]["note"]
 
 
 def test_max_size_resizes_masks_with_images(tmp_path):
@@ -317,3 +311,39 @@ def test_real_busi_subset_counts_and_boxes(busi_subset):
                  ("benign (85)", "malignant (52)"), ("benign (437)", "normal (34)")):
         a, b = (images[f"{p.split(' ')[0]}/{p}.png"] for p in pair)
         assert a["group"] == b["group"] and a["split"] == b["split"], pair
+
+
+def test_crop_auto_runs_the_real_cropper_on_drawn_screens(tmp_path):
+    """--crop auto through usdet.data.crop itself (no stand-in): scanner screens drawn around phantoms."""
+    from usdet.data.crop import find_image_region
+    from usdet.data.screens import make_screen
+
+    rng = np.random.default_rng(21)
+    root, truth = tmp_path / "root", {}
+    os.makedirs(root / "benign")
+    for i in range(1, 5):
+        gray = render_phantom(np.random.default_rng(100 + i), (220, 300), ["benign"])[0][..., 0]
+        s = make_screen(rng, gray, [(120, 90, 170, 130)], probe="linear", theme=("dark", "grey")[i % 2],
+                        jpeg_quality=None, gain=1.0, doppler=False)
+        mask = np.zeros(s.frame.shape[:2], np.uint8)
+        x0, y0, x1, y1 = s.lesion_boxes[0]
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(s.frame).save(root / "benign" / f"benign ({i}).png")
+        Image.fromarray(mask).save(root / "benign" / f"benign ({i})_mask.png")
+        truth[f"benign/benign ({i}).png"] = (s, find_image_region(s.frame).box)
+    assert _run(root, tmp_path / "out", "--crop", "auto") == 0
+    images, anns = _load_all(tmp_path / "out")
+    report = json.load(open(tmp_path / "out/report.json"))
+    assert report["crop"]["outcomes"] == {"cropped": 4}
+    for src, (s, found) in truth.items():
+        im = images[src]
+        assert im["crop_box"] == list(found)  # the real cropper's own answer
+        bx0, by0 = max(found[0], s.box[0]), max(found[1], s.box[1])
+        bx1, by1 = min(found[2], s.box[2]), min(found[3], s.box[3])
+        inter = max(0, bx1 - bx0) * max(0, by1 - by0)
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        assert inter / (area(found) + area(s.box) - inter) >= 0.95, (found, s.box)
+        x0, y0, x1, y1 = s.lesion_boxes[0]
+        (box,) = [a["bbox"] for a in anns[im["id"]]]
+        assert [box[0] + found[0], box[1] + found[1], box[2], box[3]] == [x0, y0, x1 - x0, y1 - y0]
+        assert (im["width"], im["height"]) == (found[2] - found[0], found[3] - found[1])

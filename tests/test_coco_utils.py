@@ -1,4 +1,4 @@
-"""mask -> box/annotation, crop offsets, pixel statistics and deterministic atomic writing."""
+"""mask -> box/annotation, pixel statistics and deterministic atomic writing."""
 import json
 import os
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from usdet.data.coco import (compute_pixel_stats, crop_array, mask_to_annotation, mask_to_box,
-                             shift_box_to_crop, write_coco_dataset)
+from usdet.data.coco import compute_pixel_stats, mask_to_annotation, mask_to_box, write_coco_dataset
 
 
 def test_mask_to_box_first_last_inclusive():
@@ -31,19 +30,6 @@ def test_mask_to_annotation_rle_roundtrip():
     assert np.array_equal(decoded.astype(bool), m)
     assert ann["bbox"] == mask_to_box(m)
     assert mask_to_annotation(np.zeros((3, 3))) is None
-
-
-def test_crop_offsets_shift_boxes_exactly():
-    """A mask cropped with its image gives the source box shifted by the crop origin."""
-    m = np.zeros((100, 120), np.uint8)
-    m[30:61, 40:91] = 1  # x 40..90, y 30..60
-    crop = [25, 10, 110, 95]
-    src = mask_to_box(m)
-    assert mask_to_box(crop_array(m, crop)) == [15.0, 20.0, 51.0, 31.0]
-    assert shift_box_to_crop(src, crop) == [15.0, 20.0, 51.0, 31.0]
-    # clipped at the crop's edge, gone when outside
-    assert shift_box_to_crop([100, 80, 30, 30], crop) == [75.0, 70.0, 10.0, 15.0]
-    assert shift_box_to_crop([0, 0, 20, 5], crop) is None
 
 
 def test_pixel_stats_match_numpy():

@@ -113,7 +113,7 @@ def check_consistent(out: str) -> list:
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import usdet.data.busi as busi
+    import usdet.data.convert_image as core
     import usdet.utils.io as uio
     mode, n = os.environ["USDET_TEST_KILL"].split(":")
     n = int(n)
@@ -123,13 +123,13 @@ DRIVER = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
 
     if mode == "image":  # after the n-th output image is on disk
-        write = busi._write_output_image
+        write = core.write_output_image
         def hooked(path, data):
             write(path, data)
             count[0] += 1
             if count[0] == n:
                 die()
-        busi._write_output_image = hooked
+        core.write_output_image = hooked
     elif mode == "json_half":  # half-way through the bytes of the n-th JSON
         atomic_write = uio.atomic_write
         def hooked(path, write_fn, mode="wb", fsync=True):

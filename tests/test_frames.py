@@ -1,6 +1,5 @@
 """Hospital frames -> COCO: CSV and COCO-JSON ingestion with exact crop offsets, clipped/dropped
 boxes, negatives, patient-level split, and the converter's refusals."""
-import argparse
 import csv
 import json
 import os
@@ -8,10 +7,10 @@ import os
 import cv2
 import numpy as np
 
-from usdet.data import frames as frames_mod
 from usdet.data.crop import find_image_region
 from usdet.data.frames import convert_frames, shift_box
 from usdet.data.screens import make_screen
+from train_helpers import load_tool
 
 KEY = b"test-key-0123456789"
 PATIENTS = ["SMITH_J_MRN1001", "DOE_A_MRN1002", "ROE_B_MRN1003", "POE_C_MRN1004", "LOE_D_MRN1005"]
@@ -154,33 +153,35 @@ def test_coco_json_matches_csv(tmp_path):
         assert all(a["category_id"] == 1 for a in db[s]["annotations"])
 
 
+def _frames_cli(args):
+    return load_tool("convert_to_coco").run_frames(args)
+
+
 def _args(tmp_path, **kw):
-    ap = argparse.ArgumentParser()
-    frames_mod.add_arguments(ap)
-    argv = ["--images", str(tmp_path / "src"), "--annotations", str(tmp_path / "boxes.csv"),
+    argv = ["frames", "--images", str(tmp_path / "src"), "--annotations", str(tmp_path / "boxes.csv"),
             "--output", str(tmp_path / "out"), "--no-progress"]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return ap.parse_args(argv)
+    return load_tool("convert_to_coco").build_parser().parse_args(argv)
 
 
 def test_refusals(tmp_path, monkeypatch, capsys):
     rows, _ = build_set(str(tmp_path / "src"), seed=2)
     write_csv(tmp_path / "boxes.csv", rows[:3])
     monkeypatch.delenv("USDET_PSEUDONYM_KEY", raising=False)
-    assert frames_mod.main(_args(tmp_path)) == 2
+    assert _frames_cli(_args(tmp_path)) == 2
     assert "no pseudonym key" in capsys.readouterr().err
     (tmp_path / "key").write_bytes(KEY)
-    assert frames_mod.main(_args(tmp_path, key_file=tmp_path / "key", mapping=tmp_path / "out" / "map.json")) == 2
+    assert _frames_cli(_args(tmp_path, key_file=tmp_path / "key", mapping=tmp_path / "out" / "map.json")) == 2
     assert "outside" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad.csv"
     bad.write_text("file,x0,y0\na.png,1,2\n")
     args = _args(tmp_path, key_file=tmp_path / "key")
     args.annotations = str(bad)
-    assert frames_mod.main(args) == 2
+    assert _frames_cli(args) == 2
     assert "lacks column" in capsys.readouterr().err
     monkeypatch.setenv("USDET_PSEUDONYM_KEY", KEY.decode())
-    assert frames_mod.main(_args(tmp_path, mapping=tmp_path / "map.json")) == 0
+    assert _frames_cli(_args(tmp_path, mapping=tmp_path / "map.json")) == 0
     mp = json.load(open(tmp_path / "map.json"))
     assert set(mp["files"].values()) == {r[0] for r in rows[:3]}

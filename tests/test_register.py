@@ -37,3 +37,35 @@ def test_missing_root_and_single_registration(tmp_path, phantom_dataset):
     register_usdet_dataset("usdet_one_test", os.path.join(phantom_dataset, "annotations/val.json"), phantom_dataset)
     register_usdet_dataset("usdet_one_test", os.path.join(phantom_dataset, "annotations/val.json"), phantom_dataset)
     assert len(DatasetCatalog.get("usdet_one_test")) > 0
+
+
+def test_registration_is_lazy_import_usdet_data_registers_nothing(tmp_path, phantom_dataset):
+    """`import usdet.data` reads no dataset JSON (a broken one would be logged) and loads no detectron2;
+    importing the engine (what a trainer does) registers <dataset>_<split>; missing splits are simply absent."""
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    shutil.copytree(phantom_dataset, tmp_path / "ph")
+    os.remove(tmp_path / "ph/annotations/val.json")  # e.g. converted with --split 0.8,0,0.2
+    code = """
+import sys, builtins
+opened = []
+real_open = builtins.open
+def spy(file, *a, **k):
+    opened.append(str(file))
+    return real_open(file, *a, **k)
+builtins.open = spy
+import usdet.data, usdet.data.register
+assert not [f for f in opened if f.endswith(".json")], opened
+assert "detectron2" not in sys.modules and "torch" not in sys.modules
+builtins.open = real_open
+import usdet.engine
+from detectron2.data import DatasetCatalog
+print(sorted(n for n in DatasetCatalog.list() if n.startswith("ph_")))
+"""
+    env = dict(os.environ, USDET_DATASETS=str(tmp_path), PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['ph_test', 'ph_train']"

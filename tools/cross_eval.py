@@ -43,7 +43,9 @@ def main(argv=None) -> int:
             args.opts = args.datasets[i:] + args.opts
             args.datasets = args.datasets[:i]
             break
-    import usdet.data  # noqa: F401  (registers $USDET_DATASETS/<dataset>_<split>)
+    from usdet.data.register import ensure_usdet_datasets
+
+    ensure_usdet_datasets()  # registers $USDET_DATASETS/<dataset>_<split>
     from usdet.evaluation.compare import parse_model_args
     from usdet.evaluation.cross_eval import cross_evaluate
 

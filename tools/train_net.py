@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.engine import default_argument_parser  # noqa: E402
 
-import usdet.data  # noqa: E402,F401  (registers $USDET_DATASETS/<dataset>_<split>)
 from usdet.engine import Trainer, TrainingDivergedError, check_datasets, evaluate_checkpoint, setup  # noqa: E402
 from usdet.engine.launch import launch  # noqa: E402  (detectron2's, plus CPU processes on gloo without CUDA)
+# (importing usdet.engine registers $USDET_DATASETS/<dataset>_<split>: usdet.data.register.ensure_usdet_datasets)
 
 
 def _fail(e: Exception) -> SystemExit:

@@ -47,7 +47,9 @@ def load_ground_truth(gt_json, dataset):
     if dataset:
         from detectron2.data import MetadataCatalog
 
-        import usdet.data  # noqa: F401  (registers $USDET_DATASETS)
+        from usdet.data.register import ensure_usdet_datasets
+
+        ensure_usdet_datasets()  # registers $USDET_DATASETS/<dataset>_<split>
 
         meta = MetadataCatalog.get(dataset)
         gt_json = meta.get("json_file", None)

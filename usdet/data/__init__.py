@@ -1,8 +1,7 @@
-"""usdet data: cropping, converters (BUSI, hospital frames, DICOM), phantoms, registration.
+"""usdet data: cropping, converters (BUSI, BrEaST, BUS-BRA, image+mask folders, hospital frames, DICOM),
+phantoms, registration.
 
-Importing this package registers every converted dataset under ``$USDET_DATASETS`` (default
-``datasets/``) in detectron2's catalogs, as detectron2's builtin datasets do.
+Importing this package is light: it registers nothing and imports neither torch nor detectron2.
+Converted datasets under ``$USDET_DATASETS`` are registered as ``<dataset>_<split>`` by
+:func:`usdet.data.register.ensure_usdet_datasets`, which the engine calls when it is imported.
 """
-from .register import register_all_usdet_datasets  # noqa: F401
-
-register_all_usdet_datasets()

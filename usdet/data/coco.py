@@ -1,6 +1,6 @@
 """COCO building blocks shared by every usdet converter (BUSI, hospital frames, phantoms).
 
-One place decides how a mask becomes a box, how crop offsets move boxes, and how the output
+One place decides how a mask becomes a box and how the output
 folder is written, so every dataset usdet produces has the same keys and the same guarantees
 (deterministic bytes, atomic files, JSONs written only after the images they point to).
 """
@@ -71,27 +71,6 @@ def mask_to_annotation(
         ann["segmentation"] = encode_rle(mask)
     ann["iscrowd"] = 0
     return ann
-
-
-def shift_box_to_crop(bbox: Sequence[float], crop_box: Sequence[int]) -> Optional[List[float]]:
-    """Move an ``[x, y, w, h]`` source-pixel box into a crop ``[x0, y0, x1, y1]`` (x1/y1 exclusive).
-
-    The box is clipped to the crop; None when nothing of it is left. Used for box-only sources,
-    where no mask can be cropped along with the image.
-    """
-    x, y, w, h = (float(v) for v in bbox)
-    x0, y0, x1, y1 = (float(v) for v in crop_box)
-    bx0, by0 = max(x, x0), max(y, y0)
-    bx1, by1 = min(x + w, x1), min(y + h, y1)
-    if bx1 <= bx0 or by1 <= by0:
-        return None
-    return [bx0 - x0, by0 - y0, bx1 - bx0, by1 - by0]
-
-
-def crop_array(arr: np.ndarray, crop_box: Sequence[int]) -> np.ndarray:
-    """``arr[y0:y1, x0:x1]`` for a crop box ``[x0, y0, x1, y1]`` (x1/y1 exclusive)."""
-    x0, y0, x1, y1 = (int(v) for v in crop_box)
-    return arr[y0:y1, x0:x1]
 
 
 class PixelStats:

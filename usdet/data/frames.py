@@ -1,6 +1,7 @@
 """Hospital scanner frames (stills or DICOM cine) + box annotations -> usdet COCO layout.
 
 ``python tools/convert_to_coco.py frames --images DIR --annotations FILE --output OUT --key-file KEY``
+(the command line lives in tools/convert_to_coco.py)
 
 Frames are screen captures with the scanner's workspace burned in; each is cropped to the image
 region (usdet.data.crop), boxes are shifted exactly into the crop (clipped or dropped when they
@@ -22,7 +23,6 @@ Annotations (boxes in full-frame pixels):
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -40,15 +40,14 @@ from usdet.data.coco import (PixelStats, categories_for, image_moments, invalida
 from usdet.data.crop import suppress_marks
 from usdet.data.dicom import GREY_SCALE_RULE, DicomReadError, dicom_patient_id, is_dicom_file
 from usdet.data.image_io import ImageReadError
-from usdet.data.privacy import PseudonymKeyError, Pseudonymizer, check_mapping_path, load_key, redact
+from usdet.data.privacy import Pseudonymizer, check_mapping_path, redact
 from usdet.data.sources import open_source
-from usdet.data.split import SPLITS, group_stratified_split, parse_fractions
+from usdet.data.split import SPLITS, split_by_group
 from usdet.data.views import find_views
 from usdet.utils.io import atomic_write_image, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-CLASS_CHOICES = {"lesion": ["lesion"], "benign,malignant": ["benign", "malignant"]}
 CSV_REQUIRED = ("file", "x0", "y0", "x1", "y1", "label", "patient_id")
 NEGATIVE_LABELS = ("", "normal", "negative", "none", "no lesion")
 
@@ -75,65 +74,6 @@ class FrameRecord:
         if not self.labels:
             return "normal"
         return "malignant" if "malignant" in self.labels else self.labels[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``convert_to_coco.py frames``."""
-    parser.description = __doc__.strip().splitlines()[0]
-    parser.add_argument("--images", required=True, help="folder holding the frames (stills and/or DICOM)")
-    parser.add_argument("--annotations", required=True, help="boxes: CSV (file,x0,y0,x1,y1,label,patient_id"
-                        "[,clip_id]) or COCO JSON, in full-frame pixels")
-    parser.add_argument("--output", required=True, help="output folder (e.g. datasets/hospital)")
-    parser.add_argument("--key-file", default=None,
-                        help="file holding the pseudonym key (default: $USDET_PSEUDONYM_KEY); required")
-    parser.add_argument("--mapping", default=None,
-                        help="write pseudonym -> real path/ID mapping JSON here (must be outside --output)")
-    parser.add_argument("--classes", default="lesion", choices=sorted(CLASS_CHOICES),
-                        help="one 'lesion' class or 'benign,malignant' (labels must then be benign/malignant)")
-    parser.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
-    parser.add_argument("--suppress-marks", action="store_true",
-                        help="inpaint burned-in calipers/text/colour marks inside the crop (off by default)")
-    parser.add_argument("--min-visible", type=float, default=0.5,
-                        help="drop a box when less than this fraction of it lies inside the crop (default 0.5)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the conversion; exit code 0 ok, 1 nothing converted, 2 bad arguments or inputs."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        key = load_key(args.key_file)
-        if args.mapping:
-            check_mapping_path(args.mapping, args.output)
-        fractions = parse_fractions(args.split)
-    except (PseudonymKeyError, ValueError) as e:
-        print(f"frames: {e}", file=sys.stderr)
-        return 2
-    try:
-        report = convert_frames(
-            args.images, args.annotations, args.output, key, classes=CLASS_CHOICES[args.classes],
-            fractions=fractions, seed=args.seed, workers=max(1, args.workers), mapping=args.mapping,
-            suppress=args.suppress_marks, min_visible=args.min_visible, progress=not args.no_progress)
-    except (AnnotationError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"frames: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions: one line naming the file; no JSON of this run is left
-        where = e.filename or args.output
-        print(f"frames: error: cannot write {where}: {e.strerror or e}. The conversion stopped; {args.output} "
-              f"holds no report.json, so it is marked incomplete: free space (or fix permissions) and re-run "
-              f"the same command", file=sys.stderr)
-        return 1
-    c = report["counts"]
-    print(f"frames: {c['images']} images ({', '.join(f'{s} {c[s]}' for s in SPLITS)}), "
-          f"{c['patients']} patients; {c['refused']} refused by the cropper, {c['failed']} failed; "
-          f"boxes kept {c['boxes_kept']}, clipped {c['boxes_clipped']}, dropped {c['boxes_dropped']} "
-          f"-> {os.path.join(args.output, 'annotations')}")
-    return 0 if c["images"] else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +321,8 @@ def _boxes_by_view(boxes: Sequence[Sequence[float]], crops: Sequence[Optional[Se
 def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, *,
                    classes: Sequence[str] = ("lesion",), fractions=(0.7, 0.15, 0.15), seed: int = 0,
                    workers: int = 1, mapping: Optional[str] = None, suppress: bool = False,
-                   min_visible: float = 0.5, progress: bool = True) -> Dict[str, Any]:
+                   min_visible: float = 0.5, progress: bool = True, folds: int = 0, fold: int = 0,
+                   val_fraction: float = 0.15) -> Dict[str, Any]:
     """Convert; returns the report (also written to OUT/report.json). See the module docstring."""
     classes = list(classes)
     if not os.path.isdir(images_dir):
@@ -422,7 +363,8 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
 
     keys = [r.key for r in usable]
     groups = [pseudo(r.patient, "pt") for r in usable]
-    split_of = group_stratified_split(keys, groups, [r.image_label for r in usable], fractions, seed) if usable else {}
+    split_of, _, split_info = split_by_group(keys, groups, [r.image_label for r in usable], fractions, seed,
+                                             folds, fold, val_fraction)
 
     jobs: Dict[int, Dict[str, Any]] = {}
     by_file: Dict[str, Dict[Optional[int], Dict[str, Any]]] = defaultdict(dict)
@@ -525,7 +467,7 @@ def convert_frames(images_dir: str, annotations: str, out_dir: str, key: bytes, 
     report = {
         "dataset": "hospital frames",
         "classes": classes,
-        "split": {"fractions": list(fractions), "seed": seed, "by": "patient (pseudonym)"},
+        "split": {**split_info, "by": "patient (pseudonym)"},
         "pseudonym_key_id": pseudo.key_id,
         "counts": counts,
         "refused": refused,

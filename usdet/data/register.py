@@ -3,6 +3,12 @@
 Every converter writes ``$USDET_DATASETS/<dataset>/annotations/<split>.json`` with image paths
 relative to ``$USDET_DATASETS/<dataset>/``; registering ``<dataset>_<split>`` for each one means
 configs can say ``DATASETS.TRAIN ("busi_train",)`` for any converted dataset with no code change.
+
+Registration is lazy: ``import usdet.data`` registers nothing (the converters, the cropper and
+their worker processes never read a dataset JSON nor import detectron2). The engine calls
+:func:`ensure_usdet_datasets` when it is imported, i.e. when a trainer, evaluator or predictor
+is about to ask for a dataset by name; a name's images and annotations are read only when
+``DatasetCatalog.get(name)`` is called.
 """
 from __future__ import annotations
 
@@ -153,3 +159,18 @@ def register_all_usdet_datasets(root: Optional[str] = None) -> List[str]:
                 continue
             names.append(name)
     return names
+
+
+_REGISTERED_ROOTS: Dict[str, List[str]] = {}
+
+
+def ensure_usdet_datasets(root: Optional[str] = None) -> List[str]:
+    """Register ``$USDET_DATASETS`` (or ``root``) once per process; later calls return the same names.
+
+    What a trainer (or any consumer of dataset names) calls instead of relying on import side
+    effects. :func:`register_all_usdet_datasets` re-registers unconditionally (after a re-conversion).
+    """
+    key = os.path.abspath(_datasets_root(root))
+    if key not in _REGISTERED_ROOTS:
+        _REGISTERED_ROOTS[key] = register_all_usdet_datasets(key)
+    return list(_REGISTERED_ROOTS[key])

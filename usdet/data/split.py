@@ -82,6 +82,35 @@ def kfold_split(
     return out
 
 
+def split_by_group(
+    keys: List[str],
+    groups: List[str],
+    labels: List[str],
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    folds: int = 0,
+    fold: int = 0,
+    val_fraction: float = 0.15,
+) -> Tuple[Dict[str, str], List[str], Dict[str, object]]:
+    """What every converter calls: ``(split of each key, splits to write, what report.json says)``.
+
+    ``folds`` > 0 is :func:`kfold_split` (fold ``fold`` is test); else the fractions, and a split
+    whose fraction is zero is not written at all (``0,0,1`` = an external test set).
+    """
+    if folds:
+        split_of = kfold_split(keys, groups, labels, folds, fold, val_fraction, seed)
+        info: Dict[str, object] = {
+            "method": "kfold", "folds": folds, "fold": fold, "val_fraction": val_fraction, "seed": seed,
+            "groups": len(set(groups)),
+            "note": "fold k is the test split; the same --seed and --folds give the same K folds, so every image "
+                    "is tested exactly once over --fold 0..K-1 and no group straddles"}
+        return split_of, [s for s in SPLITS if s != "val" or val_fraction > 0], info
+    fractions = _normalize(fractions)
+    split_of = group_stratified_split(keys, groups, labels, fractions, seed) if keys else {}
+    info = {"method": "fractions", "fractions": [round(f, 6) for f in fractions], "seed": seed}
+    return split_of, [s for s, f in zip(SPLITS, fractions) if f > 0], info
+
+
 def assign_groups(
     keys: List[str],
     groups: List[str],
