@@ -5,7 +5,8 @@
 
 PRED is detectron2's ``coco_instances_results.json`` (a list of ``{image_id, category_id,
 bbox [x, y, w, h], score}``). Writes ``DIR/metrics.json`` (COCO AP, penalized IoU, FROC,
-image-level and malignancy ROC, bootstrap CIs), ``DIR/report.md`` and PNG plots. Problems in the
+image-level and malignancy ROC, bootstrap CIs), ``DIR/report.md``, PNG plots and ``DIR/report.html``
+(one self-contained page of all of it, with the worst false positives and misses). Problems in the
 inputs are listed (file and problem) and the valid rest is still scored.
 """
 import argparse
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--title", default=None, help="report title")
+    g.add_argument("--training-metrics", default=None, metavar="METRICS_JSON",
+                   help="the run's detectron2 metrics.json: training curves on report.html")
     return ap
 
 
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             plots=not args.no_plots,
             title=args.title,
+            training_metrics=args.training_metrics,
         )
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     )
     if m["warnings"]:
         print(f"{len(m['warnings'])} input problem(s), listed in {args.output}/report.md", file=sys.stderr)
-    print(f"wrote {args.output}/metrics.json and {args.output}/report.md")
+    print(f"wrote {args.output}/metrics.json, report.md and report.html (open it in a browser)")
     return 0
 
 

@@ -298,6 +298,7 @@ def visualize_coco_results(
     source_root: Optional[str] = None,
     worst_k: int = 16,
     progress: bool = True,
+    image_overlays: bool = True,
 ) -> dict:
     """Write one overlay per ground-truth image plus contact sheets and ``summary.json``.
 
@@ -305,6 +306,7 @@ def visualize_coco_results(
     ``OUTPUT/original/...`` (full source frame, with ``original``),
     ``OUTPUT/worst_false_positives.png``, ``OUTPUT/worst_misses.png``, ``OUTPUT/summary.json``.
     Images that cannot be read are listed in the summary with the reason; the rest are drawn.
+    ``image_overlays=False`` writes only the sheets and the summary (report.html's worst cases).
     """
     from tqdm import tqdm
 
@@ -358,9 +360,11 @@ def visualize_coco_results(
             tqdm.write(f"skipped {im['file_name']}: {e}")
             continue
         title = f"{res.outcome}  IoU {res.best_iou:.2f}"
-        atomic_write_image(os.path.join(output_dir, name),
-                           draw_overlay(img, tb, tl, pb, ps, pl, title=title, show_truth=True))
-        entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name, "outcome": res.outcome,
+        if image_overlays:
+            atomic_write_image(os.path.join(output_dir, name),
+                               draw_overlay(img, tb, tl, pb, ps, pl, title=title, show_truth=True))
+        entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name if image_overlays else None,
+                 "outcome": res.outcome,
                  "best_iou": round(res.best_iou, 4), "tp": res.tp, "fp": res.fp, "fn": res.fn}
         if original:
             try:
