@@ -11,6 +11,10 @@ import argparse
 import importlib
 import sys
 
+from usdet.utils.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
 SUBCOMMANDS = {"busi": "usdet.data.busi", "frames": "usdet.data.frames"}
 
 

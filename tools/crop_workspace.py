@@ -10,7 +10,11 @@ and DIR2/crops.json: ``{"<relative path>[#frame]": {"box": [x0, y0, x1, y1] | nu
 import argparse
 import sys
 
-from usdet.data.crop import crop_directory, summarize_crops
+from usdet.utils.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
+from usdet.data.crop import crop_directory, summarize_crops  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
 QUICK_CFG = os.path.join("configs", "quick_schedules", "phantom_R18_FPN.yaml")
 # A 100-iteration model is right about where lesions are long before it is confident: the demo
 # keeps the checkpoint by AP50 and draws detections from a low score up.

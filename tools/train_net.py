@@ -13,6 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
 import usdet.data  # noqa: E402,F401  (registers $USDET_DATASETS/<dataset>_<split>)
