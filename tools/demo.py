@@ -53,6 +53,8 @@ def make_screens(dataset_dir: str, out_dir: str, count: int = 6) -> str:
     """Draw test-split phantoms inside synthetic scanner screens (new frames for predict).
 
     Writes the screens and ``truth.json`` (each screen's lesion boxes, xyxy in screen pixels).
+    No colour-Doppler box: drawn over a lesion it hides the B-mode pattern the model learned
+    (the cropper's tests cover Doppler screens).
     """
     import json
 
@@ -71,7 +73,7 @@ def make_screens(dataset_dir: str, out_dir: str, count: int = 6) -> str:
         img = read_image(os.path.join(dataset_dir, im["file_name"]))
         boxes = [[x, y, x + w, y + h] for x, y, w, h in
                  (a["bbox"] for a in test["annotations"] if a["image_id"] == im["id"])]
-        screen = make_screen(rng, img, boxes, probe="linear")
+        screen = make_screen(rng, img, boxes, probe="linear", doppler=False)
         name = f"screen_{k:02d}.png"
         atomic_write_image(os.path.join(out_dir, name), screen.frame)
         truth[name] = [list(map(float, b)) for b in screen.lesion_boxes]
