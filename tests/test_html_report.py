@@ -98,7 +98,7 @@ def test_report_html_is_self_contained_and_matches_metrics(evaluated):
     ci = metrics["bootstrap"]["metrics"]["piou"]
     assert f"{ci['low']:.3f}" in text and f"{ci['high']:.3f}" in text
     alts = " ".join(img.get("alt", "") for img in page.images)
-    assert "1 false positives" in alts and "1 missed lesions" in alts and "events.json" in alts
+    assert "1 false positives" in alts and "1 missed lesions" in alts and "training curves from" in alts
 
 
 def test_report_html_without_images_says_why(tmp_path, phantom_dataset):

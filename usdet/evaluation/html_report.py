@@ -194,7 +194,9 @@ def write_html_report(
     if training_metrics:
         curves = _training_curves(training_metrics, output_dir)
         parts.append("<h2>Training curves</h2>")
-        parts.append(_figure(curves, os.path.basename(training_metrics), wide=True) if curves else
+        where = os.path.abspath(training_metrics)
+        source = os.path.join(os.path.basename(os.path.dirname(where)), os.path.basename(where))
+        parts.append(_figure(curves, f"training curves from {source}", wide=True) if curves else
                      f'<p class="note">No readable records in {html.escape(training_metrics)}.</p>')
 
     page = (
