@@ -49,8 +49,8 @@ def run(cmd: list, env: dict) -> None:
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
-def make_screens(dataset_dir: str, out_dir: str, count: int = 6) -> str:
-    """Draw test-split phantoms inside synthetic scanner screens (new frames for predict).
+def make_screens(dataset_dir: str, out_dir: str, count: int = 6, split: str = "test") -> str:
+    """Draw ``split`` phantoms inside synthetic scanner screens (new frames for predict).
 
     Writes the screens and ``truth.json`` (each screen's lesion boxes, xyxy in screen pixels).
     No colour-Doppler box: drawn over a lesion it hides the B-mode pattern the model learned
@@ -64,7 +64,7 @@ def make_screens(dataset_dir: str, out_dir: str, count: int = 6) -> str:
     from usdet.data.screens import make_screen
     from usdet.utils.io import atomic_write_image, atomic_write_json
 
-    with open(os.path.join(dataset_dir, "annotations", "test.json")) as fh:
+    with open(os.path.join(dataset_dir, "annotations", f"{split}.json")) as fh:
         test = json.load(fh)
     rng = np.random.default_rng(0)
     os.makedirs(out_dir, exist_ok=True)
