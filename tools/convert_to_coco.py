@@ -18,6 +18,12 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before any third-party deprecation is printed
+
 SPLITS = ("train", "val", "test")
 CLASS_CHOICES = ("lesion", "benign,malignant")
 NEAR_DUP_CORR, NEAR_DUP_HAMMING = 0.95, 10  # usdet.data.duplicates' defaults (checked by a test)

@@ -14,7 +14,11 @@ region ..."). A dual-view frame (two images split by a line) gives one crop per 
 import argparse
 import sys
 
-from usdet.data.crop import crop_directory, summarize_crops
+from usdet.utils.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
+from usdet.data.crop import crop_directory, summarize_crops  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -9,12 +9,17 @@
 
 PRED is detectron2's ``coco_instances_results.json`` (a list of ``{image_id, category_id,
 bbox [x, y, w, h], score}``). Writes ``DIR/metrics.json`` (COCO AP, penalized IoU, FROC,
-image-level and malignancy ROC, bootstrap CIs), ``DIR/report.md`` and PNG plots. Problems in the
+image-level and malignancy ROC, bootstrap CIs), ``DIR/report.md``, PNG plots and ``DIR/report.html``
+(one self-contained page of all of it, with the worst false positives and misses). Problems in the
 inputs are listed (file and problem) and the valid rest is still scored.
 """
 import argparse
 import logging
 import sys
+
+from usdet.utils.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-pred", default=None, help="detections on --val-gt")
     g.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="image-level sensitivity the val threshold must reach (default 0.95)")
+    g.add_argument("--training-metrics", default=None, metavar="METRICS_JSON",
+                   help="the run's detectron2 metrics.json: training curves on report.html")
     return ap
 
 
@@ -81,6 +88,7 @@ def main(argv=None) -> int:
             title=args.title,
             by=args.by,
             operating_point=op,
+            training_metrics=args.training_metrics,
         )
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
               f"test sensitivity {fmt(o['test']['sensitivity'])}, specificity {fmt(o['test']['specificity'])}")
     if m["warnings"]:
         print(f"{len(m['warnings'])} input problem(s), listed in {args.output}/report.md", file=sys.stderr)
-    print(f"wrote {args.output}/metrics.json and {args.output}/report.md")
+    print(f"wrote {args.output}/metrics.json, report.md and report.html (open it in a browser)")
     return 0
 
 

@@ -13,6 +13,10 @@ import argparse
 import os
 import sys
 
+from usdet.utils.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,6 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from usdet.engine import Trainer, TrainingDivergedError, check_datasets, evaluate_checkpoint, setup  # noqa: E402

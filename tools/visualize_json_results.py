@@ -21,6 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()  # before torch/detectron2 print their deprecations
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

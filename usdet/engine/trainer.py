@@ -369,7 +369,9 @@ def write_reports(cfg, weights: str = "") -> List[str]:
                            "the dataset has no json_file" if not gt else f"{preds} was not written")
             continue
         title = f"{weights or 'random weights'} on {name}"
-        evaluate_predictions(gt, preds, out, title=title, **_report_options(cfg))
+        events = os.path.join(os.path.dirname(weights), "metrics.json") if weights else ""  # report.html's curves
+        evaluate_predictions(gt, preds, out, title=title, training_metrics=events if os.path.isfile(events) else None,
+                             **_report_options(cfg))
         logger.info("Evaluation report for %s written to %s", name, out)
         written.append(out)
     return written

@@ -93,6 +93,9 @@ def evaluate_predictions(
     title: Optional[str] = None,
     by: Sequence[str] = (),
     operating_point: Optional[Dict[str, Any]] = None,
+    html: bool = True,
+    image_root: Optional[str] = None,
+    training_metrics: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Score ``predictions`` against ``gt_json``; write ``metrics.json``, ``report.md`` and PNG plots.
 
@@ -109,6 +112,9 @@ def evaluate_predictions(
         by: image attributes for subgroup tables (:mod:`.subgroups`), e.g. ``("device", "size")``.
         operating_point: a threshold chosen on val (:func:`.operating_point.choose_threshold`);
             the test calls at it are added.
+        html: also write ``report.html`` (:mod:`.html_report`); ``image_root`` (default: the
+            layout root above ``gt_json``) for its worst-case sheets, ``training_metrics``
+            (the run's detectron2 metrics.json) for its training curves.
 
     Returns:
         The dict written to ``metrics.json``.
@@ -305,6 +311,13 @@ def evaluate_predictions(
     metrics = OrderedDict([(k, metrics[k]) for k in order if k in metrics] + [(k, v) for k, v in metrics.items() if k not in order])
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(metrics, title=title))
+    if html:
+        from .html_report import write_html_report
+
+        if image_root is None and isinstance(gt_json, str):
+            image_root = os.path.dirname(os.path.dirname(os.path.abspath(gt_json)))  # OUT/annotations/x.json
+        write_html_report(output_dir, metrics, gt=gt, predictions=preds.to_coco(), image_root=image_root,
+                          training_metrics=training_metrics, title=title)
     logger.info(
         "Evaluation written to %s: AP50=%s piou=%s CPM=%s",
         output_dir,

@@ -319,6 +319,7 @@ def visualize_coco_results(
     worst_k: int = 16,
     progress: bool = True,
     source_names: Optional[Dict[str, str]] = None,
+    image_overlays: bool = True,
 ) -> dict:
     """Write one overlay per ground-truth image plus contact sheets and ``summary.json``.
 
@@ -331,6 +332,7 @@ def visualize_coco_results(
     ``source_names`` maps a pseudonymous ``source_file`` to its real path under ``source_root``
     (the hospital converter's ``--mapping``); the real path never reaches an output.
     Images that cannot be read are listed in the summary with the reason; the rest are drawn.
+    ``image_overlays=False`` writes only the sheets and the summary (report.html's worst cases).
     """
     from tqdm import tqdm
 
@@ -371,10 +373,12 @@ def visualize_coco_results(
             tqdm.write(f"skipped {im['file_name']}: {e}")
             continue
         title = f"{res.outcome}  IoU {res.best_iou:.2f}"
-        atomic_write_image(os.path.join(output_dir, name),
-                           draw_overlay(img, b.truth, b.truth_labels, b.preds, b.scores, b.pred_labels, title=title,
-                                        show_truth=True, ignore_boxes=b.ignore))
-        entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name, "outcome": res.outcome,
+        if image_overlays:
+            atomic_write_image(os.path.join(output_dir, name),
+                               draw_overlay(img, b.truth, b.truth_labels, b.preds, b.scores, b.pred_labels, title=title,
+                                            show_truth=True, ignore_boxes=b.ignore))
+        entry = {"image_id": im["id"], "file_name": im["file_name"], "overlay": name if image_overlays else None,
+                 "outcome": res.outcome,
                  "best_iou": round(res.best_iou, 4), "tp": res.tp, "fp": res.fp, "fn": res.fn,
                  "ignore_regions": len(b.ignore)}
         if original:
