@@ -115,8 +115,8 @@ def convert(data: str, shared: str, converter_repo: str, logs: str) -> Dict[str,
     for name in CONVERSIONS:
         with open(os.path.join(data, name, "report.json")) as fh:
             rep = json.load(fh)
-        out[name]["summary"] = {k: rep[k] for k in ("num_images", "num_boxes", "num_ignore", "splits")
-                                if k in rep}
+        out[name]["summary"] = {"counts": rep.get("counts"), "split": rep.get("split"),
+                                "skipped": len(rep.get("skipped") or [])}
     return out
 
 
@@ -164,14 +164,21 @@ def cross_eval(name: str, cfg: str, sources: List[str], datasets: List[str], dat
                out: str, bootstrap: int, logs: str) -> Dict[str, Any]:
     """``tools/cross_eval.py`` of the run's val-chosen ``model_best.pth`` (skipped when done)."""
     res_path = os.path.join(out, "cross_eval.json")
-    wall = None
+    wall_path = os.path.join(out, "cross_site_wall.json")
     if not os.path.isfile(res_path):
         _log(f"evaluating {name} on {', '.join(datasets)}")
         stats = ",".join(os.path.join(data, s, "pixel_stats.json") for s in sources)
         cmd = [PY, "tools/cross_eval.py", "--config-file", cfg, "--weights",
                f"{name}={os.path.join(run_dir, 'model_best.pth')}", "--datasets", *datasets,
                "--output", out, "--bootstrap", str(bootstrap), "INPUT.NORMALIZATION_FILE", stats]
+        loads0 = len(LOADS)
         wall = round(_run(cmd, os.path.join(logs, f"eval_{name}.log"), env=dict(os.environ, USDET_DATASETS=data)), 1)
+        from usdet.utils.io import atomic_write_json
+
+        atomic_write_json(wall_path, {"eval_wall_s": wall, "load_avg_1min_mean": round(
+            sum(LOADS[loads0:]) / max(1, len(LOADS) - loads0), 2)})
+    with open(wall_path) as fh:
+        wall = json.load(fh)
     with open(res_path) as fh:
         r = json.load(fh)
     rows = OrderedDict()
@@ -179,7 +186,7 @@ def cross_eval(name: str, cfg: str, sources: List[str], datasets: List[str], dat
         rows[row["dataset"]] = OrderedDict(num_images=row["num_images"], num_lesion_images=row["num_lesion_images"],
                                            metrics=row["metrics"],
                                            predictions=os.path.join(out, row["predictions"]))
-    return OrderedDict(eval_wall_s=wall, datasets=rows)
+    return OrderedDict(eval_wall_s=wall["eval_wall_s"], load_avg_1min_mean=wall["load_avg_1min_mean"], datasets=rows)
 
 
 def compare(a: Dict[str, Any], b: Dict[str, Any], data: str, out: str, bootstrap: int, logs: str) -> Dict[str, Any]:
@@ -254,9 +261,9 @@ def render(result: Dict[str, Any]) -> str:
                        ("mixed_minus_busi_only", "Mixed minus BUSI-only (unpaired point estimates) on")):
         for ds, d in result.get(key, {}).items():
             lines.append("")
-            lines.append(f"{title} {ds}: " + ", ".join(f"{m} {v:+.3f}" if v is not None and abs(v) < 1.5
-                                                       else f"{m} {v:+.1f}" if v is not None else f"{m} –"
-                                                       for m, v in d.items()))
+            lines.append(f"{title} {ds}: " + ", ".join(
+                f"{m} –" if v is None else f"{m} {v:+.1f}" if m in ("AP50", "AP") else f"{m} {v:+.3f}"
+                for m, v in d.items()))
     for ds, c in result.get("paired", {}).items():
         lines += ["", f"Paired bootstrap, mixed − BUSI-only on {ds} (same images):", "",
                   "| metric | BUSI-only | mixed | delta [95% CI] | p |", "|---|---|---|---|---|"]
@@ -266,10 +273,14 @@ def render(result: Dict[str, Any]) -> str:
                          f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_value']:.3g} |")
     lines += ["", "Runs:", ""]
     for name, t in result["training"].items():
-        lines.append(f"- {name}: `{t['config']}`, {t['iterations']} it, {t['seconds_per_iter']:.2f} s/it, "
+        spi = f"{t['seconds_per_iter']:.2f}" if t["seconds_per_iter"] else "?"
+        lines.append(f"- {name}: `{t['config']}`, {t['iterations']} it, {spi} s/it, "
                      f"training {t['train_wall_s'] / 60:.1f} min (incl. val evaluations), mean 1-min load "
                      f"{t['load_avg_1min_mean']}; checkpoint chosen on val: {t['chosen_on_val']}")
-    lines.append(f"- total wall time of this run: {result['wall_s'] / 60:.1f} min")
+    for name, e in result["evaluations"].items():
+        lines.append(f"- {name} test evaluations (`tools/cross_eval.py`): {e['eval_wall_s'] / 60:.1f} min")
+    lines.append(f"- wall time of the stages: {result['stages_wall_s'] / 60:.1f} min "
+                 f"(this invocation: {result['wall_s'] / 60:.1f} min)")
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +325,9 @@ def main() -> int:
     def save(status: str) -> None:
         result["status"] = status
         result["wall_s"] = round(time.time() - t0, 1)
+        result["stages_wall_s"] = round(sum(t["train_wall_s"] for t in result["training"].values())
+                                        + sum(e["eval_wall_s"] for e in result["evaluations"].values())
+                                        + sum(c.get("seconds", 0) for c in result["conversions"].values()), 1)
         result["load_avg_1min_mean_whole_run"] = round(sum(LOADS) / len(LOADS), 2) if LOADS else None
         differences(result)
         write_result("cross_site", result)
