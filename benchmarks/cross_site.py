@@ -81,7 +81,7 @@ def _run(cmd: List[str], log: str, cwd: str = REPO, env: Optional[Dict[str, str]
                 ev = summarize_run._events(os.path.join(progress, "metrics.json"))
                 its = [e["iteration"] + 1 for e in ev if "iteration" in e]
                 if its:
-                    bar.n = max(its)
+                    bar.n = min(max(its), total)
                     bar.refresh()
         if bar is not None:
             bar.close()
