@@ -242,6 +242,11 @@ def _ci(v: Dict[str, Any], digits: int) -> str:
     return s
 
 
+def _num(x: Optional[float], fmt: str) -> str:
+    """A number, or '–' where a metric is undefined (None)."""
+    return "–" if x is None else format(x, fmt)
+
+
 def render(result: Dict[str, Any]) -> str:
     """The markdown table of ``cross_site.json``."""
     b = result["budget"]
@@ -249,13 +254,16 @@ def render(result: Dict[str, Any]) -> str:
              f"Budget: **{b['max_iter']} of {b['full_max_iter']} iterations** per model"
              + (" (reduced)" if b["reduced"] else "") + f", {b['evaluations_on_val']} val evaluations; "
              + result["machine_note"], "",
-             "| model | test set | images | AP50 | AP | penalized IoU | CPM | image AUC |",
+             "| model | test set | images (lesion-free) | AP50 | AP | penalized IoU | CPM | image AUC |",
              "|---|---|---|---|---|---|---|---|"]
     for name, ev in result["evaluations"].items():
         for ds, row in ev["datasets"].items():
             m = row["metrics"]
-            lines.append(f"| {name} | {ds} | {row['num_images']} | " + " | ".join(
+            lines.append(f"| {name} | {ds} | {row['num_images']} ({row['num_images'] - row['num_lesion_images']}) | "
+                         + " | ".join(
                 _ci(m[k], 1 if k in ("AP50", "AP") else 3) for k in ("AP50", "AP", "penalized IoU", "CPM", "image AUC")) + " |")
+    lines += ["", "Image AUC needs lesion-free images: with fewer than 5 (BrEaST has 4 in all) it says "
+              "nothing, and the paired DeLong test is undefined (–)."]
     for key, title in (("drop_busi_only", "Drop of the BUSI-only model, BUSI test minus"),
                        ("drop_mixed", "Drop of the mixed model, BUSI test minus"),
                        ("mixed_minus_busi_only", "Mixed minus BUSI-only (unpaired point estimates) on")):
@@ -269,8 +277,9 @@ def render(result: Dict[str, Any]) -> str:
                   "| metric | BUSI-only | mixed | delta [95% CI] | p |", "|---|---|---|---|---|"]
         for m, v in c.items():
             d = v["delta"]
-            lines.append(f"| {m} | {v['values']['busi_only']:.4f} | {v['values']['mixed']:.4f} | "
-                         f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_value']:.3g} |")
+            lines.append(f"| {m} | {_num(v['values']['busi_only'], '.4f')} | {_num(v['values']['mixed'], '.4f')} | "
+                         f"{_num(d['estimate'], '+.4f')} [{_num(d['low'], '+.4f')}, {_num(d['high'], '+.4f')}] | "
+                         f"{_num(d['p_value'], '.3g')} |")
     lines += ["", "Runs:", ""]
     for name, t in result["training"].items():
         spi = f"{t['seconds_per_iter']:.2f}" if t["seconds_per_iter"] else "?"
