@@ -122,9 +122,11 @@ def _worst_cases(
 ) -> str:
     """HTML of the contact sheets of the worst false positives and misses (or why there are none)."""
     images = gt.get("images", [])
-    first = os.path.join(image_root, images[0]["file_name"]) if images else ""
-    if not images or not os.path.isfile(first):
-        why = "no images in the ground truth" if not images else f"images not found under {image_root}"
+    named = bool(images) and all("file_name" in im for im in images)
+    first = os.path.join(image_root, images[0]["file_name"]) if named else ""
+    if not named or not os.path.isfile(first):
+        why = ("no images in the ground truth" if not images else
+               "the ground truth names no image files" if not named else f"images not found under {image_root}")
         return f'<p class="note">Not drawn: {html.escape(why)}.</p>'
     from usdet.visualization.overlay import visualize_coco_results  # imports detectron2: only when drawing
 
