@@ -58,6 +58,11 @@ PAIRED_ON = ("busi_test", "breast_test")
 LOADS: List[float] = []  # 1-minute load averages sampled while training and evaluating
 
 
+def _rel(path: str) -> str:
+    """A path as recorded in the result: relative to the repository, so the JSON names no machine."""
+    return os.path.relpath(path, REPO)
+
+
 def _log(msg: str) -> None:
     print(f"[cross_site {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -152,7 +157,7 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
         best = json.load(fh)
     evals = [{k: v for k, v in e.items() if "AP50" in k or k in ("iteration",) or k.endswith("piou/score")}
              for e in events if any(k.endswith("bbox/AP50") for k in e)]
-    return OrderedDict(config=cfg, output_dir=run_dir, iterations=sched["MAX_ITER"],
+    return OrderedDict(config=cfg, output_dir=_rel(run_dir), iterations=sched["MAX_ITER"],
                        seconds_per_iter=summarize_run.seconds_per_iter(events),
                        train_wall_s=round(state["train_wall_s"], 1), attempts=state["attempts"],
                        load_avg_1min_mean=state.get("load_avg_1min_mean"),
@@ -185,7 +190,7 @@ def cross_eval(name: str, cfg: str, sources: List[str], datasets: List[str], dat
     for row in r["rows"]:
         rows[row["dataset"]] = OrderedDict(num_images=row["num_images"], num_lesion_images=row["num_lesion_images"],
                                            metrics=row["metrics"],
-                                           predictions=os.path.join(out, row["predictions"]))
+                                           predictions=_rel(os.path.join(out, row["predictions"])))
     return OrderedDict(eval_wall_s=wall["eval_wall_s"], load_avg_1min_mean=wall["load_avg_1min_mean"], datasets=rows)
 
 

@@ -77,10 +77,25 @@ def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh:
     Pairs are compared in ``block`` x ``block`` tiles of the upper triangle, converted to float32
     tile by tile, so the working memory beyond the fingerprints themselves stays constant
     however many images there are. Returns each image's component label (its smallest member).
+
+    The tiles are small products: BLAS runs them on one thread. With its default thread pool the
+    waiting threads spin, which cost 12x the CPU time (50x the wall time) of one thread on a
+    loaded 2-core machine (1875 images: 0.25 s on one thread; benchmarks/bench_convert.py).
     """
+    from threadpoolctl import threadpool_limits
+
     n = len(vecs)
     if n == 0:
         return np.zeros(0, np.int64)
+    with threadpool_limits(limits=1, user_api="blas"):
+        rows, cols = _close_pairs(vecs, hashes, corr_thresh, ham_thresh, block)
+    return components(n, zip(rows.tolist(), cols.tolist()))
+
+
+def _close_pairs(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float, ham_thresh: int,
+                 block: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, cols), row < col, of every pair closer than either threshold, tile by tile."""
+    n = len(vecs)
     rows, cols = [], []
     for i0 in range(0, n, block):
         vi = vecs[i0:i0 + block].astype(np.float32)
@@ -95,4 +110,4 @@ def near_duplicate_components(vecs: np.ndarray, hashes: np.ndarray, corr_thresh:
             keep = r + i0 < c + j0  # each pair once, no self-pairs
             rows.append(r[keep] + i0)
             cols.append(c[keep] + j0)
-    return components(n, zip(np.concatenate(rows).tolist(), np.concatenate(cols).tolist()))
+    return np.concatenate(rows), np.concatenate(cols)

@@ -48,6 +48,11 @@ def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, per_machi
             comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
     main_func(*args)
+    # Leave together and close the group: a process that exits while gloo's threads still run
+    # aborts ("terminate called without an active exception", SIGABRT), which reads as a failed
+    # run although the work was done. Not after an exception: the others may never arrive.
+    comm.synchronize()
+    dist.destroy_process_group()
 
 
 def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
