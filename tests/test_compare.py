@@ -126,3 +126,19 @@ def test_cli_writes_comparison_and_rejects_bad_input(tmp_path, capsys):
                     "--pred", f"B={tmp_path / 'missing.json'}", "--output", str(out)])
     assert rc == 2
     assert "missing.json: prediction file not found" in capsys.readouterr().err
+
+
+def test_cli_says_undefined_where_a_metric_is_undefined(tmp_path, capsys):
+    gt = synth_gt(20, seed=11, normal_frac=0.0)  # no lesion-free image: image AUC is undefined
+    assert all(any(a["image_id"] == im["id"] for a in gt["annotations"]) for im in gt["images"])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "a.json").write_text(json.dumps(synth_model(gt, 0.5, seed=1)))
+    (tmp_path / "b.json").write_text(json.dumps(synth_model(gt, 0.9, seed=2)))
+    rc = load_tool("compare_models").main(["--gt", str(tmp_path / "gt.json"), "--pred", f"A={tmp_path / 'a.json'}",
+                                           "--pred", f"B={tmp_path / 'b.json'}", "--bootstrap", "100",
+                                           "--output", str(tmp_path / "cmp"), "--no-plots"])
+    assert rc == 0
+    lines = {ln.split(":")[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert lines["image_auc"] == ("image_auc: A=undefined B=undefined delta=undefined [undefined, undefined] "
+                                  "p=undefined (DeLong)")
+    assert "undefined" not in lines["AP50"] and "nan" not in lines["AP50"]

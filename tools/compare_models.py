@@ -45,10 +45,16 @@ def main(argv=None) -> int:
     a, b = c["models"]
     for k, v in c["metrics"].items():
         d = v["delta"]
-        print(f"{k}: {a}={v['values'][a]:.4f} {b}={v['values'][b]:.4f} delta={d['estimate']:+.4f} "
-              f"[{d['low']:+.4f}, {d['high']:+.4f}] p={d['p_value']:.4g} ({d['method']})")
+        print(f"{k}: {a}={_num(v['values'][a], '.4f')} {b}={_num(v['values'][b], '.4f')} "
+              f"delta={_num(d['estimate'], '+.4f')} [{_num(d['low'], '+.4f')}, {_num(d['high'], '+.4f')}] "
+              f"p={_num(d['p_value'], '.4g')} ({d['method']})")
     print(f"wrote {args.output}/comparison.json and {args.output}/comparison.md")
     return 0
+
+
+def _num(x, fmt: str) -> str:
+    """A value, or 'undefined' (e.g. image AUC on a set without lesion-free images)."""
+    return "undefined" if x is None or x != x else format(x, fmt)
 
 
 if __name__ == "__main__":
