@@ -60,3 +60,30 @@ def test_write_coco_dataset_deterministic_and_validated(tmp_path):
     bad = {"train": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]}
     with pytest.raises(ValueError, match="unknown image 9"):
         write_coco_dataset(str(tmp_path / "c"), imgs, bad, cats)
+
+
+@pytest.mark.parametrize("values,dtype,binary", [
+    ([0, 255], np.uint8, True), ([0, 1], np.uint8, True), ([7], np.uint8, True), ([3, 4], np.uint8, True),
+    ([0, 65535], np.uint16, True), ([0, 1, 2], np.uint8, False), ([0, 128, 255], np.uint8, False),
+    ([0, 5, 65535], np.uint16, False), ([10, 11, 12], np.uint8, False),
+])
+def test_is_binary_mask_counts_grey_values(values, dtype, binary):
+    """The converter's strict-mask check: at most two grey values, whatever they are and at any depth."""
+    from usdet.data.decode import distinct_values, is_binary_mask
+
+    rng = np.random.default_rng(0)
+    mask = np.asarray(values, dtype)[rng.integers(0, len(values), (37, 41))]
+    mask.flat[: len(values)] = values  # every value present
+    assert is_binary_mask(mask) is binary
+    assert is_binary_mask(np.dstack([mask] * 3)) is binary  # a colour file read as colour
+    assert (distinct_values(mask) <= 2) is binary
+
+
+def test_annotation_json_is_compact_coco(tmp_path):
+    """Annotation files are compact one-line COCO JSON (json's C encoder); report.json stays readable."""
+    images = {"train": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}]}
+    anns = {"train": [{"image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 2.0, 2.0], "area": 4.0, "iscrowd": 0}]}
+    paths = write_coco_dataset(str(tmp_path), images, anns, [{"id": 1, "name": "lesion"}], report={"skipped": []})
+    text = open(paths["train"]).read()
+    assert text.count("\n") == 1 and json.loads(text)["annotations"][0]["id"] == 1
+    assert open(tmp_path / "report.json").read().count("\n") > 1

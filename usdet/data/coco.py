@@ -195,7 +195,7 @@ def write_coco_dataset(
                 doc["info"] = dict(info, split=split)
             doc.update({"images": images, "annotations": anns, "categories": categories})
             path = os.path.join(out_dir, "annotations", f"{split}.json")
-            atomic_write_json(path, doc)
+            atomic_write_json(path, doc, indent=None)  # compact, as COCO files are: json's C encoder, 5x faster
             written.append(path)
             paths[split] = path
         if pixel_stats is not None:

@@ -131,7 +131,15 @@ def distinct_values(gray: np.ndarray, limit: int = 3) -> int:
 
 
 def is_binary_mask(arr: np.ndarray) -> bool:
-    """True for a mask with at most two grey values (0/1, 0/255, 0/65535, 1-bit)."""
+    """True for a mask with at most two grey values (0/1, 0/255, 0/65535, 1-bit).
+
+    Two passes of OpenCV (its extremes, then any pixel strictly between them), cheaper than a
+    histogram on the converter's per-image path.
+    """
     gray = arr.max(axis=2) if arr.ndim == 3 else arr
-    return distinct_values(gray) <= 2
+    if gray.dtype not in (np.uint8, np.uint16) or gray.size == 0:
+        return distinct_values(gray) <= 2
+    gray = np.ascontiguousarray(gray)
+    lo, hi = (int(v) for v in cv2.minMaxLoc(gray)[:2])
+    return hi - lo <= 1 or cv2.countNonZero(cv2.inRange(gray, lo + 1, hi - 1)) == 0
 
