@@ -125,17 +125,49 @@ def convert(data: str, shared: str, converter_repo: str, logs: str) -> Dict[str,
     return out
 
 
+def _interrupted(t: Dict[str, Any]) -> str:
+    """What the training time leaves out: attempts killed before they could record their time."""
+    n = t.get("interrupted_attempts", 0)
+    if not n:
+        return ""
+    its = ", ".join(str(i) for i in t.get("resumed_from_iteration", []))
+    return (f" in its last attempt; {n} earlier attempt{'s' if n > 1 else ''} interrupted and not timed "
+            f"(resumed at iteration {its})")
+
+
+def _checkpoint_iteration(run_dir: str) -> Optional[int]:
+    """The iteration a ``--resume`` starts from: the one after ``last_checkpoint``'s (model_0000439 -> 440)."""
+    with open(os.path.join(run_dir, "last_checkpoint")) as fh:
+        name = fh.read().strip()
+    digits = "".join(c for c in os.path.splitext(name)[0] if c.isdigit())
+    return int(digits) + 1 if digits else None
+
+
 def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sched: Dict[str, int],
           logs: str) -> Dict[str, Any]:
-    """One resumable ``train_net.py`` run; its wall time adds up over interrupted attempts."""
+    """One resumable ``train_net.py`` run; its wall time adds up over the attempts that finished.
+
+    An attempt killed with this script (a stopped session) cannot record its time: the state file
+    marks each attempt as running before it starts, so a later run counts it as interrupted and
+    the result says which iterations were resumed from, instead of passing the last attempt's
+    time off as the whole training's.
+    """
+    from usdet.utils.io import atomic_write_json
+
     state_path = os.path.join(run_dir, "cross_site_wall.json")
-    state = {"train_wall_s": 0.0, "attempts": 0}
+    state: Dict[str, Any] = {"train_wall_s": 0.0, "attempts": 0}
     if os.path.isfile(state_path):
         with open(state_path) as fh:
             state = json.load(fh)
     if not os.path.isfile(os.path.join(run_dir, "model_final.pth")):
         os.makedirs(run_dir, exist_ok=True)
         resume = os.path.isfile(os.path.join(run_dir, "last_checkpoint"))
+        if resume:
+            state.setdefault("resumed_from_iteration", []).append(_checkpoint_iteration(run_dir))
+            if state.pop("running", False) or state["attempts"] == 0:  # killed before it could record itself
+                state["interrupted_attempts"] = state.get("interrupted_attempts", 0) + 1
+        state["running"] = True
+        atomic_write_json(state_path, state)
         _log(f"training {name} ({cfg}, {sched['MAX_ITER']} iterations){' resumed' if resume else ''} -> {run_dir}")
         stats = ",".join(os.path.join(data, s, "pixel_stats.json") for s in sources)
         cmd = [PY, "tools/train_net.py", "--config-file", cfg] + (["--resume"] if resume else []) + [
@@ -146,11 +178,10 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
         loads0 = len(LOADS)
         s = _run(cmd, os.path.join(logs, f"train_{name}.log"), env=dict(os.environ, USDET_DATASETS=data),
                  progress=run_dir, total=sched["MAX_ITER"])
-        state = {"train_wall_s": state["train_wall_s"] + s, "attempts": state["attempts"] + 1,
-                 "load_avg_1min_mean": round(sum(LOADS[loads0:]) / max(1, len(LOADS) - loads0), 2),
-                 "load_avg_1min_max": max(LOADS[loads0:], default=None)}
-        from usdet.utils.io import atomic_write_json
-
+        state.pop("running", None)
+        state.update(train_wall_s=state["train_wall_s"] + s, attempts=state["attempts"] + 1,
+                     load_avg_1min_mean=round(sum(LOADS[loads0:]) / max(1, len(LOADS) - loads0), 2),
+                     load_avg_1min_max=max(LOADS[loads0:], default=None))
         atomic_write_json(state_path, state)
     events = summarize_run._events(os.path.join(run_dir, "metrics.json"))
     with open(os.path.join(run_dir, "best_metric.json")) as fh:
@@ -160,6 +191,8 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
     return OrderedDict(config=cfg, output_dir=_rel(run_dir), iterations=sched["MAX_ITER"],
                        seconds_per_iter=summarize_run.seconds_per_iter(events),
                        train_wall_s=round(state["train_wall_s"], 1), attempts=state["attempts"],
+                       interrupted_attempts=state.get("interrupted_attempts", 0),
+                       resumed_from_iteration=state.get("resumed_from_iteration", []),
                        load_avg_1min_mean=state.get("load_avg_1min_mean"),
                        load_avg_1min_max=state.get("load_avg_1min_max"),
                        chosen_on_val=best, val_curve=evals)
@@ -289,8 +322,8 @@ def render(result: Dict[str, Any]) -> str:
     for name, t in result["training"].items():
         spi = f"{t['seconds_per_iter']:.2f}" if t["seconds_per_iter"] else "?"
         lines.append(f"- {name}: `{t['config']}`, {t['iterations']} it, {spi} s/it, "
-                     f"training {t['train_wall_s'] / 60:.1f} min (incl. val evaluations), mean 1-min load "
-                     f"{t['load_avg_1min_mean']}; checkpoint chosen on val: {t['chosen_on_val']}")
+                     f"training {t['train_wall_s'] / 60:.1f} min (incl. val evaluations){_interrupted(t)}, "
+                     f"mean 1-min load {t['load_avg_1min_mean']}; checkpoint chosen on val: {t['chosen_on_val']}")
     for name, e in result["evaluations"].items():
         lines.append(f"- {name} test evaluations (`tools/cross_eval.py`): {e['eval_wall_s'] / 60:.1f} min")
     lines.append(f"- wall time of the stages: {result['stages_wall_s'] / 60:.1f} min "
