@@ -40,7 +40,8 @@ from common import REPO, write_result  # noqa: E402
 PEER_VENV = os.path.join(REPO, "benchmarks", ".venv-peer")
 ULTRALYTICS = "ultralytics==8.4.190"
 #: Environment of every peer process: no network look-ups, no settings sync, no downloads.
-OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "True", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "True",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
 
 
 def peer_python(venv: str = PEER_VENV) -> str:
@@ -130,6 +131,9 @@ DRIVER = r'''
 import json, os, sys, time
 args = json.loads(sys.argv[1])
 from ultralytics import YOLO
+import ultralytics.utils.torch_utils as torch_utils
+if args["threads"]:  # Ultralytics trains on cpu_count - 1 threads (1 of 2 cores): give it what usdet gets
+    torch_utils.NUM_THREADS = args["threads"]
 t0 = time.time()
 model = YOLO("yolov8n.yaml")
 model.train(data=args["yaml"], time=args["hours"], epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"],
@@ -161,9 +165,10 @@ json.dump({"detections": out, "train_seconds": train_s, "epochs": epochs, "weigh
 
 
 def run_peer(py: str, info: Dict[str, Any], workdir: str, budget_min: float, device: str, imgsz: int, batch: int,
-             workers: int, seed: int, log: str) -> Dict[str, Any]:
+             workers: int, seed: int, log: str, threads: int = 0) -> Dict[str, Any]:
     args = {"yaml": info["yaml"], "hours": budget_min / 60.0, "epochs": 10_000, "imgsz": imgsz, "batch": batch,
-            "device": device, "workers": workers, "project": os.path.join(workdir, "runs"), "seed": seed,
+            "device": device, "workers": workers, "threads": threads, "project": os.path.join(workdir, "runs"),
+            "seed": seed,
             "test_dir": os.path.join(os.path.dirname(info["yaml"]), "images", "test"),
             "result": os.path.join(workdir, "peer_result.json")}
     env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(workdir, "yolo_config"))
@@ -205,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--imgsz", type=int, default=640, help="training/prediction image size (default 640)")
     ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     ap.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch CPU threads for the peer (default: all cores, as usdet's training gets; "
+                         "Ultralytics alone would use cpu_count - 1, one core of two)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=0,
                     help="keep the first N images of each split (smoke runs; default 0 = all)")
@@ -231,7 +239,7 @@ def main(argv=None) -> int:
             shutil.copyfile(info["splits"]["test"]["gt"], kept)
             info["splits"]["test"]["gt"] = kept
         res = run_peer(py, info, tmp, args.budget_min, args.device, args.imgsz, args.batch, args.workers, args.seed,
-                       os.path.join(args.output, "peer_log.txt"))
+                       os.path.join(args.output, "peer_log.txt"), threads=args.threads)
     preds = to_coco_results(res, info)
     pred_path = os.path.join(args.output, "coco_instances_results.json")
     atomic_write_json(pred_path, preds)
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
         dataset_root=os.path.relpath(os.path.abspath(args.dataset_root), REPO),
         split_images={k: v["images"] for k, v in info["splits"].items()},
         max_images_per_split=args.max_images or None,
-        budget_min=args.budget_min, device=args.device, imgsz=args.imgsz, batch=args.batch,
+        budget_min=args.budget_min, device=args.device, imgsz=args.imgsz, batch=args.batch, threads=args.threads,
         train_wall_s=round(res["train_seconds"], 1), epochs=res["epochs"], peer_setup_s=round(setup_s, 1),
         test={"AP": m["bbox"].get("AP"), "AP50": m["bbox"].get("AP50"), "AP75": m["bbox"].get("AP75"),
               "piou": m["piou"]["score"], "cpm": m["froc"]["cpm"], "image_auc": m["image_level"]["auc"],
