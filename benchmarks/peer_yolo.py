@@ -14,6 +14,8 @@
 3. ``yolov8n.yaml`` (architecture only: no downloaded weights, ``pretrained=False``) trains for
    ``--budget-min`` minutes of wall clock (Ultralytics' ``time`` argument), CPU unless
    ``--device``; plots are off (they download a font) and ``YOLO_OFFLINE`` is set, AMP off.
+   On CPU it gets ``--threads`` torch threads (default: all cores, as usdet's training gets;
+   Ultralytics alone would use ``cpu_count - 1``, one core of two on a 2-core machine).
 4. Its last/best weights predict the test split (conf 0.001, up to 100 boxes), written as COCO
    results, scored by usdet's own evaluator (``tools/evaluate_json.py``'s code) and, with
    ``--usdet-pred``, compared with usdet's predictions by ``compare_models``.
