@@ -280,13 +280,13 @@ def _ci(v: Dict[str, Any], digits: int) -> str:
     return s
 
 
-def _num(x: Optional[float], fmt: str) -> str:
-    """A number, or '–' where a metric is undefined (None)."""
-    return "–" if x is None else format(x, fmt)
-
-
 def render(result: Dict[str, Any]) -> str:
     """The markdown table of ``cross_site.json``."""
+    from usdet.evaluation.report import fmt_number
+
+    def _num(x: Optional[float], spec: str) -> str:
+        return fmt_number(x, spec, undefined="–")
+
     b = result["budget"]
     lines = [f"# Cross-site drop: BUSI-only vs BUSI + BrEaST training ({result['status']})", "",
              f"Budget: **{b['max_iter']} of {b['full_max_iter']} iterations** per model"

@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from usdet.evaluation.report import fmt_number
+
+    def _num(x, spec: str) -> str:
+        return fmt_number(x, spec, undefined="undefined")
+
     a, b = c["models"]
     for k, v in c["metrics"].items():
         d = v["delta"]
@@ -50,11 +55,6 @@ def main(argv=None) -> int:
               f"p={_num(d['p_value'], '.4g')} ({d['method']})")
     print(f"wrote {args.output}/comparison.json and {args.output}/comparison.md")
     return 0
-
-
-def _num(x, fmt: str) -> str:
-    """A value, or 'undefined' (e.g. image AUC on a set without lesion-free images)."""
-    return "undefined" if x is None or x != x else format(x, fmt)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,12 @@ def flatten_instances_predictions(preds: Sequence[Any]) -> List[Dict[str, Any]]:
     return list(preds)
 
 
+def fmt_number(v: Optional[float], spec: str, undefined: str = "n/a") -> str:
+    """``v`` formatted by ``spec`` (e.g. ``"+.4f"``), or ``undefined`` where it is None or NaN
+    (image AUC without lesion-free images, a DeLong test of 0/0)."""
+    return undefined if v is None or v != v else format(v, spec)
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
