@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from usdet.data.coco import compute_pixel_stats, mask_to_annotation, mask_to_box, write_coco_dataset
+from usdet.data.coco import compute_pixel_stats, encode_rle, mask_to_annotation, mask_to_box, write_coco_dataset
 
 
 def test_mask_to_box_first_last_inclusive():
@@ -30,6 +30,36 @@ def test_mask_to_annotation_rle_roundtrip():
     assert np.array_equal(decoded.astype(bool), m)
     assert ann["bbox"] == mask_to_box(m)
     assert mask_to_annotation(np.zeros((3, 3))) is None
+
+
+def _edge_masks():
+    """Masks at every edge case of the column-band RLE: touching each border, one pixel, full, empty, blobs."""
+    rng = np.random.default_rng(3)
+    shapes = [np.zeros((6, 9), bool) for _ in range(9)]
+    shapes[0][2, 4] = True  # one pixel
+    shapes[1][:, 0] = True  # the first column, whole
+    shapes[2][0, -1] = True  # the last column's first pixel
+    shapes[3][:] = True  # everything
+    shapes[4][-1, :] = True  # the last row, every column
+    shapes[5][0, 0] = shapes[5][-1, -1] = True  # two corners: the band is the whole width
+    shapes[6][1:4, 2:5] = rng.random((3, 3)) > 0.4
+    shapes[7][5, 8] = True  # the very last pixel alone
+    # shapes[8] stays empty
+    blobs = (rng.random((37, 53)) > 0.7) & (rng.random((37, 53)) > 0.5)
+    return shapes + [blobs, np.asfortranarray(blobs), blobs[::2, 1::3], (blobs * 200).astype(np.uint8)]
+
+
+def test_encode_rle_equals_pycocotools_whole_frame_encoding():
+    """The column-band RLE gives pycocotools.mask.encode's bytes (what the feature replaces) on every edge case."""
+    for m in _edge_masks():
+        ref = mask_util.encode(np.asfortranarray((np.asarray(m) > 0).astype(np.uint8)))
+        got = encode_rle(m)
+        assert got == {"size": [int(s) for s in ref["size"]], "counts": ref["counts"].decode("ascii")}, m
+        back = mask_util.decode({"size": got["size"], "counts": got["counts"].encode()})
+        assert np.array_equal(back.astype(bool), np.asarray(m) > 0)
+        box = mask_to_box(m)
+        if box is not None:  # the caller's box gives the same result
+            assert encode_rle(m, box) == got
 
 
 def test_pixel_stats_match_numpy():
@@ -77,6 +107,22 @@ def test_is_binary_mask_counts_grey_values(values, dtype, binary):
     assert is_binary_mask(mask) is binary
     assert is_binary_mask(np.dstack([mask] * 3)) is binary  # a colour file read as colour
     assert (distinct_values(mask) <= 2) is binary
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_mask_bool_thresholds_at_half_the_mask_maximum(dtype):
+    """Any encoding (0/1, 0/255, odd maxima, 16-bit, colour) is cut at half its own maximum, as in float."""
+    from usdet.data.decode import mask_bool
+
+    rng = np.random.default_rng(4)
+    top_values = [1, 2, 3, 127, 128, 254, 255] + ([256, 1001, 65535] if dtype == np.uint16 else [])
+    for top in top_values:
+        mask = rng.integers(0, top + 1, (23, 29)).astype(dtype)
+        mask.flat[0] = top
+        want = mask.astype(np.float64) > (0 if top <= 1 else top / 2)
+        assert np.array_equal(mask_bool(mask), want), top
+        assert np.array_equal(mask_bool(np.dstack([mask] * 3)), want), top
+    assert not mask_bool(np.zeros((4, 5), dtype)).any()
 
 
 def test_annotation_json_is_compact_coco(tmp_path):

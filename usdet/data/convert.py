@@ -114,6 +114,26 @@ def _output_names(images: List[SourceImage], ext: str) -> List[str]:
     return names
 
 
+def _pixel_identical(sources: List[SourceImage], kept: List[int], results) -> Dict[str, List[int]]:
+    """Kept images by the hash of their decoded pixels, hashed only where it can matter.
+
+    Pixel-identical images have identical sizes and fingerprints (both are functions of the
+    pixels), so only images whose size and fingerprint tie with another's are decoded again and
+    hashed here: almost none, instead of hashing every image in the workers (a tenth of the
+    converter's work beyond decode + write, benchmarks/bench_convert.py).
+    """
+    ties: Dict[Any, List[int]] = defaultdict(list)
+    for i in kept:
+        r = results[i]
+        ties[(r["source_size"], r["vec"].tobytes(), r["dhash"])].append(i)
+    by_sha: Dict[str, List[int]] = defaultdict(list)
+    for members in ties.values():
+        if len(members) > 1:
+            for i in members:
+                by_sha[convert_image.pixel_identity(sources[i])].append(i)
+    return by_sha
+
+
 def _groups(scan: SourceScan, kept: List[int], results, opt: ConvertOptions):
     """Group of every kept image: declared groups (patients) joined with near-duplicate components."""
     vecs = np.zeros((len(kept), 4096), np.float16)
@@ -209,9 +229,7 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     labels = {i: results[i]["label"] for i in kept}
 
     # exact duplicates (pixel-identical): conflicting labels -> drop all copies; same label -> one group
-    by_sha: Dict[str, List[int]] = defaultdict(list)
-    for i in kept:
-        by_sha[results[i]["pixel_sha"]].append(i)
+    by_sha = _pixel_identical(sources, kept, results)
     exact_dups = []
     excluded: set = set()
     for members in sorted(by_sha.values(), key=lambda m: m[0]):

@@ -93,6 +93,9 @@ def crop_box_for(bgr: np.ndarray, crop: str) -> Tuple[List[int], Optional[str]]:
     return [x0, y0, x1, y1], None
 
 
+_MADE_FOLDERS: set = set()
+
+
 def write_output_image(path: str, data: bytes) -> None:
     """Write an encoded image via a temp file + rename (a killed run never leaves a partial file).
 
@@ -108,7 +111,9 @@ def write_output_image(path: str, data: bytes) -> None:
     except OSError:
         pass
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
+    if folder not in _MADE_FOLDERS:  # one makedirs per folder and process, not per image
+        os.makedirs(folder, exist_ok=True)
+        _MADE_FOLDERS.add(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -133,6 +138,7 @@ def init_worker(out_dir: str, options: Any) -> None:
     except AttributeError:
         pass
     _WORKER.update(out_dir=out_dir, options=options)
+    _MADE_FOLDERS.clear()  # a new run: its output folders may have been removed since
 
 
 def _color_regions(mf: MaskFile, bgr: np.ndarray, notes: List[Tuple[str, str]]) -> List[Tuple[str, np.ndarray]]:
@@ -202,6 +208,33 @@ def _resize(out: np.ndarray, regions: list, max_size: int):
     return out, regions, scale
 
 
+def source_pixels(src: SourceImage, notes: List[Tuple[str, str]]) -> np.ndarray:
+    """The image's decoded pixels as the converter sees them: BGR, or one channel when R=G=B.
+
+    Raises SkipFile; appends what the decoder and the size check found to ``notes``.
+    """
+    img, inotes = decode_file(src.path, src.file, is_mask=False)
+    notes += [(src.file, n) for n in inotes]
+    h, w = img.shape[:2]
+    if src.expected_size and tuple(src.expected_size) != (w, h):
+        notes.append((src.file, f"{src.size_source} says {src.expected_size[0]}x{src.expected_size[1]}, "
+                                f"the image is {w}x{h} (the image is used)"))
+    if img.ndim == 3:
+        b, g, r = cv2.split(img)
+        if not cv2.countNonZero(cv2.absdiff(b, g)) and not cv2.countNonZero(cv2.absdiff(b, r)):
+            img = b  # R=G=B: one channel is the whole image (smaller, faster file)
+    return img
+
+
+def pixel_identity(src: SourceImage) -> str:
+    """Hash of the image's decoded pixels and size (equal for pixel-identical files), or a unique
+    placeholder when the file can no longer be decoded (it changed during the run)."""
+    try:
+        return pixel_sha(source_pixels(src, []))
+    except SkipFile as e:
+        return f"unreadable:{src.file}:{e.reason}"
+
+
 def process_image(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
     """Decode, check, crop, resize, write one image; return its entry, annotations and fingerprints."""
     index, src, file_name = job
@@ -209,16 +242,8 @@ def process_image(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
     notes: List[Tuple[str, str]] = []
     result: Dict[str, Any] = {"index": index, "notes": notes}
     try:
-        img, inotes = decode_file(src.path, src.file, is_mask=False)
-        notes += [(src.file, n) for n in inotes]
+        img = source_pixels(src, notes)
         h, w = img.shape[:2]
-        if src.expected_size and tuple(src.expected_size) != (w, h):
-            notes.append((src.file, f"{src.size_source} says {src.expected_size[0]}x{src.expected_size[1]}, "
-                                    f"the image is {w}x{h} (the image is used)"))
-        if img.ndim == 3:
-            b, g, r = cv2.split(img)
-            if not cv2.countNonZero(cv2.absdiff(b, g)) and not cv2.countNonZero(cv2.absdiff(b, r)):
-                img = b  # R=G=B: one channel is the whole image (smaller, faster file)
         lesion_expected = src.label is not None and src.label != NORMAL
         if lesion_expected and not any(m.role == "lesion" for m in src.masks):
             raise SkipFile(src.file, f"mask missing (expected {src.mask_hint or 'a lesion mask'})")
@@ -236,8 +261,9 @@ def process_image(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
             label = NORMAL if not cats else ("malignant" if "malignant" in cats else sorted(cats)[0])
 
         # duplicate fingerprints from the source pixels, so groups and splits do not depend on
-        # --crop, --max-size or --image-format (a compact copy keeps the full copy's splits)
-        result["pixel_sha"] = pixel_sha(img)
+        # --crop, --max-size or --image-format (a compact copy keeps the full copy's splits); the
+        # pixel hash of exact duplicates is taken later, only for images whose fingerprints tie
+        result["source_size"] = (w, h)
         result["vec"], result["dhash"] = fingerprint(img)
 
         crop_box, refusal = crop_box_for(img, opt.crop)

@@ -119,6 +119,8 @@ def mask_bool(arr: np.ndarray) -> np.ndarray:
     top = float(cv2.minMaxLoc(gray)[1]) if gray.size else 0.0
     if top == 0:
         return np.zeros(gray.shape, bool)
+    if np.issubdtype(gray.dtype, np.integer):  # g > top/2 <=> g > top//2 for integers, compared
+        return gray > gray.dtype.type(int(top) // 2)  # in the mask's own type, not as float64
     return gray > (0 if top <= 1 else top / 2)
 
 
