@@ -98,10 +98,10 @@ def _close_pairs(vecs: np.ndarray, hashes: np.ndarray, corr_thresh: float, ham_t
     n = len(vecs)
     rows, cols = [], []
     for i0 in range(0, n, block):
-        vi = vecs[i0:i0 + block].astype(np.float32)
+        vi = vecs[i0:i0 + block].astype(np.float32, copy=False)  # float32 fingerprints: a view
         bi = np.unpackbits(hashes[i0:i0 + block], axis=1).astype(np.float32)
         for j0 in range(i0, n, block):
-            vj = vi if j0 == i0 else vecs[j0:j0 + block].astype(np.float32)
+            vj = vi if j0 == i0 else vecs[j0:j0 + block].astype(np.float32, copy=False)
             bj = bi if j0 == i0 else np.unpackbits(hashes[j0:j0 + block], axis=1).astype(np.float32)
             corr = vi @ vj.T
             # Hamming distance of 0/1 vectors: popcount(a) + popcount(b) - 2 a.b
