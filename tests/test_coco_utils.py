@@ -125,6 +125,26 @@ def test_mask_bool_thresholds_at_half_the_mask_maximum(dtype):
     assert not mask_bool(np.zeros((4, 5), dtype)).any()
 
 
+def test_image_moments_are_exact_integers():
+    """Sums and sums of squares equal numpy's int64 ones, on the fast path and on the counting one."""
+    from usdet.data.coco import image_moments
+
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in
+              [(1, 1), (7, 3), (391, 637), (391, 637, 3), (2000, 3000), (1200, 1300, 3)]]
+    images += [np.full((999, 1001), 255, np.uint8), np.zeros((5, 5, 3), np.uint8),
+               np.clip(rng.normal(200, 1, (3000, 3000)), 0, 255).astype(np.uint8),  # near-constant
+               rng.integers(250, 256, (4097, 4097), dtype=np.uint8)]  # over 2**24 pixels: counted
+    for img in images:
+        flat = img.reshape(img.shape[0] * img.shape[1], -1).astype(np.int64)
+        n, sums, sumsqs = image_moments(img)
+        want_s, want_ss = flat.sum(axis=0).tolist(), (flat * flat).sum(axis=0).tolist()
+        if len(want_s) == 1:
+            want_s, want_ss = want_s * 3, want_ss * 3
+        assert (n, sums, sumsqs) == (flat.shape[0], want_s, want_ss), img.shape
+        assert all(isinstance(v, int) for v in sums + sumsqs)
+
+
 def test_annotation_json_is_compact_coco(tmp_path):
     """Annotation files are compact one-line COCO JSON (json's C encoder); report.json stays readable."""
     images = {"train": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}]}

@@ -132,14 +132,14 @@ class PixelStats:
         return {"mean": mean, "std": std, "split": split, "num_images": self.num_images}
 
 
-_LEVELS = np.arange(256, dtype=np.int64)
-_LEVELS_SQUARED = _LEVELS * _LEVELS
-
-
 def image_moments(rgb: np.ndarray) -> tuple:
     """(num_pixels, per-channel sum, per-channel sum of squares) of a uint8 image, as exact integers.
 
     Integer sums make the statistics identical whatever order or process the images come from.
+    Below 2**24 pixels OpenCV's one-pass ``meanStdDev`` (a tenth of a histogram's cost) gives
+    them: its double mean and deviation carry errors below 1e-3 of a unit once multiplied back
+    by the pixel count, so rounding recovers the integers exactly (tested against numpy);
+    larger images count every value (``np.bincount``).
     """
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8:
@@ -148,16 +148,16 @@ def image_moments(rgb: np.ndarray) -> tuple:
         arr = arr[..., None]
     arr = np.ascontiguousarray(arr)
     flat = arr.reshape(-1, arr.shape[2])
-    values, squares = _LEVELS, _LEVELS_SQUARED
-    sums, sumsqs = [], []
-    exact_float_hist = flat.shape[0] < 2 ** 24  # float32 bin counts are exact below this
-    for c in range(flat.shape[1]):
-        if exact_float_hist:  # OpenCV's histogram is several times faster than bincount
-            hist = cv2.calcHist([arr], [c], None, [256], [0, 256]).ravel().astype(np.int64)
-        else:
-            hist = np.bincount(flat[:, c], minlength=256).astype(np.int64)
-        sums.append(int(hist @ values))
-        sumsqs.append(int(hist @ squares))
+    n = flat.shape[0]
+    if 0 < n < 2 ** 24 and flat.shape[1] <= 4:
+        mean, dev = (v.ravel().tolist() for v in cv2.meanStdDev(arr))
+        sums = [round(m * n) for m in mean]
+        sumsqs = [round((d * d + m * m) * n) for m, d in zip(mean, dev)]
+    else:
+        levels = np.arange(256, dtype=np.int64)
+        hists = [np.bincount(flat[:, c], minlength=256).astype(np.int64) for c in range(flat.shape[1])]
+        sums = [int(h @ levels) for h in hists]
+        sumsqs = [int(h @ (levels * levels)) for h in hists]
     if len(sums) == 1:  # grayscale counts as R=G=B
         sums, sumsqs = sums * 3, sumsqs * 3
     return flat.shape[0], sums[:3], sumsqs[:3]
