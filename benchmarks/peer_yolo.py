@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The peer, run by the project: Ultralytics YOLOv8n from scratch on usdet's own BUSI split.
 
-  python benchmarks/peer_yolo.py --dataset-root datasets/busi --budget-min 65 \
+  python benchmarks/peer_yolo.py --dataset-root datasets/busi --budget-min 69 --imgsz 416 --batch 16 \
       [--usdet-pred output/busi_recipe_cpu/test/inference/busi_test/coco_instances_results.json]
 
 1. Ultralytics lives in its own virtual environment, ``benchmarks/.venv-peer`` (git-ignored),
@@ -16,7 +16,8 @@
    ``--device``; plots are off (they download a font) and ``YOLO_OFFLINE`` is set, AMP off.
    On CPU it gets ``--threads`` torch threads (default: all cores, as usdet's training gets;
    Ultralytics alone would use ``cpu_count - 1``, one core of two on a 2-core machine).
-4. Its last/best weights predict the test split (conf 0.001, up to 100 boxes), written as COCO
+4. Its last/best weights predict the test split one image at a time (``--conf`` 0.001, up to
+   ``--max-det`` 100 boxes), written as COCO
    results, scored by usdet's own evaluator (``tools/evaluate_json.py``'s code) and, with
    ``--usdet-pred``, compared with usdet's predictions by ``compare_models``.
 
@@ -128,7 +129,8 @@ def coco_to_yolo(dataset_root: str, out: str, splits=("train", "val", "test"), m
     return info
 
 
-#: Runs inside the peer venv: train from the architecture yaml, then predict the test images.
+#: Runs inside the peer venv: train from the architecture yaml, then predict each split one image
+#: at a time (batch 1, timed: the inference throughput) with the stated test-time caps.
 DRIVER = r'''
 import json, os, sys, time
 args = json.loads(sys.argv[1])
@@ -136,6 +138,9 @@ from ultralytics import YOLO
 import ultralytics.utils.torch_utils as torch_utils
 if args["threads"]:  # Ultralytics trains on cpu_count - 1 threads (1 of 2 cores): give it what usdet gets
     torch_utils.NUM_THREADS = args["threads"]
+if args.get("select") == "AP":  # best.pt by val mAP50-95 alone (Ultralytics: 0.9 mAP50-95 + 0.1 mAP50)
+    import ultralytics.utils.metrics as um
+    um.Metric.fitness = lambda self: float(self.mean_results()[3])
 t0 = time.time()
 model = YOLO("yolov8n.yaml")
 model.train(data=args["yaml"], time=args["hours"], epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"],
@@ -146,32 +151,44 @@ train_s = time.time() - t0
 wdir = os.path.join(args["project"], "train", "weights")
 weights = os.path.join(wdir, "best.pt") if os.path.isfile(os.path.join(wdir, "best.pt")) else os.path.join(wdir, "last.pt")
 model = YOLO(weights)
-out = []
-test_dir = args["test_dir"]
-files = sorted(os.listdir(test_dir))
-for i in range(0, len(files), 16):
-    batch = [os.path.join(test_dir, f) for f in files[i:i + 16]]
-    for f, r in zip(files[i:i + 16], model.predict(batch, conf=0.001, max_det=100, imgsz=args["imgsz"],
-                                                   device=args["device"], verbose=False)):
+detections, infer = {}, {}
+for split, folder in args["predict"].items():
+    files = sorted(os.listdir(folder))
+    out = []
+    model.predict(os.path.join(folder, files[0]), conf=args["conf"], max_det=args["max_det"], imgsz=args["imgsz"],
+                  device=args["device"], verbose=False)  # warm-up
+    t1 = time.time()
+    for f in files:
+        r = model.predict(os.path.join(folder, f), conf=args["conf"], max_det=args["max_det"], imgsz=args["imgsz"],
+                          device=args["device"], verbose=False)[0]
         b = r.boxes
         for xyxy, s, c in zip(b.xyxy.tolist(), b.conf.tolist(), b.cls.tolist()):
             out.append({"file": f, "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
                         "score": s, "cls": int(c)})
+    infer[split] = len(files) / max(time.time() - t1, 1e-9)
+    detections[split] = out
 epochs = None
 res = os.path.join(args["project"], "train", "results.csv")
 if os.path.isfile(res):
     epochs = max(0, sum(1 for _ in open(res)) - 1)
-json.dump({"detections": out, "train_seconds": train_s, "epochs": epochs, "weights": weights},
-          open(args["result"], "w"))
+json.dump({"detections": detections, "infer_images_per_s": infer, "train_seconds": train_s, "epochs": epochs,
+           "weights": weights}, open(args["result"], "w"))
 '''
 
 
 def run_peer(py: str, info: Dict[str, Any], workdir: str, budget_min: float, device: str, imgsz: int, batch: int,
-             workers: int, seed: int, log: str, threads: int = 0) -> Dict[str, Any]:
+             workers: int, seed: int, log: str, threads: int = 0, conf: float = 0.001, max_det: int = 100,
+             select: str = "fitness", predict_splits=("test",)) -> Dict[str, Any]:
+    """Train the peer for ``budget_min`` minutes and predict ``predict_splits`` (``conf``/``max_det`` caps).
+
+    ``select`` "AP": best.pt by val mAP50-95 (usdet's BEST_CHECKPOINT.METRIC bbox/AP); "fitness":
+    Ultralytics' own 0.9 mAP50-95 + 0.1 mAP50.
+    """
+    root = os.path.dirname(info["yaml"])
     args = {"yaml": info["yaml"], "hours": budget_min / 60.0, "epochs": 10_000, "imgsz": imgsz, "batch": batch,
             "device": device, "workers": workers, "threads": threads, "project": os.path.join(workdir, "runs"),
-            "seed": seed,
-            "test_dir": os.path.join(os.path.dirname(info["yaml"]), "images", "test"),
+            "seed": seed, "conf": conf, "max_det": max_det, "select": select,
+            "predict": {s: os.path.join(root, "images", s) for s in predict_splits},
             "result": os.path.join(workdir, "peer_result.json")}
     env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(workdir, "yolo_config"))
     env.pop("PYTHONPATH", None)
@@ -197,19 +214,25 @@ def run_peer(py: str, info: Dict[str, Any], workdir: str, budget_min: float, dev
     return res
 
 
-def to_coco_results(res: Dict[str, Any], info: Dict[str, Any]) -> List[Dict[str, Any]]:
-    files = info["splits"]["test"]["files"]
+def to_coco_results(res: Dict[str, Any], info: Dict[str, Any], split: str = "test") -> List[Dict[str, Any]]:
+    files = info["splits"][split]["files"]
     return [{"image_id": files[d["file"]], "category_id": info["category_ids"][d["cls"]], "bbox": d["bbox"],
-             "score": d["score"]} for d in res["detections"]]
+             "score": d["score"]} for d in res["detections"][split]]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset-root", default=os.path.join(REPO, "datasets", "busi"),
                     help="usdet's converted dataset (annotations/{train,val,test}.json), default datasets/busi")
-    ap.add_argument("--budget-min", type=float, default=65.0, help="training wall-clock budget in minutes (default 65)")
+    ap.add_argument("--budget-min", type=float, default=69.0,
+                    help="training wall-clock budget in minutes, its per-epoch val included (default 69)")
     ap.add_argument("--device", default="cpu", help="Ultralytics device (default cpu)")
-    ap.add_argument("--imgsz", type=int, default=640, help="training/prediction image size (default 640)")
+    ap.add_argument("--imgsz", type=int, default=416,
+                    help="training/prediction image size (default 416: usdet's input, short edge <= 320, long <= 512)")
+    ap.add_argument("--conf", type=float, default=0.001, help="test-time score threshold (default 0.001)")
+    ap.add_argument("--max-det", type=int, default=100, help="test-time boxes per image (default 100)")
+    ap.add_argument("--select", choices=("fitness", "AP"), default="fitness",
+                    help="best.pt by Ultralytics' fitness (default) or by val mAP50-95 alone (AP)")
     ap.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     ap.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -241,7 +264,8 @@ def main(argv=None) -> int:
             shutil.copyfile(info["splits"]["test"]["gt"], kept)
             info["splits"]["test"]["gt"] = kept
         res = run_peer(py, info, tmp, args.budget_min, args.device, args.imgsz, args.batch, args.workers, args.seed,
-                       os.path.join(args.output, "peer_log.txt"), threads=args.threads)
+                       os.path.join(args.output, "peer_log.txt"), threads=args.threads, conf=args.conf,
+                       max_det=args.max_det, select=args.select)
     preds = to_coco_results(res, info)
     pred_path = os.path.join(args.output, "coco_instances_results.json")
     atomic_write_json(pred_path, preds)
@@ -255,6 +279,8 @@ def main(argv=None) -> int:
         split_images={k: v["images"] for k, v in info["splits"].items()},
         max_images_per_split=args.max_images or None,
         budget_min=args.budget_min, device=args.device, imgsz=args.imgsz, batch=args.batch, threads=args.threads,
+        conf=args.conf, max_det=args.max_det, select=args.select,
+        infer_images_per_s_batch1=round(res["infer_images_per_s"]["test"], 2),
         train_wall_s=round(res["train_seconds"], 1), epochs=res["epochs"], peer_setup_s=round(setup_s, 1),
         test={"AP": m["bbox"].get("AP"), "AP50": m["bbox"].get("AP50"), "AP75": m["bbox"].get("AP75"),
               "piou": m["piou"]["score"], "cpm": m["froc"]["cpm"], "image_auc": m["image_level"]["auc"],

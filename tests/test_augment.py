@@ -140,3 +140,118 @@ def test_mapper_unreadable_image_names_the_file(tmp_path):
     d = {"file_name": str(bad), "height": 10, "width": 10, "image_id": 1, "annotations": []}
     with pytest.raises(ImageReadError, match="frame.png: zero-byte file"):
         UsdetDatasetMapper(_cfg(), is_train=True)(d)
+
+
+# ---- multi-image augmentations (issue 21): mosaic and lesion copy-paste -----------------------
+
+def _marked(h, w, boxes, value):
+    """A black image whose box interiors are filled with ``value``: box content is then traceable."""
+    img = np.zeros((h, w, 3), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        img[int(y0):int(y1), int(x0):int(x1)] = value
+    return img
+
+
+def test_mosaic_keeps_every_box_and_ignore_region_exact():
+    from usdet.data.augment import mosaic_2x2
+
+    rng = np.random.default_rng(1)
+    for seed in range(20):
+        np.random.seed(seed)
+        samples, expected_values = [], []
+        for k in range(4):
+            h, w = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+            x0, y0 = float(rng.integers(0, w // 2)), float(rng.integers(0, h // 2))
+            box = [x0, y0, x0 + w // 3, y0 + h // 3]
+            annos = [{"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": k % 2, "iscrowd": int(k == 3)}]
+            samples.append((_marked(h, w, [box], 40 + 50 * k), annos))
+            expected_values.append(40 + 50 * k)
+        canvas, annos = mosaic_2x2(samples)
+        h0, w0 = samples[0][0].shape[:2]
+        assert canvas.shape == (2 * h0, 2 * w0, 3)
+        assert len(annos) == 4 and [a["iscrowd"] for a in annos] == [0, 0, 0, 1]
+        assert [a["category_id"] for a in annos] == [0, 1, 0, 1]
+        for k, a in enumerate(annos):
+            x0, y0, x1, y1 = a["bbox"]
+            assert 0 <= x0 < x1 <= 2 * w0 and 0 <= y0 < y1 <= 2 * h0
+            # the box lies in its own quarter and its interior carries its image's mark
+            qy, qx = k // 2, k % 2
+            assert qx * w0 <= x0 and x1 <= (qx + 1) * w0 and qy * h0 <= y0 and y1 <= (qy + 1) * h0
+            inner = canvas[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]
+            assert inner.size and np.all(np.abs(inner.astype(int) - expected_values[k]) <= 1)
+            # outside the mark the tile is black: the box is tight (1 px of interpolation allowed)
+            quarter = canvas[qy * h0:(qy + 1) * h0, qx * w0:(qx + 1) * w0, 0].astype(int)
+            mark = np.argwhere(np.abs(quarter - expected_values[k]) <= 20) + [qy * h0, qx * w0]
+            assert abs(mark[:, 1].min() - x0) <= 1.01 and abs(mark[:, 1].max() + 1 - x1) <= 1.01
+            assert abs(mark[:, 0].min() - y0) <= 1.01 and abs(mark[:, 0].max() + 1 - y1) <= 1.01
+
+
+def test_copy_paste_adds_the_donor_lesion_where_it_overlaps_nothing():
+    from usdet.data.augment import paste_lesion
+
+    image = _marked(200, 240, [[20, 20, 80, 90]], 60)
+    annos = [{"bbox": [20, 20, 80, 90], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "iscrowd": 0},
+             {"bbox": [150, 120, 230, 190], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "iscrowd": 1}]
+    donor_box = [30.0, 40.0, 90.0, 100.0]
+    donor = _marked(150, 150, [donor_box], 200)
+    donor_anno = {"bbox": donor_box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1, "iscrowd": 0,
+                  "segmentation": {"size": [150, 150], "counts": "x"}}
+    pasted = 0
+    for seed in range(30):
+        np.random.seed(seed)
+        out, new = paste_lesion(image, annos, donor, donor_anno, scale=(0.7, 1.3))
+        assert new[:2] == annos and image[0, 0, 0] == 0  # inputs untouched, old annotations kept
+        if len(new) == 2:
+            assert np.array_equal(out, image)
+            continue
+        pasted += 1
+        b = new[2]
+        assert b["category_id"] == 1 and b["iscrowd"] == 0 and "segmentation" not in b
+        x0, y0, x1, y1 = b["bbox"]
+        assert 0 <= x0 < x1 <= 240 and 0 <= y0 < y1 <= 200
+        for a in annos:  # no overlap with the lesion nor the ignore region
+            ax0, ay0, ax1, ay1 = a["bbox"]
+            assert x1 <= ax0 or ax1 <= x0 or y1 <= ay0 or ay1 <= y0
+        # the pasted lesion is whole inside its box and bright; the box is tight on it
+        inner = out[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1, 0]
+        assert inner.min() >= 190
+        bright = np.argwhere(out[..., 0] >= 100)
+        assert abs(bright[:, 1].min() - x0) <= 2 and abs(bright[:, 1].max() + 1 - x1) <= 2
+        assert abs(bright[:, 0].min() - y0) <= 2 and abs(bright[:, 0].max() + 1 - y1) <= 2
+        assert abs((x1 - x0) / (y1 - y0) - 1.0) < 0.05  # donor's aspect kept
+    assert pasted >= 20
+
+
+def test_mapper_mosaic_and_copy_paste_through_the_trainer_mapper(phantom_dataset):
+    from usdet.data.mapper import UsdetDatasetMapper
+
+    dicts = _phantom_dicts(phantom_dataset)
+    base = ["INPUT.AUG.HFLIP", "False", "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+    mosaic = UsdetDatasetMapper(_cfg(*base, "INPUT.AUG.MOSAIC.ENABLED", "True", "INPUT.AUG.MOSAIC.PROB", "1.0",
+                                     "INPUT.AUG.MOSAIC.CANVAS_SCALE", "1.5"),
+                                is_train=True)
+    with pytest.raises(AssertionError):
+        assert mosaic._pool  # no pool yet: the mapper maps single images
+    mosaic.set_pool(dicts)
+    n_lesions = {d["image_id"]: len(d["annotations"]) for d in dicts}
+    for seed in range(5):
+        np.random.seed(seed)
+        out = mosaic(dicts[seed])
+        c, h, w = out["image"].shape
+        # canvas of two 128 px images resized to 1.5x the train size (96..128 -> 144..192)
+        assert min(h, w) in (144, 168, 192) or max(h, w) == 240
+        boxes = out["instances"].gt_boxes.tensor.numpy()
+        assert len(boxes) >= n_lesions[dicts[seed]["image_id"]]
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        np.random.seed(seed)
+        assert np.array_equal(mosaic(dicts[seed])["image"].numpy(), out["image"].numpy())  # seeded
+    paste = UsdetDatasetMapper(_cfg(*base, "INPUT.AUG.COPY_PASTE.ENABLED", "True", "INPUT.AUG.COPY_PASTE.PROB",
+                                    "1.0", "INPUT.MIN_SIZE_TRAIN", "(128,)"), is_train=True)
+    paste.set_pool(dicts)
+    gained = 0
+    for seed, d in enumerate(dicts):
+        np.random.seed(seed)
+        gained += len(paste(d)["instances"]) - len(d["annotations"])
+    assert gained >= len(dicts) // 2  # most images get one more lesion
+    with pytest.raises(ValueError, match="MASK_ON"):
+        UsdetDatasetMapper(_cfg(*base, "INPUT.AUG.MOSAIC.ENABLED", "True", "MODEL.MASK_ON", "True"), is_train=True)

@@ -75,6 +75,20 @@ def add_usdet_config(cfg: CN) -> None:
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.RATIO = (0.75, 1.333)  # crop aspect ratio (w/h)
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.PROB = 0.5  # chance that an image is cropped at all
     _C.INPUT.AUG.RANDOM_RESIZED_CROP.KEEP_BOXES = True  # only crops holding every box whole
+    # Multi-image augmentations (training only; boxes and ignore regions stay exact, none is cut).
+    # Mosaic: 4 training images in a 2x2 canvas, each whole at a random place in its quarter; the
+    # canvas is resized CANVAS_SCALE times the single-image train size (tiles at CANVAS_SCALE/2;
+    # 1.0 costs what a single image costs, larger values cost CANVAS_SCALE**2 as much).
+    _C.INPUT.AUG.MOSAIC = CN()
+    _C.INPUT.AUG.MOSAIC.ENABLED = False
+    _C.INPUT.AUG.MOSAIC.PROB = 0.5
+    _C.INPUT.AUG.MOSAIC.CANVAS_SCALE = 1.0
+    # Copy-paste: one lesion of another training image (its box plus a feathered margin), scaled by
+    # a factor in SCALE, pasted where it overlaps no box or ignore region (not applied to mosaics).
+    _C.INPUT.AUG.COPY_PASTE = CN()
+    _C.INPUT.AUG.COPY_PASTE.ENABLED = False
+    _C.INPUT.AUG.COPY_PASTE.PROB = 0.5
+    _C.INPUT.AUG.COPY_PASTE.SCALE = (0.8, 1.2)
 
     # Weight EMA (usdet/engine/hooks.py EMAHook), off by default: periodic evaluation and
     # model_best.pth use the averaged weights; checkpoints carry the average for --resume.

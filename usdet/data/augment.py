@@ -174,3 +174,100 @@ def build_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     if aug.SPECKLE > 0:
         augs.append(RandomSpeckle(aug.SPECKLE))
     return augs
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentations that combine several training images (issue 21): mosaic and lesion copy-paste.
+# A ``T.Augmentation`` sees one image, so these run in the mapper, before its augmentation list,
+# on ``(image, annotations)`` pairs whose boxes are XYXY_ABS. Both keep every box and ignore
+# region (``iscrowd: 1``) exact: geometry is an integer offset plus the exact scale of each
+# resized tile, and no box is ever cut.
+
+
+def _scaled_annotations(annos: List[dict], sx: float, sy: float, ox: int, oy: int) -> List[dict]:
+    out = []
+    for a in annos:
+        x0, y0, x1, y1 = a["bbox"]
+        b = dict(a)
+        b["bbox"] = [x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy]
+        b.pop("segmentation", None)  # boxes only: a mosaic/pasted mask would need re-encoding
+        out.append(b)
+    return out
+
+
+def mosaic_2x2(samples: List[tuple]) -> tuple:
+    """Four ``(image HxWx3 uint8, annotations XYXY_ABS)`` pairs -> one 2x2 mosaic and its annotations.
+
+    The canvas is twice the first image's size; each image is resized (aspect kept) to fit its
+    quarter whole, at a random position inside it (``np.random``), so no lesion is cut and the
+    mosaic shows four contexts at half scale. Boxes follow exactly (scale ``new/old`` per axis,
+    integer offset); empty space is black, like the area around an ultrasound image.
+    """
+    if len(samples) != 4:
+        raise ValueError(f"mosaic_2x2 needs 4 samples, got {len(samples)}")
+    h0, w0 = samples[0][0].shape[:2]
+    canvas = np.zeros((2 * h0, 2 * w0, 3), dtype=np.uint8)
+    annos_out: List[dict] = []
+    for k, (img, annos) in enumerate(samples):
+        h, w = img.shape[:2]
+        s = min(h0 / h, w0 / w)
+        nh, nw = max(1, int(h * s)), max(1, int(w * s))
+        tile = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else img
+        cy, cx = (k // 2) * h0, (k % 2) * w0
+        oy = cy + int(np.random.randint(0, h0 - nh + 1))
+        ox = cx + int(np.random.randint(0, w0 - nw + 1))
+        canvas[oy:oy + nh, ox:ox + nw] = tile
+        annos_out += _scaled_annotations(annos, nw / w, nh / h, ox, oy)
+    return canvas, annos_out
+
+
+def _overlaps(box, boxes) -> bool:
+    x0, y0, x1, y1 = box
+    return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in boxes)
+
+
+def paste_lesion(image: np.ndarray, annos: List[dict], donor: np.ndarray, donor_anno: dict,
+                 scale=(0.8, 1.2), margin: float = 0.15, tries: int = 10) -> tuple:
+    """Paste one lesion of ``donor`` into ``image`` where it overlaps no box or ignore region.
+
+    The lesion is cut from its box plus ``margin`` on each side, resized by a factor drawn in
+    ``scale`` and blended in with a feathered border (the cut region's edges fade out), so the
+    pasted lesion keeps its own surrounding texture and the new box is exactly the scaled lesion
+    box. Returns ``(image, annotations)``, unchanged when no free place is found.
+    """
+    h, w = image.shape[:2]
+    dh, dw = donor.shape[:2]
+    bx0, by0, bx1, by1 = donor_anno["bbox"]
+    mx, my = (bx1 - bx0) * margin, (by1 - by0) * margin
+    cx0, cy0 = max(0, int(math.floor(bx0 - mx))), max(0, int(math.floor(by0 - my)))
+    cx1, cy1 = min(dw, int(math.ceil(bx1 + mx))), min(dh, int(math.ceil(by1 + my)))
+    if cx1 - cx0 < 2 or cy1 - cy0 < 2:
+        return image, annos
+    patch = donor[cy0:cy1, cx0:cx1]
+    s = float(np.random.uniform(scale[0], scale[1]))
+    s = min(s, 0.9 * w / patch.shape[1], 0.9 * h / patch.shape[0])
+    ph, pw = max(2, int(round(patch.shape[0] * s))), max(2, int(round(patch.shape[1] * s)))
+    sx, sy = pw / patch.shape[1], ph / patch.shape[0]
+    taken = [a["bbox"] for a in annos]
+    for _ in range(tries):
+        ox = int(np.random.randint(0, w - pw + 1))
+        oy = int(np.random.randint(0, h - ph + 1))
+        box = [(bx0 - cx0) * sx + ox, (by0 - cy0) * sy + oy, (bx1 - cx0) * sx + ox, (by1 - cy0) * sy + oy]
+        if _overlaps([ox, oy, ox + pw, oy + ph], taken):
+            continue
+        resized = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        # Feathered alpha: 1 over the lesion box and half the margin around it, fading to 0 at
+        # the cut's border, so the lesion itself is pasted whole and the seam is soft.
+        alpha = np.zeros((ph, pw), np.float32)
+        fx, fy = 0.5 * mx * sx, 0.5 * my * sy
+        ax0, ay0 = max(0, int(box[0] - ox - fx)), max(0, int(box[1] - oy - fy))
+        ax1, ay1 = min(pw, int(math.ceil(box[2] - ox + fx))), min(ph, int(math.ceil(box[3] - oy + fy)))
+        alpha[ay0:ay1, ax0:ax1] = 1.0
+        alpha = cv2.GaussianBlur(alpha, (0, 0), max(0.5, 0.5 * min(fx, fy)))[..., None]
+        region = image[oy:oy + ph, ox:ox + pw].astype(np.float32)
+        out = image.copy()
+        out[oy:oy + ph, ox:ox + pw] = np.clip(alpha * resized + (1 - alpha) * region + 0.5, 0, 255).astype(np.uint8)
+        new = {k: v for k, v in donor_anno.items() if k != "segmentation"}
+        new["bbox"] = box
+        return out, list(annos) + [new]
+    return image, annos

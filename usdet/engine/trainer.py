@@ -83,9 +83,12 @@ class Trainer(DefaultTrainer):
                                  f"resumable sampler), not {cfg.DATALOADER.SAMPLER_TRAIN}")
             logger.warning("DATALOADER.SAMPLER_TRAIN %s: using detectron2's loader; after --resume the data "
                            "order is not the uninterrupted run's", cfg.DATALOADER.SAMPLER_TRAIN)
+            mapper.set_pool(get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN),
+                                                        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
             return build_detection_train_loader(cfg, mapper=mapper)
         weights = check_train_weights(cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_WEIGHTS)
         dataset, sources = load_training_sources(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        mapper.set_pool(dataset)  # mosaic partners and copy-paste donors
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return build_resumable_train_loader(
             dataset, mapper, total_batch_size=cfg.SOLVER.IMS_PER_BATCH, seed=seed,

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""The fair contest (issue 21): usdet's CPU recipe and YOLOv8n back to back, same budget, same rules.
+
+  python benchmarks/contest.py --budget-min 69 [--config configs/BUSI/recipe_lite_cpu.yaml] \
+      [--output output/contest] [--result-name contest] [--max-images 0] [--skip-peer] [--skip-usdet]
+
+One command, one machine, one after the other (never at once), each side given:
+- the same wall-clock budget, measured the same way: training *plus its own validation passes*
+  (Ultralytics' ``time`` includes its per-epoch val; usdet's budget includes a 20-iteration speed
+  probe, its periodic val evaluations and checkpoints: ``SOLVER.MAX_ITER`` is fitted to the budget
+  from the probe, as ``benchmarks/gpu_busi.sh`` does, and the real time is recorded);
+- the same threads (all cores) and, where the peer allows, loader workers (Ultralytics forces 0
+  workers on CPU; usdet keeps its recipe's 2, recorded);
+- the same test-time caps: score threshold ``--conf`` (0.001) and ``--max-det`` (100) boxes per
+  image for both;
+- the checkpoint chosen on val by the same metric: val AP (mAP50-95) for both (usdet's
+  ``SOLVER.BEST_CHECKPOINT.METRIC bbox/AP``; Ultralytics' fitness patched to mAP50-95 alone);
+- the same scorer: usdet's evaluator on both sides' predictions, paired by ``compare_models``,
+  the image-level operating point chosen on val (sensitivity 0.95) and applied to test.
+Both sides' val and test predictions are written to ``benchmarks/results/<result-name>/`` (small)
+so the comparison can be re-scored without retraining. Inference throughput (batch 1) and
+training throughput (images/s) of both are measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, RESULTS, write_result  # noqa: E402
+import peer_yolo  # noqa: E402
+
+PY = sys.executable
+
+
+def _load() -> List[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _run(cmd: List[str], log: str) -> float:
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {rc}; see {log}")
+    return time.time() - t0
+
+
+def fit_schedule(budget_s: float, probe: Dict[str, Any], val_images: int, evals: int) -> Dict[str, int]:
+    """``MAX_ITER`` and ``EVAL_PERIOD`` so that training + ``evals`` val passes fill ``budget_s``.
+
+    ``probe`` is ``detector_speed.measure``'s row (seconds per iteration, batch-1 inference rate);
+    a val pass costs ``val_images / infer_images_per_s`` plus 20 % for loading and scoring.
+    """
+    eval_s = evals * 1.2 * val_images / float(probe["infer_images_per_s"])
+    max_iter = int(max(budget_s - eval_s, 0.0) / float(probe["seconds_per_iter"]))
+    if max_iter < 2 * evals:
+        raise SystemExit(f"a budget of {budget_s:.0f} s leaves {max_iter} iterations: too short for {evals} evaluations")
+    return {"max_iter": max_iter, "eval_period": max_iter // evals}
+
+
+def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str) -> Dict[str, Any]:
+    """Probe, train within the budget, evaluate the val-chosen checkpoint on val and test."""
+    from detector_speed import measure
+
+    caps = ["TEST.DETECTIONS_PER_IMAGE", str(args.max_det), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.conf)]
+    data = ["DATASETS.TRAIN", f"('{splits['train']}',)", "DATASETS.TEST", f"('{splits['val']}',)"]
+    t0 = time.time()
+    probe = measure(args.config, data, iters=args.probe_iters, warmup=5, infer_images=20)
+    probe_s = time.time() - t0
+    with open(val_gt) as fh:
+        val_images = len(json.load(fh)["images"])
+    sched = fit_schedule(args.budget_min * 60 - probe_s, probe, val_images, args.evals)
+    out = os.path.join(work, "usdet_train")
+    train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data, *caps,
+                 "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
+                 "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
+                 "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
+    load_before = _load()
+    train_s = _run(train_cmd, os.path.join(work, "usdet_train.log"))
+    preds = {}
+    for split in ("val", "test"):
+        ev = os.path.join(work, f"usdet_{split}")
+        _run([PY, "tools/train_net.py", "--config-file", args.config, *caps, "DATASETS.TEST", f"('{splits[split]}',)",
+              "MODEL.WEIGHTS", os.path.join(out, "model_best.pth"), "OUTPUT_DIR", ev, "--eval-only"],
+             os.path.join(work, f"usdet_{split}.log"))
+        preds[split] = os.path.join(ev, "inference", splits[split], "coco_instances_results.json")
+    with open(os.path.join(out, "best_metric.json")) as fh:
+        best = json.load(fh)
+    ims = int(sched["max_iter"]) * int(probe["ims_per_batch"])
+    return {"config": args.config, "probe": probe, "probe_s": round(probe_s, 1), "schedule": sched,
+            "train_wall_s": round(train_s, 1), "budget_wall_s": round(probe_s + train_s, 1),
+            "train_images_per_s": round(ims / train_s, 3), "infer_images_per_s_batch1": probe["infer_images_per_s"],
+            "epochs": round(ims / n_train, 2), "images_seen": ims,
+            "best_on_val": best, "loader_workers": 2, "load_before": load_before, "load_after": _load(),
+            "predictions": preds}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-min", type=float, default=69.0, help="each side's wall-clock budget (default 69)")
+    ap.add_argument("--config", default="configs/BUSI/recipe_lite_cpu.yaml", help="usdet's recipe")
+    ap.add_argument("--dataset-root", default=os.path.join(REPO, "datasets", "busi"))
+    ap.add_argument("--conf", type=float, default=0.001, help="test-time score threshold, both sides (default 0.001)")
+    ap.add_argument("--max-det", type=int, default=100, help="test-time boxes per image, both sides (default 100)")
+    ap.add_argument("--evals", type=int, default=8, help="usdet's val evaluations within its budget (default 8)")
+    ap.add_argument("--probe-iters", type=int, default=20)
+    ap.add_argument("--imgsz", type=int, default=416, help="the peer's image size (usdet's input: short <= 320, long <= 512)")
+    ap.add_argument("--batch", type=int, default=16, help="the peer's batch (default 16)")
+    ap.add_argument("--max-images", type=int, default=0, help="smoke runs: first N images of each split")
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--output", default=os.path.join(REPO, "output", "contest"))
+    ap.add_argument("--result-name", default="contest")
+    ap.add_argument("--skip-peer", action="store_true", help="reuse the peer predictions already in the result folder")
+    ap.add_argument("--skip-usdet", action="store_true", help="reuse usdet's predictions already in the result folder")
+    args = ap.parse_args(argv)
+    os.chdir(REPO)
+    from usdet.evaluation.compare import compare_models
+    from usdet.evaluation.operating_point import operating_point_from_files
+    from usdet.evaluation.report import evaluate_predictions
+
+    work = os.path.abspath(args.output)
+    os.makedirs(work, exist_ok=True)
+    keep = os.path.join(RESULTS, args.result_name)
+    os.makedirs(keep, exist_ok=True)
+    threads = os.cpu_count() or 1
+    result: Dict[str, Any] = OrderedDict(budget_min=args.budget_min, conf=args.conf, max_det=args.max_det,
+                                         threads=threads, selection="val AP (mAP50-95), both sides",
+                                         max_images_per_split=args.max_images or None)
+    with tempfile.TemporaryDirectory(prefix="usdet_contest_") as tmp:
+        info = peer_yolo.coco_to_yolo(os.path.abspath(args.dataset_root), os.path.join(tmp, "yolo"),
+                                      max_images=args.max_images)
+        gts = {s: info["splits"][s]["gt"] for s in ("val", "test")}
+        splits = {"train": "busi_train", "val": "busi_val", "test": "busi_test"}
+        if args.max_images > 0:
+            # A subset (smoke runs): its own $USDET_DATASETS/busi with the subset annotations and
+            # the real images, so train_net's processes register it under the usual names.
+            sub = os.path.join(work, "datasets", "busi")
+            os.makedirs(os.path.join(sub, "annotations"), exist_ok=True)
+            for s in ("train", "val", "test"):
+                gts[s] = os.path.join(sub, "annotations", f"{s}.json")
+                shutil.copyfile(info["splits"][s]["gt"], gts[s])
+            if not os.path.lexists(os.path.join(sub, "images")):
+                os.symlink(os.path.join(os.path.abspath(args.dataset_root), "images"), os.path.join(sub, "images"))
+            os.environ["USDET_DATASETS"] = os.path.dirname(sub)
+        if not args.skip_usdet:
+            u = run_usdet(args, work, splits, info["splits"]["train"]["images"], gts["val"])
+            for s in ("val", "test"):
+                shutil.copyfile(u["predictions"][s], os.path.join(keep, f"usdet_{s}.json"))
+            u["predictions"] = {s: os.path.relpath(os.path.join(keep, f"usdet_{s}.json"), REPO) for s in ("val", "test")}
+            result["usdet"] = u
+        if not args.skip_peer:
+            py = peer_yolo.peer_python()
+            load_before = _load()
+            res = peer_yolo.run_peer(py, info, tmp, args.budget_min, "cpu", args.imgsz, args.batch, 0, 0,
+                                     os.path.join(work, "peer_log.txt"), threads=threads, conf=args.conf,
+                                     max_det=args.max_det, select="AP", predict_splits=("val", "test"))
+            for s in ("val", "test"):
+                with open(os.path.join(keep, f"yolo_{s}.json"), "w") as fh:
+                    json.dump(peer_yolo.to_coco_results(res, info, s), fh)
+            n_train = info["splits"]["train"]["images"]
+            result["yolo"] = {"peer": peer_yolo.ULTRALYTICS, "imgsz": args.imgsz, "batch": args.batch,
+                              "loader_workers": 0, "epochs": res["epochs"],
+                              "budget_wall_s": round(res["train_seconds"], 1),
+                              "train_images_per_s": round((res["epochs"] or 0) * n_train / res["train_seconds"], 3),
+                              "infer_images_per_s_batch1": round(res["infer_images_per_s"]["test"], 3),
+                              "load_before": load_before, "load_after": _load(),
+                              "predictions": {s: os.path.relpath(os.path.join(keep, f"yolo_{s}.json"), REPO)
+                                              for s in ("val", "test")}}
+    scores: Dict[str, Any] = {}
+    for side in ("usdet", "yolo"):
+        val_pred, test_pred = (os.path.join(keep, f"{side}_{s}.json") for s in ("val", "test"))
+        op = operating_point_from_files(gts["val"], val_pred, 0.95)
+        m = evaluate_predictions(gts["test"], test_pred, os.path.join(work, f"{side}_report"), bootstrap=args.bootstrap,
+                                 operating_point=op, title=f"{side} (contest, {args.budget_min:g} min)")
+        scores[side] = {"AP": m["bbox"].get("AP"), "AP50": m["bbox"].get("AP50"), "AP75": m["bbox"].get("AP75"),
+                        "piou": m["piou"]["score"], "cpm": m["froc"]["cpm"], "image_auc": m["image_level"]["auc"],
+                        "operating_point": m.get("operating_point")}
+    result["test"] = scores
+    c = compare_models(gts["test"], OrderedDict([("yolo", os.path.join(keep, "yolo_test.json")),
+                                                 ("usdet", os.path.join(keep, "usdet_test.json"))]),
+                       os.path.join(work, "compare"), n_resamples=args.bootstrap)
+    result["usdet_minus_yolo"] = {k: v["delta"] for k, v in c["metrics"].items()}
+    write_result(args.result_name, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
