@@ -56,7 +56,7 @@ def test_light_detector_trains_forward_and_backward():
     storage = EventStorage(0).__enter__()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batches = phantom_batches(0, 128, batch_size=2)
-    first = None
+    totals = []
     for step in range(12):
         losses = model(next(batches))
         assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
@@ -67,9 +67,9 @@ def test_light_detector_trains_forward_and_backward():
         stem_grad = model.backbone.bottom_up.stem.conv1.weight.grad
         assert stem_grad is not None and float(stem_grad.abs().sum()) > 0  # gradients reach the stem
         opt.step()
-        first = float(total) if first is None else first
+        totals.append(float(total))
     storage.__exit__(None, None, None)
-    assert float(total) < first  # it learns
+    assert np.mean(totals[-3:]) < 0.8 * np.mean(totals[:3])  # it learns
 
 
 @pytest.fixture(scope="module")
