@@ -89,8 +89,9 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
     preds = {}
     for split in ("val", "test"):
         ev = os.path.join(work, f"usdet_{split}")
-        _run([PY, "tools/train_net.py", "--config-file", args.config, *caps, "DATASETS.TEST", f"('{splits[split]}',)",
-              "MODEL.WEIGHTS", os.path.join(out, "model_best.pth"), "OUTPUT_DIR", ev, "--eval-only"],
+        _run([PY, "tools/train_net.py", "--config-file", args.config, "--eval-only", *caps,
+              "DATASETS.TEST", f"('{splits[split]}',)", "MODEL.WEIGHTS", os.path.join(out, "model_best.pth"),
+              "OUTPUT_DIR", ev],
              os.path.join(work, f"usdet_{split}.log"))
         preds[split] = os.path.join(ev, "inference", splits[split], "coco_instances_results.json")
     with open(os.path.join(out, "best_metric.json")) as fh:
