@@ -36,7 +36,9 @@ def test_usdet_keys_and_defaults():
 def test_every_config_loads_and_keeps_negatives(path, stats_file):
     from usdet.engine import build_config
 
-    cfg = build_config(path, ["INPUT.NORMALIZATION_FILE", stats_file])
+    # one statistics file per training dataset (a mixed config needs one per source)
+    n_train = max(len(build_config(path, ["INPUT.NORMALIZATION", "imagenet"]).DATASETS.TRAIN), 1)
+    cfg = build_config(path, ["INPUT.NORMALIZATION_FILE", ",".join([stats_file] * n_train)])
     assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False  # lesion-free frames train
     assert cfg.SEED >= 0  # a fixed seed makes the resumed data order the uninterrupted one
     assert cfg.INPUT.NORMALIZATION_RESOLVED

@@ -72,8 +72,15 @@ def test_mixed_training_set_reconciles_classes_and_resumes_data_order(datasets_r
     raw_ph2 = json.load(open(os.path.join(datasets_root, "ph2", "annotations", "train.json")))
     assert {a["category_id"] for a in raw_ph2["annotations"]} == {1, 2}  # really two classes on disk
     batches = _batch_files(trainer, 12)
-    from_ph2 = sum("ph2" in f for b in batches for f, _ in b)
-    assert from_ph2 / 24 > 0.5  # weight 3:1 (the sources have equal sizes)
+    assert len({f for b in batches for f, _ in b}) > 1
+    # weights 1:3: three samples in four from ph2. 4000 draws of the trainer's own sampler give a
+    # binomial sd of 0.007, so +-0.03 is > 4 sd; plain concatenation would give ph2's image share.
+    is_ph2 = ["ph2" in dataset[i]["file_name"] for i in range(len(dataset))]
+    concatenation = sum(is_ph2) / len(is_ph2)
+    assert abs(concatenation - 0.75) > 0.15
+    drawn = [i for b in _take(iter(loader.batch_sampler), 4000 // len(batches[0])) for _, i in b]
+    assert len(drawn) == 4000
+    assert sum(is_ph2[i] for i in drawn) / len(drawn) == pytest.approx(0.75, abs=0.03)
 
     del trainer
 
@@ -141,6 +148,24 @@ def test_dataset_normalization_uses_the_weighted_mix(tmp_path):
     assert cfg.MODEL.PIXEL_STD == pytest.approx(pool.std(0).tolist(), abs=1e-3)
     with pytest.raises(ValueError, match="names 2 files for 3 training datasets"):
         build_config("", [*opts[:1], "('x', 'y', 'z')", *opts[2:]])
+
+
+def test_one_stats_file_for_several_sources_is_refused(tmp_path):
+    """One pixel_stats.json for a two-source mix would normalize the mix with that source's
+    statistics (the old code did, silently, even with weights): refused, naming the file."""
+    from usdet.engine import build_config
+
+    path = tmp_path / "busi_stats.json"
+    path.write_text(json.dumps({"mean": [60.0] * 3, "std": [20.0] * 3, "num_images": 40}))
+    opts = ["DATASETS.TRAIN", "('x_train', 'y_train')", "INPUT.NORMALIZATION", "dataset",
+            "INPUT.NORMALIZATION_FILE", str(path)]
+    for extra in ([], ["DATASETS.TRAIN_WEIGHTS", "(1.0, 3.0)"]):
+        with pytest.raises(ValueError, match=r"names 1 file for 2 training datasets \['x_train', 'y_train'\] "
+                                             rf"\(\['{path}'\]\): give one pixel_stats.json per DATASETS.TRAIN"):
+            build_config("", [*opts, *extra])
+    # one source with its one file is still fine, and so is ImageNet normalization of a mix
+    assert build_config("", [*opts[:1], "('x_train',)", *opts[2:], "INPUT.FORMAT", "RGB"]).MODEL.PIXEL_MEAN == [60.0] * 3
+    build_config("", [*opts[:2], "INPUT.NORMALIZATION", "imagenet", "INPUT.NORMALIZATION_FILE", str(path)])
 
 
 def test_mixed_recipe_is_the_cpu_recipe_on_two_sources(tmp_path):

@@ -66,6 +66,66 @@ def test_size_bins_in_mm_where_pixel_size_is_known_else_pixels_and_label():
         group_values(g, data, "device", source="gt.json")
 
 
+def test_size_in_mm_undoes_the_converters_scale():
+    """pixel_size_cm is the source's pixel size; boxes are in the written (shrunk) image's pixels."""
+    from usdet.evaluation.subgroups import lesion_size_mm
+
+    gt = {
+        "images": [
+            {"id": 1, "width": 100, "height": 100, "pixel_size_cm": 0.01, "scale": 0.5},  # 60 px written = 12 mm
+            {"id": 2, "width": 200, "height": 200, "pixel_size_cm": 0.01},  # the same lesion unscaled: 120 px
+            {"id": 3, "width": 100, "height": 100, "pixel_size_cm": 0.01, "scale": 0},  # unusable scale: px
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [10, 10, 60, 20], "category_id": 1},
+            {"id": 2, "image_id": 2, "bbox": [20, 20, 120, 40], "category_id": 1},
+            {"id": 3, "image_id": 3, "bbox": [10, 10, 60, 20], "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "lesion"}],
+    }
+    g, data, _ = load_detection_data(gt, [])
+    assert group_values(g, data, "size") == ["10-20 mm", "10-20 mm", "32-96 px"]  # the old code: 6 mm, "0-10 mm"
+    assert lesion_size_mm(gt["images"][0], 60) == pytest.approx(12.0)
+    assert lesion_size_mm(gt["images"][1], 120) == pytest.approx(12.0)
+    assert lesion_size_mm({"scale": 0.5}, 60) is None
+
+
+def test_size_of_a_converted_shrunk_dataset_is_the_full_size_one(tmp_path):
+    """BrEaST-layout phantoms converted at full size and with --max-size (scale 0.5): the same
+    lesion sizes in mm (within the resize's rounding), not half of them."""
+    from test_convert_sources import breast_case, make_breast, run
+
+    from usdet.evaluation.crossval import read_converted_dataset
+    from usdet.evaluation.subgroups import lesion_size_mm
+
+    root = tmp_path / "breast"
+    folder = make_breast(root, [])
+    rows = [breast_case(folder, n, "benign", seed=n)[0] for n in range(1, 7)]
+    for r in rows:
+        r["Pixel_size"] = 0.05  # 0.5 mm per source pixel
+    make_breast(root, rows)
+    sizes = {}
+    for name, extra in (("full", []), ("shrunk", ["--max-size", "40"])):  # frames are 60 x 80
+        assert run("breast", "--root", root, "--output", tmp_path / name, *extra) == 0
+        doc = read_converted_dataset(str(tmp_path / name))
+        g, data, _ = load_detection_data(doc, [])
+        longest = {}
+        for a in g["annotations"]:
+            if not a.get("iscrowd", 0):
+                longest[a["image_id"]] = max(longest.get(a["image_id"], 0.0), max(a["bbox"][2:]))
+        images = {im["id"]: im for im in g["images"]}
+        assert all(im.get("scale", 1.0) == (0.5 if name == "shrunk" else 1.0) for im in images.values())
+        sizes[name] = {images[i]["source_file"]: lesion_size_mm(images[i], v) for i, v in longest.items()}
+        bins = dict(zip([images[i]["source_file"] for i in data.image_ids.tolist()], group_values(g, data, "size")))
+        sizes[name + "_bins"] = bins
+    assert sorted(sizes["full"]) == sorted(sizes["shrunk"]) and len(sizes["full"]) == 6
+    for f, mm in sizes["full"].items():
+        assert mm > 4.0 and sizes["shrunk"][f] == pytest.approx(mm, abs=1.0), f  # 1 written px = 1 mm here
+        edges = (0.0, 10.0, 20.0, 50.0)
+        if min(abs(mm - e) for e in edges) > 1.0:
+            assert sizes["shrunk_bins"][f] == sizes["full_bins"][f], f
+
+
 def test_evaluate_json_by_writes_tables(tmp_path, capsys):
     gt = synth_gt(40, seed=4, attrs=True)
     (tmp_path / "gt.json").write_text(json.dumps(gt))

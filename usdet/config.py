@@ -138,13 +138,19 @@ def mixed_pixel_stats(cfg: CN) -> Tuple[List[float], List[float]]:
     their pixel count (the model sees them resized to similar sizes).
     """
     files = [f.strip() for f in str(cfg.INPUT.NORMALIZATION_FILE).split(",") if f.strip()]
+    names = list(cfg.DATASETS.TRAIN)
+    # One file for several sources would normalize the mix with one source's statistics: refused
+    # (checked before reading, so the message is the same whether or not the files exist yet).
+    if len(files) > 1 or len(names) > 1:
+        if len(files) != len(names):
+            raise ValueError(
+                f"INPUT.NORMALIZATION_FILE names {len(files)} file{'s' * (len(files) != 1)} for {len(names)} "
+                f"training datasets {names} ({files}): give one pixel_stats.json per DATASETS.TRAIN entry, "
+                "comma-separated in the same order, so that the statistics of the mix can be computed (one file "
+                "would normalize the whole mix with that one source's statistics)")
     stats = [read_pixel_stats(os.path.expanduser(f)) for f in files]
     if len(stats) == 1:
         return stats[0]
-    names = list(cfg.DATASETS.TRAIN)
-    if len(files) != len(names):
-        raise ValueError(f"INPUT.NORMALIZATION_FILE names {len(files)} files for {len(names)} training datasets "
-                         f"{names}: give one pixel_stats.json per DATASETS.TRAIN entry, in the same order")
     weights = list(cfg.DATASETS.TRAIN_WEIGHTS)
     if not weights:
         weights = []

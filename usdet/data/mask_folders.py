@@ -5,7 +5,9 @@ Images are found under ``images_dir`` (recursively); an image's masks are the fi
 its sub-folder, shell wildcards allowed; several matches = several masks, one box each). With
 ``colors`` ({(r, g, b): class}), masks are colour-coded: each connected region of a listed colour
 is one box of that class. An optional table (CSV or .xlsx, one row per image) adds the image
-label, the patient and any attribute columns as image keys.
+label, the patient and any attribute columns as image keys. Rows name images by their path under
+``images_dir``: two sub-folders may both hold ``img1.png``, so a bare name that matches several
+images is refused instead of labelling one of them with the other's row.
 
 Patient values in a user's table may be real identifiers: they are written only as keyed
 pseudonyms (``usdet.data.privacy``, the hospital converter's key), never as given.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from usdet.data.convert import MaskFile, SourceImage, SourceScan, natural_key
 from usdet.data.image_io import IMAGE_EXTENSIONS
@@ -51,6 +53,38 @@ def _walk(folder: str) -> List[str]:
             if not f.startswith("."):
                 found.append(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/"))
     return sorted(found, key=natural_key)
+
+
+def _table_index(images_rel: Sequence[str]) -> Callable[[str], List[str]]:
+    """``find(ref) -> [image, ...]``: the images a table's image ID names.
+
+    Keyed by the path under ``--images`` (with or without extension) first; a bare file name or
+    stem is accepted only where no path matches, and may match several images (``a/img1.png``,
+    ``b/img1.png``): the caller refuses that rather than picking one.
+    """
+    by_path: Dict[str, List[str]] = {}
+    by_name: Dict[str, List[str]] = {}
+    for rel in images_rel:
+        by_path.setdefault(os.path.splitext(rel)[0], []).append(rel)
+        base = os.path.basename(rel)
+        for key in dict.fromkeys([base, os.path.splitext(base)[0]]):
+            by_name.setdefault(key, []).append(rel)
+    exact = set(images_rel)
+
+    def find(ref: str) -> List[str]:
+        ref = ref.strip().replace("\\", "/")
+        while ref.startswith("./"):
+            ref = ref[2:]
+        if ref in exact:
+            return [ref]
+        stem = os.path.splitext(ref)[0]
+        if stem in by_path:
+            return list(by_path[stem])
+        if "/" in ref:
+            return []
+        return list(by_name.get(ref) or by_name.get(stem) or [])
+
+    return find
 
 
 def scan_mask_folders(images_dir: str, masks_dir: str, mask_pattern: str = "{stem}_mask*.png", *,
@@ -98,20 +132,31 @@ def scan_mask_folders(images_dir: str, masks_dir: str, mask_pattern: str = "{ste
 
             pseudo = Pseudonymizer(load_key(key_file))  # no key: PseudonymKeyError, nothing written
         dup = duplicates(rows, image_column)
-        by_stem = {os.path.splitext(r)[0]: r for r in images_rel}
-        by_stem.update({os.path.splitext(os.path.basename(r))[0]: r for r in images_rel})
+        find = _table_index(images_rel)
+        row_of: Dict[str, int] = {}
         for n, row in rows:
             ref = row[image_column]
             where = f"{table_name} row {n}"
+            found = find(ref)
+            if len(found) > 1:  # a bare name shared by images in several sub-folders: no guessing
+                raise TableError(f"{table} row {n}: image {ref!r} is ambiguous, it matches {' and '.join(found)} "
+                                 "under --images; name each image by its path under --images in the "
+                                 f"{image_column!r} column (e.g. {found[0]!r})")
+            image = found[0] if found else None
             if ref in dup:
                 skipped.append({"file": where, "reason": f"duplicate ID {ref}: listed in rows {dup[ref]}; none of "
                                                          "them is used"})
-                rows_by_image[by_stem.get(ref, ref)] = (n, {})
+                rows_by_image[image or ref] = (n, {})
                 continue
-            image = ref if ref in masks_of else by_stem.get(os.path.splitext(ref)[0])
             if image is None:
                 skipped.append({"file": where, "reason": f"image {ref!r} not found under --images"})
                 continue
+            if image in row_of:  # e.g. 'sub/img1.png' and 'sub/img1': two rows for one image
+                skipped.append({"file": where, "reason": f"rows {row_of[image]} and {n} both name {image}; none of "
+                                                         "them is used"})
+                rows_by_image[image] = (n, {})
+                continue
+            row_of[image] = n
             rows_by_image[image] = (n, row)
 
     images: List[SourceImage] = []

@@ -11,20 +11,23 @@ Grouping rules:
 * ``label``: the image's ``label`` key when present, else the category names of its truth boxes
   (``normal`` without any);
 * ``size``: the longest side of the image's largest truth box, in millimetres where the image has
-  ``pixel_size_cm`` (the converters write it), else in pixels; the unit is part of the bin name.
-  Lesion-free images form the row ``no lesion``.
+  ``pixel_size_cm`` (the converters write it: the SOURCE image's pixel size), else in pixels; the
+  unit is part of the bin name. Boxes are in the written image's pixels, so an image the converter
+  shrank (``--max-size``, its ``scale`` = written pixels per source pixel) is measured back in
+  source pixels first. Lesion-free images form the row ``no lesion``.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .inputs import DetectionData
 from .weighted import full_values, metric_functions, percentile_ci, resampled_values, subset
 
-__all__ = ["SUBGROUP_METRICS", "SIZE_BINS_MM", "SIZE_BINS_PX", "group_values", "subgroup_tables", "render_subgroups"]
+__all__ = ["SUBGROUP_METRICS", "SIZE_BINS_MM", "SIZE_BINS_PX", "group_values", "lesion_size_mm", "subgroup_tables",
+           "render_subgroups"]
 
 SUBGROUP_METRICS = ("AP50", "AP", "piou", "sens@0.5", "sens@1")
 #: Upper edges of the size bins (the last bin is open): mm (T1 <= 20 mm, T2 20-50 mm) and pixels.
@@ -52,6 +55,21 @@ def _bin_order(name: str) -> float:
     return value + (1e6 if name.endswith("px") else 0.0)
 
 
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v == v
+
+
+def lesion_size_mm(image: Dict[str, Any], length_px: float) -> Optional[float]:
+    """``length_px`` (pixels of the image as written) in millimetres, or None without a usable
+    ``pixel_size_cm``. ``pixel_size_cm`` is the source's pixel size; the converter's ``scale``
+    (written pixels per source pixel, absent = 1) turns written pixels back into source pixels."""
+    px = image.get("pixel_size_cm")
+    scale = image.get("scale", 1.0)
+    if not _positive(px) or not _positive(scale):
+        return None
+    return float(length_px) / float(scale) * float(px) * 10.0
+
+
 def group_values(gt: Dict[str, Any], data: DetectionData, attribute: str, source: str = "ground truth") -> List[str]:
     """The subgroup name of each image of ``data`` (``gt`` is the cleaned COCO dict it came from)."""
     images = {im["id"]: im for im in gt["images"]}
@@ -67,9 +85,9 @@ def group_values(gt: Dict[str, Any], data: DetectionData, attribute: str, source
             if not has[k]:
                 out.append("no lesion")
                 continue
-            px = im.get("pixel_size_cm")
-            if isinstance(px, (int, float)) and px > 0:
-                out.append(_bin_name(longest[k] * float(px) * 10.0, SIZE_BINS_MM, "mm"))
+            mm = lesion_size_mm(im, longest[k])
+            if mm is not None:
+                out.append(_bin_name(mm, SIZE_BINS_MM, "mm"))
             else:
                 out.append(_bin_name(longest[k], SIZE_BINS_PX, "px"))
         return out
@@ -122,7 +140,8 @@ def subgroup_tables(
         if attr == "size":
             units = {r["group"].split()[-1] for r in rows if r["group"] != "no lesion"}
             table["size_unit"] = "mm" if units == {"mm"} else "px" if units == {"px"} else "mm where pixel_size_cm is known, else px"
-            table["size_rule"] = "longest side of the image's largest truth box"
+            table["size_rule"] = ("longest side of the image's largest truth box (mm: in source pixels, "
+                                  "the converter's scale undone, times pixel_size_cm)")
         out[attr] = table
     return out
 
