@@ -43,7 +43,9 @@ def add_core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=0,
                    help="K-fold cross-validation: K folds by group (patients, near-duplicates); --fold is test, "
                         "the rest train/val (replaces --split)")
-    p.add_argument("--fold", type=int, default=0, help="the test fold with --folds, 0..K-1 (default 0)")
+    p.add_argument("--fold", type=int, default=0,
+                   help="the test fold with --folds, counted from 0: 0..K-1 (default 0); not BUS-BRA's published "
+                        "fold numbers, which count from 1 (those are --folds-file/--test-fold)")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of the non-test images that goes to val with --folds or --test-fold (default 0.15)")
     p.add_argument("--crop", default="none", choices=("auto", "none"),
@@ -155,7 +157,9 @@ def add_busbra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds-file", default=None,
                    help="the published partition, e.g. 5-fold-cv.csv (relative paths are read from --root)")
     p.add_argument("--test-fold", type=int, default=None,
-                   help="with --folds-file: the published fold (its kFold value) that becomes the test split")
+                   help="with --folds-file: the published fold that becomes the test split, as written in its "
+                        "kFold column; BUS-BRA's count from 1 (1..5 in 5-fold-cv.csv), unlike --fold, which counts "
+                        "from 0. A fold no image is in is refused")
     add_core_arguments(p)
 
 

@@ -169,6 +169,39 @@ def _groups(scan: SourceScan, kept: List[int], results, opt: ConvertOptions):
     return group_of, [sorted(m) for m in near.values() if len(m) > 1]
 
 
+def _folds_file(opt: ConvertOptions) -> str:
+    return str(opt.options_extra.get("folds_file") or "the folds file")
+
+
+def check_test_fold(scan: SourceScan, opt: ConvertOptions) -> None:
+    """Refuse a published test fold that no listed image has (a typo, or counting from 0): it would
+    write an empty test split. Checked before anything is decoded or written."""
+    if opt.test_fold is None:
+        return
+    present = sorted({s.fold for s in scan.images if s.fold is not None})
+    if opt.test_fold not in present:
+        raise ValueError(
+            f"--test-fold {opt.test_fold}: no image of {_folds_file(opt)} is in fold {opt.test_fold}; its folds are "
+            f"{present} (the kFold values as written: BUS-BRA's published folds count from 1, unlike --fold, "
+            f"which counts from 0)")
+
+
+def _refuse_empty_test(scan: SourceScan, kept: List[int], split_of: Dict[int, str], skipped: List[Dict[str, str]],
+                       opt: ConvertOptions) -> None:
+    """A fold that selects no converted image would write an empty test split and exit 0: refuse it."""
+    if not kept or any(s == "test" for s in split_of.values()):
+        return  # nothing converted at all is reported as such (exit 1)
+    if opt.test_fold is not None:
+        files = {s.file for s in scan.images if s.fold == opt.test_fold}
+        why = [f"{s['file']}: {s['reason']}" for s in skipped if s["file"] in files][:3]
+        raise ValueError(f"--test-fold {opt.test_fold}: every image of fold {opt.test_fold} of {_folds_file(opt)} was "
+                         f"skipped, so the test split would be empty (e.g. {'; '.join(why) or 'no reason recorded'})")
+    if opt.folds:
+        raise ValueError(f"--folds {opt.folds} --fold {opt.fold}: fold {opt.fold} (folds count from 0) holds no image: "
+                         f"the {len(kept)} converted images form fewer groups (patients, near-duplicate sets) than "
+                         f"--folds; use fewer folds")
+
+
 def _assign_splits(scan: SourceScan, kept: List[int], labels: Dict[int, str], group_of: Dict[int, str],
                    opt: ConvertOptions) -> Tuple[Dict[int, str], List[str], Dict[str, Any]]:
     """Split of every kept image, the splits to write, and what report.json says about the split."""
@@ -204,6 +237,7 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     if list(opt.classes) not in CLASS_CHOICES.values():
         raise ValueError(f"classes must be 'lesion' or 'benign,malignant', got {opt.classes}")
     check_paths(scan.roots, out_dir)
+    check_test_fold(scan, opt)
     invalidate_previous_output(out_dir)
     categories = categories_for(opt.classes)
     sources = scan.images
@@ -253,6 +287,7 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     kept = [i for i in kept if i not in excluded]
     group_of, near_sets = _groups(scan, kept, results, opt)
     split_of, written_splits, split_info = _assign_splits(scan, kept, labels, group_of, opt)
+    _refuse_empty_test(scan, kept, split_of, skipped, opt)
 
     images_by_split: Dict[str, list] = {s: [] for s in written_splits}
     anns_by_split: Dict[str, list] = {s: [] for s in written_splits}
