@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from test_convert_sources import NO_NEAR_DUPS, SIZE, load, make_busbra, run, write_png
+from test_convert_sources import NO_NEAR_DUPS, load, make_busbra, run
 from train_helpers import load_tool
 
 
@@ -57,3 +57,30 @@ def test_help_says_which_fold_option_counts_from_which(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "the test fold with --folds, counted from 0: 0..K-1" in text
     assert "BUS-BRA's count from 1 (1..5 in 5-fold-cv.csv), unlike --fold, which counts from 0" in text
+
+
+# ---------------------------------------------------------------------------------------------- bugs
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_bug_in_the_per_image_work_fails_the_run_with_a_count_and_the_traceback(tmp_path, capsys, monkeypatch,
+                                                                                  workers):
+    import usdet.data.convert_image as core
+
+    root = tmp_path / "root"
+    truth = make_busbra(root, n_cases=4)
+    (root / "Images" / "bus_0002-s.png").write_bytes(b"")  # bad input: still a reasoned skip, not a bug
+
+    def buggy(mask, category_id):  # a code bug (forked workers inherit it)
+        return {"bbox": [0, 0, 1, 1], "area": 1 / 0}
+
+    monkeypatch.setattr(core, "mask_to_annotation", buggy)
+    out = tmp_path / "out"
+    assert run("busbra", "--root", root, "--output", out, "--workers", workers) == 1
+    err = capsys.readouterr().err
+    assert f"busbra: error: {len(truth) - 1} image(s) failed with an unexpected error, a bug" in err
+    assert "Traceback (most recent call last)" in err and "in buggy" in err and "ZeroDivisionError" in err
+    assert not os.path.exists(out / "report.json")  # the output stays marked incomplete
+    monkeypatch.undo()  # without the bug: the same input converts, the bad file a reasoned skip
+    assert run("busbra", "--root", root, "--output", out, "--workers", workers) == 0
+    images, _, report = load(out)
+    assert len(images) == len(truth) - 1
+    assert [(s["file"], "zero-byte" in s["reason"]) for s in report["skipped"]] == [("Images/bus_0002-s.png", True)]

@@ -90,10 +90,10 @@ def core_options(args: argparse.Namespace, **extra):
 
 
 def run_core(name: str, args: argparse.Namespace, scan_fn, **extra) -> int:
-    """Scan with ``scan_fn()``, convert, print one summary line; exit code 0 ok, 1 nothing converted or the
-    output could not be written, 2 bad arguments or layout."""
+    """Scan with ``scan_fn()``, convert, print one summary line; exit code 0 ok, 1 nothing converted, the
+    output could not be written or an image failed with an unexpected error (a bug), 2 bad arguments or layout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from usdet.data.convert import OutputWriteError, convert
+    from usdet.data.convert import ConversionBugError, OutputWriteError, convert
 
     try:
         options = core_options(args, **extra)
@@ -102,6 +102,9 @@ def run_core(name: str, args: argparse.Namespace, scan_fn, **extra) -> int:
     except ValueError as e:  # bad arguments, a layout or table that cannot be used at all
         print(f"{name}: {e}", file=sys.stderr)
         return 2
+    except ConversionBugError as e:  # a bug, not bad input: never a quiet exit 0
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
     except (OutputWriteError, OSError) as e:
         where = getattr(e, "filename", None) or getattr(e, "path", None) or args.output
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)

@@ -23,7 +23,8 @@ import numpy as np
 from usdet.data import convert_image
 from usdet.data.coco import (PixelStats, categories_for, invalidate_previous_output, remove_stale_images,
                              write_coco_dataset)
-from usdet.data.convert_image import MaskFile, OutputWriteError, SourceImage  # noqa: F401  (the core's API)
+from usdet.data.convert_image import (ConversionBugError, MaskFile, OutputWriteError,  # noqa: F401  (the core's API)
+                                      SourceImage)
 from usdet.data.duplicates import NEAR_DUP_CORR, NEAR_DUP_HAMMING, components, near_duplicate_components
 from usdet.data.split import assign_groups, split_by_group
 
@@ -253,14 +254,19 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     names = _output_names(sources, ext)
     jobs = [(i, src, names[i]) for i, src in enumerate(sources)]
     results: List[Optional[Dict[str, Any]]] = [None] * len(sources)
+    errors: List[Dict[str, str]] = []
     with tqdm(total=len(jobs), desc=scan.dataset, unit="img", disable=not opt.progress, file=sys.stderr) as bar:
         for res in _iter_results(jobs, out_dir, opt):
             notes += [{"file": f, "note": n} for f, n in res.pop("notes")]
             if res.get("ok"):
                 results[res["index"]] = res
+            elif "error" in res:
+                errors.append(res["error"])
             else:
                 skipped.append(res["skip"])
             bar.update(1)
+    if errors:  # before any JSON: the output stays marked incomplete
+        raise ConversionBugError(errors)
     kept = [i for i in range(len(sources)) if results[i] is not None]
     labels = {i: results[i]["label"] for i in kept}
 
