@@ -67,8 +67,8 @@ def test_center_rule_hits_where_iou_does_not():
     gt = coco([1], [(1, [0, 0, 10, 10])])
     preds = [P(1, [2, 2, 16, 16], 0.9)]  # centre (10, 10) on the truth edge; IoU 64/292
     d = build_detection_data(gt, preds)
-    miss = froc(d, "iou", 0.5)  # 1 FP on 1 image, lesion missed: rates above 1 FP/image not reached
-    assert miss["sensitivity"] == [0.0] * 4 + [None] * 3 and miss["cpm"] is None and miss["cpm_reached"] == 0.0
+    miss = froc(d, "iou", 0.5)  # 1 FP on 1 image, lesion missed: rates above 1 FP/image extended
+    assert miss["sensitivity"] == [0.0] * 7 and miss["cpm"] == 0.0 and miss["extended_rates"] == [2.0, 4.0, 8.0]
     assert froc(d, "iou", 0.2)["cpm"] == 1.0
     rc = froc(d, "center")
     assert rc["cpm"] == 1.0 and rc["hit"] == "center" and rc["iou_thresh"] is None
@@ -100,17 +100,23 @@ def test_sensitivity_at_rates_is_best_not_above_rate():
     assert sensitivity_at_rates(fps, sens, [0.05, 0.125, 0.3, 1.0, 2.0]).tolist() == [0.0, 0.2, 0.6, 0.6, 0.9]
 
 
-def test_rates_beyond_the_curve_are_not_reached():
-    """The curve ends at the last detection: higher rates are reported as not reached, not as its end value."""
+def test_rates_beyond_the_curve_carry_its_last_value_and_are_flagged():
+    """The curve ends at the last detection: higher rates take its end value (the detector has no more
+    boxes to give), so a conservative model has a CPM; those rates are listed as extended."""
     gt = coco([1, 2, 3, 4], [(1, [0, 0, 10, 10]), (2, [0, 0, 10, 10]), (3, [0, 0, 10, 10])])
     preds = [P(1, [0, 0, 10, 10], 0.9), P(4, [50, 50, 5, 5], 0.8), P(2, [60, 60, 5, 5], 0.4)]
     r = froc(build_detection_data(gt, preds))
     # 2 FPs on 4 images: the curve ends at 0.5 FP/image with 1 of 3 lesions found
     assert r["max_fps_per_image"] == 0.5
-    assert r["reached"] == [True, True, True, False, False, False, False]
-    assert r["sensitivity"] == [pytest.approx(1 / 3)] * 3 + [None] * 4
-    assert r["cpm"] is None and r["cpm_reached"] == pytest.approx(1 / 3)
-    # every lesion found: sensitivity 1 cannot rise, so every rate counts as reached
+    assert r["extended"] == [False, False, False, True, True, True, True]
+    assert r["extended_rates"] == [1.0, 2.0, 4.0, 8.0]
+    assert r["sensitivity"] == [pytest.approx(1 / 3)] * 7
+    assert r["cpm"] == pytest.approx(1 / 3)
+    # the same detections plus a lower-scoring FP that reaches 0.75 FP/image: the values are those of
+    # a curve that really runs on, only 1 FP/image and beyond stay extended
+    longer = froc(build_detection_data(gt, preds + [P(3, [70, 70, 5, 5], 0.1)]))
+    assert longer["sensitivity"] == r["sensitivity"] and longer["extended_rates"] == [1.0, 2.0, 4.0, 8.0]
+    # every lesion found: sensitivity 1 cannot rise, nothing is extended
     found = froc(build_detection_data(gt, preds + [P(2, [0, 0, 10, 10], 0.3), P(3, [0, 0, 10, 10], 0.2)]))
-    assert found["reached"] == [True] * 7 and found["sensitivity"][-1] == 1.0
+    assert found["extended_rates"] == [] and not any(found["extended"]) and found["sensitivity"][-1] == 1.0
     assert found["cpm"] == pytest.approx((1 / 3 * 2 + 1.0 * 5) / 7)  # both late TPs come at 0.5 FP/image

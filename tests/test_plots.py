@@ -76,16 +76,20 @@ def test_plots_draw_the_given_data(tmp_path, figures):
     assert np.allclose(lines[label50][0], rec) and np.allclose(lines[label50][1], p50)
     assert np.allclose(lines[f"lesion, IoU 0.75 (AP75 {np.mean(p75) * 100:.1f})"][1], p75)
 
-    # FROC whose detections end at 2 FP/image: the curve stops there, 4 and 8 have no marker
+    # FROC whose detections end at 2 FP/image: the measured curve stops there, dashed on at its end
+    # value, and the extended rates 4 and 8 have hollow markers
     rates = [0.125, 0.25, 0.5, 1, 2, 4, 8]
-    P.plot_froc([0, 0.1, 0.5, 2], [0, 0.4, 0.6, 0.8], rates, [0.4, 0.4, 0.6, 0.6, 0.8, None, None],
-                str(tmp_path / "froc.png"), hit_rule="IoU >= 0.5", cpm=None)
+    P.plot_froc([0, 0.1, 0.5, 2], [0, 0.4, 0.6, 0.8], rates, [0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 0.8],
+                str(tmp_path / "froc.png"), hit_rule="IoU >= 0.5", cpm=0.629, extended=[False] * 5 + [True] * 2)
     lines = _lines(figures[-1])
     x, y = lines["FROC"]
     assert x.tolist() == [0.0625, 0.0625, 0.1, 0.5, 2.0, 2.0] and y.tolist() == [0, 0, 0.4, 0.6, 0.8, 0.8]
-    assert lines["at standard rates"][0].tolist() == rates[:5]
-    assert lines["at standard rates"][1].tolist() == [0.4, 0.4, 0.6, 0.6, 0.8]
-    assert lines["end of detections (higher rates not reached)"][0].tolist() == [2.0, 2.0]
+    assert lines["at standard rates (CPM 0.629)"][0].tolist() == rates[:5]
+    assert lines["at standard rates (CPM 0.629)"][1].tolist() == [0.4, 0.4, 0.6, 0.6, 0.8]
+    assert lines["extended rates (end value carried)"][0].tolist() == [4, 8]
+    assert lines["extended rates (end value carried)"][1].tolist() == [0.8, 0.8]
+    x, y = lines["extended: no more detections, last value carried"]
+    assert x.tolist() == [2.0, 16.0] and y.tolist() == [0.8, 0.8]
 
     P.plot_roc_curves({"lesion present": ([0, 0.2, 1], [0, 0.7, 1], 0.75)}, str(tmp_path / "roc.png"))
     x, y = _lines(figures[-1])["lesion present (AUC 0.750)"]

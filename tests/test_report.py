@@ -63,9 +63,9 @@ def test_end_to_end_hand_case(tmp_path):
     assert p["score"] == pytest.approx(1.5 / 4)
     # FROC: lesions found at .9 and .8 (IoU exactly .5 hits), FP .6 on 4 images, duplicate ignored
     f = disk["froc"]
-    # the curve ends at 1 FP / 4 images: higher rates are not reached (null), and CPM with them
-    assert f["sensitivity"][:2] == pytest.approx([2 / 3] * 2) and f["sensitivity"][2:] == [None] * 5
-    assert f["cpm"] is None and f["cpm_reached"] == pytest.approx(2 / 3) and f["max_fps_per_image"] == 0.25
+    # the curve ends at 1 FP / 4 images: higher rates carry its end value, flagged as extended
+    assert f["sensitivity"] == pytest.approx([2 / 3] * 7) and f["extended_rates"] == [0.5, 1, 2, 4, 8]
+    assert f["cpm"] == pytest.approx(2 / 3) and f["max_fps_per_image"] == 0.25
     assert f["hit"] == "iou" and f["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
     # image level: lesion images top .9, .8, 0 vs normal .6
     il = disk["image_level"]
@@ -91,7 +91,9 @@ def test_end_to_end_hand_case(tmp_path):
     assert disk["warnings"] == []
     md = (out / "report.md").read_text()
     assert "IoU >= 0.5" in md and "s = 0.45" in md and "top-k = 1" in md
-    assert "| sensitivity | 0.667 | 0.667 | not reached |" in md and "0.5, 1, 2, 4, 8 FP/image are **not reached**" in md
+    assert "| sensitivity | 0.667 | 0.667 | 0.667* | 0.667* | 0.667* | 0.667* | 0.667* | 0.667* |" in md
+    assert "the curve ends at 0.250 FP/image before finding every lesion" in md
+    assert "at 0.5, 1, 2, 4, 8 FP/image the sensitivity is the curve's last value carried on" in md
     assert "Bootstrap 95% confidence intervals" in md and "200 resamples" in md
     for png in disk["plots"].values():
         assert f"]({png})" in md
@@ -167,7 +169,8 @@ def test_unusable_files_raise_naming_the_file(tmp_path):
 def test_no_predictions_gives_nan_not_crash(tmp_path):
     gt = write(tmp_path, "gt.json", HAND_GT)
     m = evaluate_predictions(gt, [], str(tmp_path / "o"), bootstrap=50)
-    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] is None
+    assert math.isnan(m["bbox"]["AP"]) and m["piou"]["score"] == 0.0 and m["froc"]["cpm"] == 0.0
+    assert m["froc"]["extended_rates"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]  # no detection: every rate carried
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["bbox"]["AP"] is None
 
 
@@ -232,7 +235,7 @@ def test_bootstrap_weighted_sums_equal_reevaluating_a_resample():
     rd = build_detection_data(rgt, rpreds)
     for hit in ("iou", "center"):
         ref = froc(rd, hit)["cpm"]
-        assert _CpmStat(d, hit, 0.5)(counts[:, None])[0] == pytest.approx(math.nan if ref is None else ref, nan_ok=True)
+        assert _CpmStat(d, hit, 0.5)(counts[:, None])[0] == pytest.approx(ref, nan_ok=True)
     auc = _AucStat(d.gt_count_per_image() > 0, top_score_per_image(d), np.ones(d.num_images, bool))
     assert auc(counts[:, None])[0] == pytest.approx(image_level(rd)["auc"])
 
@@ -245,10 +248,12 @@ def test_bootstrap_is_seeded():
     c = bootstrap_metrics(d, 100, seed=2)
     assert json.dumps(a) == json.dumps(b) and json.dumps(a) != json.dumps(c)
     assert set(a["metrics"]) == {"AP50", "piou", "cpm", "image_auc", "malignancy_auc"}
-    # about 2.5 FPs per image: 8 FP/image is never reached, so no resample has a CPM
-    assert froc(d)["cpm"] is None and a["metrics"]["cpm"]["n_valid"] == 0 and math.isnan(a["metrics"]["cpm"]["estimate"])
+    # about 2.5 FPs per image: 4 and 8 FP/image are extended, yet every resample has a CPM
+    f = froc(d)
+    assert f["extended_rates"] == [4.0, 8.0] and a["metrics"]["cpm"]["estimate"] == pytest.approx(f["cpm"])
     for k, v in a["metrics"].items():
-        assert k == "cpm" or (v["low"] <= v["high"] and v["n_valid"] == 100)
+        assert v["low"] <= v["high"] and v["n_valid"] == 100, k
+    assert a["metrics"]["cpm"]["low"] < f["cpm"] < a["metrics"]["cpm"]["high"]
 
 
 def test_evaluate_json_cli(tmp_path, capsys):

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from usdet.evaluation.compare import EvaluationInputError, compare_models, parse_model_args
+    from usdet.evaluation.compare import EvaluationInputError, compare_models, extended_notes, parse_model_args
 
     try:
         preds = parse_model_args(args.pred)
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
         print(f"{k}: {a}={_num(v['values'][a], '.4f')} {b}={_num(v['values'][b], '.4f')} "
               f"delta={_num(d['estimate'], '+.4f')} [{_num(d['low'], '+.4f')}, {_num(d['high'], '+.4f')}] "
               f"p={_num(d['p_value'], '.4g')} ({d['method']})")
+    for note in extended_notes(c):
+        print(f"note: {note}")
     print(f"wrote {args.output}/comparison.json and {args.output}/comparison.md")
     return 0
 

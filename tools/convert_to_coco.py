@@ -43,7 +43,9 @@ def add_core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=0,
                    help="K-fold cross-validation: K folds by group (patients, near-duplicates); --fold is test, "
                         "the rest train/val (replaces --split)")
-    p.add_argument("--fold", type=int, default=0, help="the test fold with --folds, 0..K-1 (default 0)")
+    p.add_argument("--fold", type=int, default=0,
+                   help="the test fold with --folds, counted from 0: 0..K-1 (default 0); not BUS-BRA's published "
+                        "fold numbers, which count from 1 (those are --folds-file/--test-fold)")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of the non-test images that goes to val with --folds or --test-fold (default 0.15)")
     p.add_argument("--crop", default="none", choices=("auto", "none"),
@@ -88,10 +90,10 @@ def core_options(args: argparse.Namespace, **extra):
 
 
 def run_core(name: str, args: argparse.Namespace, scan_fn, **extra) -> int:
-    """Scan with ``scan_fn()``, convert, print one summary line; exit code 0 ok, 1 nothing converted or the
-    output could not be written, 2 bad arguments or layout."""
+    """Scan with ``scan_fn()``, convert, print one summary line; exit code 0 ok, 1 nothing converted, the
+    output could not be written or an image failed with an unexpected error (a bug), 2 bad arguments or layout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from usdet.data.convert import OutputWriteError, convert
+    from usdet.data.convert import ConversionBugError, OutputWriteError, convert
 
     try:
         options = core_options(args, **extra)
@@ -100,6 +102,9 @@ def run_core(name: str, args: argparse.Namespace, scan_fn, **extra) -> int:
     except ValueError as e:  # bad arguments, a layout or table that cannot be used at all
         print(f"{name}: {e}", file=sys.stderr)
         return 2
+    except ConversionBugError as e:  # a bug, not bad input: never a quiet exit 0
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
     except (OutputWriteError, OSError) as e:
         where = getattr(e, "filename", None) or getattr(e, "path", None) or args.output
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
@@ -155,7 +160,9 @@ def add_busbra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds-file", default=None,
                    help="the published partition, e.g. 5-fold-cv.csv (relative paths are read from --root)")
     p.add_argument("--test-fold", type=int, default=None,
-                   help="with --folds-file: the published fold (its kFold value) that becomes the test split")
+                   help="with --folds-file: the published fold that becomes the test split, as written in its "
+                        "kFold column; BUS-BRA's count from 1 (1..5 in 5-fold-cv.csv), unlike --fold, which counts "
+                        "from 0. A fold no image is in is refused")
     add_core_arguments(p)
 
 

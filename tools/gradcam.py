@@ -33,8 +33,11 @@ def parse_args(argv=None):
                    help="fraction of channels to ablate (pytorch-grad-cam's ratio_channels_to_ablate); <1 is faster")
     p.add_argument("--no-crop", action="store_true", help="images are already cropped: use them whole")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="config overrides: KEY VALUE anywhere on the line (after --input too), or after --")
+    from usdet.utils.overrides import parse_with_overrides
+
+    return parse_with_overrides(p, sys.argv[1:] if argv is None else argv)
 
 
 def main(argv=None) -> int:
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     from usdet.engine.predictor import build_predictor_cfg, thing_classes_for
     from usdet.visualization.gradcam import DetectorCAM, write_cams
 
-    cfg = build_predictor_cfg(args.config_file, args.weights, args.device, [o for o in args.opts if o != "--"])
+    cfg = build_predictor_cfg(args.config_file, args.weights, args.device, args.opts)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     try:

@@ -38,8 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--overlays", action="store_true", help="also draw each frame with its boxes")
     p.add_argument("--no-crop", action="store_true", help="frames are already cropped: use them whole")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (torch backend): KEY VALUE ...")
-    return p.parse_args(argv)
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="config overrides (torch backend): KEY VALUE anywhere on the line (after --input too), "
+                        "or after --")
+    from usdet.utils.overrides import parse_with_overrides
+
+    return parse_with_overrides(p, sys.argv[1:] if argv is None else argv)
 
 
 def _one_line(e: BaseException) -> str:
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     from usdet.utils.io import atomic_write_json
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    opts = [o for o in (args.opts or []) if o != "--"]
+    opts = args.opts
     predictor = build_predictor(args, opts)
     if isinstance(predictor, str):
         print(f"predict: error: {predictor}", file=sys.stderr)

@@ -23,7 +23,8 @@ import numpy as np
 from usdet.data import convert_image
 from usdet.data.coco import (PixelStats, categories_for, invalidate_previous_output, remove_stale_images,
                              write_coco_dataset)
-from usdet.data.convert_image import MaskFile, OutputWriteError, SourceImage  # noqa: F401  (the core's API)
+from usdet.data.convert_image import (ConversionBugError, MaskFile, OutputWriteError,  # noqa: F401  (the core's API)
+                                      SourceImage)
 from usdet.data.duplicates import NEAR_DUP_CORR, NEAR_DUP_HAMMING, components, near_duplicate_components
 from usdet.data.split import assign_groups, split_by_group
 
@@ -169,6 +170,39 @@ def _groups(scan: SourceScan, kept: List[int], results, opt: ConvertOptions):
     return group_of, [sorted(m) for m in near.values() if len(m) > 1]
 
 
+def _folds_file(opt: ConvertOptions) -> str:
+    return str(opt.options_extra.get("folds_file") or "the folds file")
+
+
+def check_test_fold(scan: SourceScan, opt: ConvertOptions) -> None:
+    """Refuse a published test fold that no listed image has (a typo, or counting from 0): it would
+    write an empty test split. Checked before anything is decoded or written."""
+    if opt.test_fold is None:
+        return
+    present = sorted({s.fold for s in scan.images if s.fold is not None})
+    if opt.test_fold not in present:
+        raise ValueError(
+            f"--test-fold {opt.test_fold}: no image of {_folds_file(opt)} is in fold {opt.test_fold}; its folds are "
+            f"{present} (the kFold values as written: BUS-BRA's published folds count from 1, unlike --fold, "
+            f"which counts from 0)")
+
+
+def _refuse_empty_test(scan: SourceScan, kept: List[int], split_of: Dict[int, str], skipped: List[Dict[str, str]],
+                       opt: ConvertOptions) -> None:
+    """A fold that selects no converted image would write an empty test split and exit 0: refuse it."""
+    if not kept or any(s == "test" for s in split_of.values()):
+        return  # nothing converted at all is reported as such (exit 1)
+    if opt.test_fold is not None:
+        files = {s.file for s in scan.images if s.fold == opt.test_fold}
+        why = [f"{s['file']}: {s['reason']}" for s in skipped if s["file"] in files][:3]
+        raise ValueError(f"--test-fold {opt.test_fold}: every image of fold {opt.test_fold} of {_folds_file(opt)} was "
+                         f"skipped, so the test split would be empty (e.g. {'; '.join(why) or 'no reason recorded'})")
+    if opt.folds:
+        raise ValueError(f"--folds {opt.folds} --fold {opt.fold}: fold {opt.fold} (folds count from 0) holds no image: "
+                         f"the {len(kept)} converted images form fewer groups (patients, near-duplicate sets) than "
+                         f"--folds; use fewer folds")
+
+
 def _assign_splits(scan: SourceScan, kept: List[int], labels: Dict[int, str], group_of: Dict[int, str],
                    opt: ConvertOptions) -> Tuple[Dict[int, str], List[str], Dict[str, Any]]:
     """Split of every kept image, the splits to write, and what report.json says about the split."""
@@ -204,6 +238,7 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     if list(opt.classes) not in CLASS_CHOICES.values():
         raise ValueError(f"classes must be 'lesion' or 'benign,malignant', got {opt.classes}")
     check_paths(scan.roots, out_dir)
+    check_test_fold(scan, opt)
     invalidate_previous_output(out_dir)
     categories = categories_for(opt.classes)
     sources = scan.images
@@ -219,14 +254,19 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     names = _output_names(sources, ext)
     jobs = [(i, src, names[i]) for i, src in enumerate(sources)]
     results: List[Optional[Dict[str, Any]]] = [None] * len(sources)
+    errors: List[Dict[str, str]] = []
     with tqdm(total=len(jobs), desc=scan.dataset, unit="img", disable=not opt.progress, file=sys.stderr) as bar:
         for res in _iter_results(jobs, out_dir, opt):
             notes += [{"file": f, "note": n} for f, n in res.pop("notes")]
             if res.get("ok"):
                 results[res["index"]] = res
+            elif "error" in res:
+                errors.append(res["error"])
             else:
                 skipped.append(res["skip"])
             bar.update(1)
+    if errors:  # before any JSON: the output stays marked incomplete
+        raise ConversionBugError(errors)
     kept = [i for i in range(len(sources)) if results[i] is not None]
     labels = {i: results[i]["label"] for i in kept}
 
@@ -253,6 +293,7 @@ def convert(scan: SourceScan, out_dir: str, options: Optional[ConvertOptions] = 
     kept = [i for i in kept if i not in excluded]
     group_of, near_sets = _groups(scan, kept, results, opt)
     split_of, written_splits, split_info = _assign_splits(scan, kept, labels, group_of, opt)
+    _refuse_empty_test(scan, kept, split_of, skipped, opt)
 
     images_by_split: Dict[str, list] = {s: [] for s in written_splits}
     anns_by_split: Dict[str, list] = {s: [] for s in written_splits}

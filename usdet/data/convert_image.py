@@ -9,6 +9,7 @@ neither torch nor detectron2.
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,6 +37,23 @@ class OutputWriteError(FileProblem):
 
     def __str__(self) -> str:
         return f"cannot write {self.file}: {self.reason}"
+
+
+class ConversionBugError(RuntimeError):
+    """Images failed with an error that is not a problem of their files (a bug): the run fails.
+
+    Expected bad input raises :class:`SkipFile` and is a reasoned skip in report.json; anything
+    else passed off as a skip would leave a dataset silently short of images and exit 0.
+    ``errors``: ``[{"file", "error", "traceback"}]``, one per failed image.
+    """
+
+    def __init__(self, errors: List[Dict[str, str]]):
+        self.errors = errors
+        first = errors[0]
+        super().__init__(
+            f"{len(errors)} image(s) failed with an unexpected error, a bug rather than a problem of the file "
+            f"(bad files are skipped with a reason); the conversion is incomplete and wrote no report.json. "
+            f"First: {first['file']}: {first['error']}\n{first['traceback'].rstrip()}")
 
 
 @dataclass
@@ -311,6 +329,7 @@ def process_image(job: Tuple[int, SourceImage, str]) -> Dict[str, Any]:
         result.update(ok=False, skip={"file": e.file, "reason": e.reason})
     except OutputWriteError:
         raise
-    except Exception as e:  # one bad file must not lose the rest; report it with its reason
-        result.update(ok=False, skip={"file": src.file, "reason": f"unexpected error: {type(e).__name__}: {e}"})
+    except Exception as e:  # not a problem of the file: a bug. The other images still run; the run then fails
+        result.update(ok=False, error={"file": src.file, "error": f"{type(e).__name__}: {e}",
+                                       "traceback": traceback.format_exc()})
     return result

@@ -72,12 +72,28 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
         names = [train[0]] + [n for n in names if n not in train]
     elif len(cfg.DATASETS.TRAIN_WEIGHTS) and not eval_only:
         check_train_weights(train, cfg.DATASETS.TRAIN_WEIGHTS)
+    # Class ids are positions in thing_classes: a test set with the model's names in another order
+    # would score benign boxes as malignant (class-aware AP permuted), so names are compared in order.
+    # The model's classes are the (first) training dataset's; for --eval-only, the config's training
+    # dataset where it is registered, else the first test dataset.
+    ref_name = train[0] if train else next((n for n in cfg.DATASETS.TRAIN if n in known), None)
+    ref = MetadataCatalog.get(ref_name).get("thing_classes", None) if ref_name else None
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != num_classes:
+        if classes is None:
+            continue
+        if len(classes) != num_classes:
             raise ValueError(
                 f"dataset {name} has {len(classes)} class(es) {list(classes)} but MODEL.ROI_HEADS.NUM_CLASSES is "
                 f"{num_classes}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}")
+        if ref is None:
+            ref_name, ref = name, classes
+        elif list(classes) != list(ref):
+            raise ValueError(
+                f"dataset {name} has classes {list(classes)} but {ref_name} (whose class order the model uses) has "
+                f"{list(ref)}: class ids are positions in that list, so evaluating on {name} would "
+                + ("swap its classes" if sorted(classes) == sorted(ref) else "score its classes as others")
+                + f". Convert {name} with the same --classes, or evaluate it with a model of its own classes")
 
 
 def _environment_info() -> str:

@@ -144,9 +144,6 @@ class _CpmStat:
         self.truth = _count_matrix(t_lvl, h.truth_image[found], L, n)
         self.fp = _count_matrix(f_lvl[keep], h.fp_image[keep], L, n)
         self.gt_count = np.bincount(h.truth_image, minlength=n).astype(np.float64)
-        # for "rate reached" (froc.rates_reached): all FPs of an image, and its lesions ever found
-        self.fp_all = np.bincount(h.fp_image, minlength=n).astype(np.float64)
-        self.found_all = np.bincount(h.truth_image[found], minlength=n).astype(np.float64)
         self.n_levels = len(levels)
         self.rates = np.asarray(rates, dtype=np.float64)
         self.size = L
@@ -155,11 +152,7 @@ class _CpmStat:
         total = self.gt_count @ wt
         n_img = wt.sum(0)
         b = wt.shape[1]
-        # a rate above the curve's end is not reached (unless every lesion is found): CPM undefined
-        end_fps = (self.fp_all @ wt) / np.maximum(n_img, 1)
-        all_found = (self.found_all @ wt) >= total
-        reached = (self.rates.max() <= end_fps + 1e-12) | all_found
-        total = np.where(reached, total, 0.0)
+        # beyond a resample's curve end its last sensitivity holds (froc's convention): every level counts
         if not self.n_levels:
             return np.where(total > 0, 0.0, np.nan)
         cum_t = np.cumsum(self.truth @ wt, axis=0)

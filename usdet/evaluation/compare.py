@@ -34,7 +34,8 @@ from .inputs import (
 )
 from .weighted import full_values, metric_functions, percentile_ci, resampled_values
 
-__all__ = ["load_detection_data", "delong_test", "paired_bootstrap_p", "compare_models", "render_comparison"]
+__all__ = ["load_detection_data", "delong_test", "paired_bootstrap_p", "compare_models", "render_comparison",
+           "extended_notes"]
 
 #: Metrics compared by paired bootstrap; the image-level AUC goes through DeLong's test.
 BOOTSTRAP_METRICS = ("AP50", "AP", "piou", "cpm")
@@ -195,6 +196,12 @@ def compare_models(
                   "se": dl["se"], "z": dl["z"], "method": "DeLong"},
     }
     out["metrics"] = metrics
+    # CPM beyond a curve's end carries its last sensitivity (froc's convention): say where it does
+    from .froc import froc
+
+    ends = [froc(d, froc_hit, froc_iou) for d in datas]
+    out["froc_extended_rates"] = {nm: f["extended_rates"] for nm, f in zip(names, ends)}
+    out["froc_curve_end"] = {nm: f["max_fps_per_image"] for nm, f in zip(names, ends)}
     out["warnings"] = warnings
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -231,11 +238,25 @@ def render_comparison(c: Dict[str, Any]) -> str:
         rows.append([LABELS.get(k, k), v["values"][a], v["values"][b], d["estimate"],
                      f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", d["p_value"], d["method"]])
     lines.append(_table(["metric", a, b, "delta", "95% CI", "p", "test"], rows))
+    notes = extended_notes(c)
+    if notes:
+        lines.append("\n" + "".join(f"- {n}\n" for n in notes))
     if c.get("plot"):
         lines.append(f"\n![differences with 95% CIs]({c['plot']})\n")
     if c.get("warnings"):
         lines.append("\n## Input problems\n\n" + "".join(f"- {w}\n" for w in c["warnings"]))
     return "".join(lines)
+
+
+def extended_notes(c: Dict[str, Any]) -> List[str]:
+    """One line per model whose CPM uses extended FROC rates (sensitivity carried past its curve's end)."""
+    out = []
+    for name, rates in c.get("froc_extended_rates", {}).items():
+        if rates:
+            out.append(f"CPM of {name}: its FROC curve ends at {c['froc_curve_end'][name]:.3g} FP/image (no more "
+                       f"detections); at {', '.join(f'{r:g}' for r in rates)} FP/image its last sensitivity is carried "
+                       "on (extended rates)")
+    return out
 
 
 def parse_model_args(items: Sequence[str]) -> "OrderedDict[str, str]":

@@ -10,13 +10,15 @@ hits on an already-found box are neither TP nor FP; a prediction hitting no trut
 Classes are ignored (lesion detection). Sensitivity at a rate is the highest reached at an
 average FP/image not above that rate; CPM is the mean over 1/8, 1/4, 1/2, 1, 2, 4, 8.
 
-Rates beyond the curve: the curve ends at the FP/image of the lowest-scoring detection. A rate
-above that end is *not reached* (sensitivity ``None``): lower-scoring detections the model did
-not output could have found more lesions, so the end point's sensitivity is not the value at
-that rate. The one exception is a curve that has already found every lesion (sensitivity 1
-cannot rise). CPM is ``None`` unless all seven rates are reached; ``cpm_reached`` is the mean
-over the reached rates (say so when quoting it). To reach high rates, keep more low-score
-detections (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``, ``TEST.DETECTIONS_PER_IMAGE``).
+Rates beyond the curve (the usual convention, e.g. LUNA16's evaluation script): the curve ends at
+the FP/image of the lowest-scoring detection, where the detector has no more boxes to give; at a
+higher rate the sensitivity stays at the curve's last value. So every model has a CPM, a
+conservative one included, and two models can be compared. Such rates are *extended*: listed in
+``extended_rates`` (flagged in report.md, the FROC plot and compare_models' output), since
+lower-scoring detections the model did not output might have found more lesions; a curve that
+has found every lesion extends nothing (sensitivity 1 cannot rise). To reach high rates with
+real detections, keep more low-score ones (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``,
+``TEST.DETECTIONS_PER_IMAGE``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import numpy as np
 from .inputs import DetectionData
 from .matching import box_iou_xywh, image_pairs
 
-__all__ = ["FROC_RATES", "FrocHits", "froc_hits", "froc_curve", "sensitivity_at_rates", "rates_reached", "froc"]
+__all__ = ["FROC_RATES", "FrocHits", "froc_hits", "froc_curve", "sensitivity_at_rates", "rates_extended", "froc"]
 
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -89,44 +91,42 @@ def froc_curve(h: FrocHits) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def sensitivity_at_rates(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FROC_RATES) -> np.ndarray:
-    """Highest sensitivity reached at an average FP/image not above each rate (curve is monotone)."""
+    """Highest sensitivity reached at an average FP/image not above each rate (curve is monotone);
+    beyond the curve's end, its last value."""
     idx = np.searchsorted(fps, np.asarray(rates, dtype=np.float64), side="right") - 1
     return sens[np.maximum(idx, 0)]
 
 
-def rates_reached(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FROC_RATES) -> np.ndarray:
-    """Which rates the curve reaches: its last FP/image is at or above the rate, or every lesion is found."""
+def rates_extended(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FROC_RATES) -> np.ndarray:
+    """Which rates lie beyond the curve's last FP/image while lesions are still missed (their
+    sensitivity is the end value carried on, not one the detections reached)."""
     rates = np.asarray(rates, dtype=np.float64)
     all_found = bool(len(sens)) and np.isfinite(sens[-1]) and sens[-1] >= 1.0
-    return (rates <= fps[-1] + 1e-12) | all_found
+    return (rates > fps[-1] + 1e-12) & (not all_found)
 
 
 def froc(
     data: DetectionData, hit: str = "iou", iou_thresh: float = 0.5, rates: Sequence[float] = FROC_RATES
 ) -> Dict[str, Any]:
-    """``{"hit", "iou_thresh", "fps_per_image", "sensitivity", "reached", "cpm", "cpm_reached", ...}``.
+    """``{"hit", "iou_thresh", "fps_per_image", "sensitivity", "extended", "extended_rates", "cpm", ...}``.
 
-    ``sensitivity`` is ``None`` at a rate the curve does not reach (see the module docstring).
+    ``extended[i]``: rate ``i`` lies beyond the curve's end, its sensitivity carried from there
+    (module docstring); ``cpm`` is NaN only without any lesion.
     """
     h = froc_hits(data, hit, iou_thresh)
     fps, sens, thr = froc_curve(h)
     at = sensitivity_at_rates(fps, sens, rates)
-    reached = rates_reached(fps, sens, rates)
     no_lesion = len(h.truth_score) == 0
-    if no_lesion:
-        cpm = cpm_reached = float("nan")
-    else:
-        cpm = float(np.mean(at)) if reached.all() else None
-        cpm_reached = float(np.mean(at[reached])) if reached.any() else None
+    extended = rates_extended(fps, sens, rates) & (not no_lesion)
     return {
         "hit": hit,
         "iou_thresh": float(iou_thresh) if hit == "iou" else None,
         "fps_per_image": [float(r) for r in rates],
-        "sensitivity": [float(s) if ok else None for s, ok in zip(at, reached)],
-        "reached": [bool(ok) for ok in reached],
+        "sensitivity": [float(s) for s in at],
+        "extended": [bool(e) for e in extended],
+        "extended_rates": [float(r) for r, e in zip(rates, extended) if e],
         "max_fps_per_image": float(fps[-1]),
-        "cpm": cpm,
-        "cpm_reached": cpm_reached,
+        "cpm": float("nan") if no_lesion else float(np.mean(at)),
         "num_lesions": int(len(h.truth_score)),
         "num_images": int(h.num_images),
         "curve": {"fps_per_image": fps.tolist(), "sensitivity": sens.tolist(), "score_thresh": thr.tolist()},

@@ -74,25 +74,34 @@ def plot_froc(
     path: str,
     hit_rule: str = "",
     cpm: Optional[float] = None,
+    extended: Optional[Sequence[bool]] = None,
 ) -> str:
-    """FROC curve (log FP/image axis) with the sensitivities at the standard rates marked."""
+    """FROC curve (log FP/image axis) with the sensitivities at the standard rates marked.
+
+    Beyond the last detection the curve's end value is carried on (usdet.evaluation.froc): drawn
+    dashed, and the ``extended`` rates' markers hollow, so the carried part is not read as measured.
+    """
     fig, ax = plt.subplots(figsize=FIGSIZE)
     fps = np.asarray(curve_fps, dtype=float)
     sens = np.asarray(curve_sens, dtype=float)
     at = np.asarray([np.nan if v is None else v for v in sens_at_rates], dtype=float)
+    ext = np.zeros(len(at), bool) if extended is None else np.asarray(extended, dtype=bool)
     lo, hi = min(rates) / 2, max(rates) * 2
     if len(fps) and np.isfinite(sens).any():
-        # step curve from the left axis end; it stops where the detections end (rates beyond are
-        # not reached) unless every lesion is found (then it cannot rise further)
+        # every lesion found: sensitivity 1 cannot rise, the curve runs on; else it is dashed past the end
         end = hi if sens[-1] >= 1.0 else max(fps[-1], lo)
         x = np.r_[lo, np.clip(fps, lo, None), end]
         y = np.r_[sens[0], sens, sens[-1]]
         ax.step(x, y, where="post", lw=2, color="C0", label="FROC")
+        if end < hi:
+            ax.plot([end, hi], [sens[-1], sens[-1]], ls="--", lw=1.5, color="C0",
+                    label="extended: no more detections, last value carried")
         ok = np.isfinite(at)
         label = f"at standard rates (CPM {cpm:.3f})" if cpm is not None and np.isfinite(cpm) else "at standard rates"
-        ax.plot(np.asarray(rates, dtype=float)[ok], at[ok], "o", color="C3", label=label)
-        if not ok.all():
-            ax.axvline(max(fps[-1], lo), ls=":", color="0.4", label="end of detections (higher rates not reached)")
+        r = np.asarray(rates, dtype=float)
+        ax.plot(r[ok & ~ext], at[ok & ~ext], "o", color="C3", label=label)
+        if (ok & ext).any():
+            ax.plot(r[ok & ext], at[ok & ext], "o", mfc="none", color="C3", label="extended rates (end value carried)")
         ax.legend(loc="lower right", fontsize=9)
     else:
         _empty_note(ax, "no truth boxes")

@@ -266,6 +266,7 @@ def evaluate_predictions(
             os.path.join(output_dir, "froc.png"),
             hit_rule=_hit_rule_text(froc_hit, froc_iou),
             cpm=fr["cpm"],
+            extended=fr["extended"],
         )
         rocs = {}
         if il_roc["fpr"]:
@@ -405,23 +406,22 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         "a prediction hitting nothing is an FP. Sensitivity at a rate is the highest reached at an "
         f"average FP/image not above it. {fr['num_lesions']} lesions in {fr['num_images']} images.\n\n"
     )
-    reached = fr.get("reached", [True] * len(fr["sensitivity"]))
+    extended = fr.get("extended", [False] * len(fr["sensitivity"]))
     out.append(
         _table(
             ["FP / image"] + [f"{r:g}" for r in fr["fps_per_image"]] + ["CPM"],
-            [["sensitivity"] + [v if ok else "not reached" for v, ok in zip(fr["sensitivity"], reached)]
-             + [fr["cpm"] if fr["cpm"] is not None else "not reached"]],
+            [["sensitivity"] + [_fmt(v) + ("*" if ext else "") for v, ext in zip(fr["sensitivity"], extended)]
+             + [_fmt(fr["cpm"]) + ("*" if any(extended) else "")]],
         )
     )
-    if not all(reached):
-        missing = ", ".join(f"{r:g}" for r, ok in zip(fr["fps_per_image"], reached) if not ok)
+    if any(extended):
+        rates = ", ".join(f"{r:g}" for r in fr["extended_rates"])
         out.append(
-            f"\nThe curve ends at {_fmt(fr.get('max_fps_per_image'))} FP/image before finding every "
-            f"lesion: the rates {missing} FP/image are **not reached** (the model output "
-            "no lower-scoring detections that could have found more), so their sensitivity and the CPM "
-            "are not reported. Mean over the reached rates: "
-            f"{_fmt(fr.get('cpm_reached'))}. Lower `MODEL.ROI_HEADS.SCORE_THRESH_TEST` or raise "
-            "`TEST.DETECTIONS_PER_IMAGE` to reach them.\n"
+            f"\n\\* **Extended**: the curve ends at {_fmt(fr.get('max_fps_per_image'))} FP/image before finding "
+            f"every lesion (the model output no more boxes), so at {rates} FP/image the sensitivity is the curve's "
+            "last value carried on (the usual FROC convention), and the CPM includes these rates. Lower-scoring "
+            "detections might have found more: lower `MODEL.ROI_HEADS.SCORE_THRESH_TEST` or raise "
+            "`TEST.DETECTIONS_PER_IMAGE` to measure them.\n"
         )
 
     il = metrics["image_level"]
