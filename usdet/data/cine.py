@@ -99,7 +99,8 @@ class SyntheticCine:
         self.gain_range, self.shake = tuple(gain_range), float(shake)
         self.screen, self.layout_change_at, self.patient_name = bool(screen), layout_change_at, patient_name
         h, w = self.size
-        self.canvas = tuple(canvas) if canvas is not None else (int(w * 2.4) + 120, int(h * 2.2) + 80)
+        even = lambda v: int(v) + int(v) % 2  # noqa: E731  (video codecs want even sizes)
+        self.canvas = tuple(canvas) if canvas is not None else (even(w * 2.4 + 120), even(h * 2.2 + 80))
         rng = np.random.default_rng([self.seed, 0])
         lo, hi = int(sweep_frames[0]), int(sweep_frames[1])
         if lo < 2 or hi < lo:
