@@ -29,7 +29,7 @@ from usdet.engine.tracking import TRACK_FIELDS, IoUTracker, TrackParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClipResult", "predict_clip", "write_clip_outputs", "run_clips", "clip_params", "clip_tool"]
+__all__ = ["ClipResult", "predict_clip", "retrack", "write_clip_outputs", "run_clips", "clip_params", "clip_tool"]
 
 Box = Tuple[int, int, int, int]
 
@@ -167,12 +167,32 @@ def predict_clip(
     result.seconds = time.perf_counter() - t0
     result.size = clip.size
     result.tracks = tracker.table()
-    reported = {t["track_id"] for t in result.tracks if t["reported"]}
-    for rec in result.records:
-        for b in rec["boxes"]:
-            b["reported"] = b["track_id"] in reported
+    _mark_reported(result.records, result.tracks)
     result.crop = {"cropper_runs": cropper.calls, "layout_changes": cropper.changes, "crops": cropper.history}
     return result
+
+
+def _mark_reported(records: List[dict], tracks: Sequence[dict]) -> None:
+    reported = {t["track_id"] for t in tracks if t["reported"]}
+    for rec in records:
+        for b in rec["boxes"]:
+            b["reported"] = b["track_id"] in reported
+
+
+def retrack(records: Sequence[dict], params: TrackParams) -> Tuple[List[dict], List[dict]]:
+    """Run the tracker and the temporal rule again on stored per-frame records (a clip's
+    predictions.json) with other ``params``: ``(records with new track ids, track table)``.
+    Boxes below the original run's kept threshold are not there to be tracked."""
+    tracker = IoUTracker(params)
+    out: List[dict] = []
+    for rec in records:
+        boxes = rec["boxes"]
+        ids = tracker.update(int(rec["frame"]), [b["bbox_xyxy_original"] for b in boxes], [b["score"] for b in boxes],
+                             [b.get("class", "lesion") for b in boxes])
+        out.append({**rec, "boxes": [{**b, "track_id": i} for b, i in zip(boxes, ids)]})
+    tracks = tracker.table()
+    _mark_reported(out, tracks)
+    return out, tracks
 
 
 # ---------------------------------------------------------------------------------------------
