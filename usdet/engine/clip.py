@@ -102,10 +102,11 @@ def predict_clip(
 ) -> ClipResult:
     """Run ``predictor`` over every frame of the clip at ``path``, track, and apply the temporal rule.
 
-    Records: ``{frame, crop_boxes, boxes: [{bbox_xyxy_original, score, class, track_id, reported}]}``
-    (+ ``crop_note`` where the full frame was used); every box with score >= min(``score_thresh``,
-    ``params.min_score``) is kept, ``score >= score_thresh`` being the single-frame decision and
-    ``reported`` the temporal one. Raises :class:`ClipReadError` only when the clip cannot be
+    Records: ``{frame, crop_boxes, boxes: [{bbox_xyxy_original, score, class, track_id,
+    temporal_score, reported}]}`` (+ ``crop_note`` where the full frame was used); every box with
+    score >= min(``score_thresh``, ``params.min_score``) is kept, ``score >= score_thresh`` being
+    the single-frame decision and ``reported`` (temporal score >= ``params.score_thresh``) the
+    temporal one. Raises :class:`ClipReadError` only when the clip cannot be
     opened at all; a fault later is recorded in ``failure``.
     """
     from tqdm import tqdm
@@ -166,23 +167,27 @@ def predict_clip(
         bar.close()
     result.seconds = time.perf_counter() - t0
     result.size = clip.size
-    result.tracks = tracker.table()
-    _mark_reported(result.records, result.tracks)
+    temporal = tracker.temporal_scores()
+    result.tracks = tracker.table(temporal)
+    _mark_temporal(result.records, temporal, params.score_thresh)
     result.crop = {"cropper_runs": cropper.calls, "layout_changes": cropper.changes, "crops": cropper.history}
     return result
 
 
-def _mark_reported(records: List[dict], tracks: Sequence[dict]) -> None:
-    reported = {t["track_id"] for t in tracks if t["reported"]}
+def _mark_temporal(records: List[dict], temporal: Dict[int, Dict[int, float]], score_thresh: float) -> None:
+    """Give every box its ``temporal_score`` and ``reported`` (temporal score >= ``score_thresh``)."""
     for rec in records:
         for b in rec["boxes"]:
-            b["reported"] = b["track_id"] in reported
+            tid = b["track_id"]
+            v = temporal[tid].get(int(rec["frame"]), 0.0) if tid is not None else 0.0
+            b["temporal_score"] = round(v, 4)
+            b["reported"] = v > 0 and v >= score_thresh
 
 
 def retrack(records: Sequence[dict], params: TrackParams) -> Tuple[List[dict], List[dict]]:
     """Run the tracker and the temporal rule again on stored per-frame records (a clip's
-    predictions.json) with other ``params``: ``(records with new track ids, track table)``.
-    Boxes below the original run's kept threshold are not there to be tracked."""
+    predictions.json) with other ``params``: ``(records with new track ids and temporal scores,
+    track table)``. Boxes below the original run's kept threshold are not there to be tracked."""
     tracker = IoUTracker(params)
     out: List[dict] = []
     for rec in records:
@@ -190,9 +195,9 @@ def retrack(records: Sequence[dict], params: TrackParams) -> Tuple[List[dict], L
         ids = tracker.update(int(rec["frame"]), [b["bbox_xyxy_original"] for b in boxes], [b["score"] for b in boxes],
                              [b.get("class", "lesion") for b in boxes])
         out.append({**rec, "boxes": [{**b, "track_id": i} for b, i in zip(boxes, ids)]})
-    tracks = tracker.table()
-    _mark_reported(out, tracks)
-    return out, tracks
+    temporal = tracker.temporal_scores()
+    _mark_temporal(out, temporal, params.score_thresh)
+    return out, tracker.table(temporal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +213,8 @@ def coco_results(result: ClipResult, class_names: Sequence[str]) -> List[dict]:
             x0, y0, x1, y1 = b["bbox_xyxy_original"]
             out.append({"image_id": rec["frame"], "frame": rec["frame"], "category_id": cat.get(b["class"], 1),
                         "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        "score": b["score"], "track_id": b["track_id"], "reported": b["reported"]})
+                        "score": b["score"], "track_id": b["track_id"], "temporal_score": b["temporal_score"],
+                        "reported": b["reported"]})
     return out
 
 

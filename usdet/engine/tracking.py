@@ -5,17 +5,19 @@ small assignment tracker (optimal one-to-one matching on IoU with scipy's
 ``linear_sum_assignment``, a constant-velocity guess of where each track's box is now, tracks
 kept through short gaps); no maintained tracker library fits boxes without appearance
 features and a per-frame score history at this size. The temporal decision is a k-of-n
-persistence rule with a smoothed score: a track is a lesion when, in some window of ``window``
-consecutive frames, it was detected with score >= ``hit_score`` in at least ``min_hits`` of
-them and its mean score over the window (missed frames count 0) is >= ``score_thresh``. The
-highest such mean is the track's ``decision_score``, so sweeping ``score_thresh`` gives the
-rule's operating curve just as sweeping the box score does for single frames.
+persistence rule with a smoothed score, applied to each box of a track over the ``window``
+frames centred on it: the box's ``temporal_score`` is the track's mean detection score over
+those frames (missed frames count 0) when at least ``min_hits`` of them have a detection with
+score >= ``hit_score``, else 0. A box is a lesion box when its temporal score is >=
+``score_thresh``; a track is reported as a lesion when one of its boxes is. The highest
+temporal score of a track is its ``decision_score``, so sweeping ``score_thresh`` gives the
+rule's operating curve as sweeping the detector score does for single frames. Clips are
+processed whole, so the window looks ahead as well as back.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -80,34 +82,51 @@ class Track:
     last_frame: int
     box: np.ndarray  # last matched box (xyxy)
     label: str = "lesion"
-    frames_seen: int = 0
     peak_score: float = 0.0
     peak_frame: int = -1
     peak_box: List[float] = field(default_factory=list)
-    score_sum: float = 0.0
-    decision_score: float = 0.0  # highest window mean among windows meeting k-of-n (0: never)
-    confirmed_frame: Optional[int] = None  # first frame whose window met the rule at score_thresh
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))
-    window: Deque[float] = field(default_factory=deque)  # scores of the last n frames (0 = missed)
+    hits: List[Tuple[int, float]] = field(default_factory=list)  # (frame, detection score) per match
+
+    @property
+    def frames_seen(self) -> int:
+        return len(self.hits)
 
     def predicted(self, frame: int) -> np.ndarray:
         """Where the box should be at ``frame`` (constant velocity since the last match)."""
         return self.box + self.velocity * (frame - self.last_frame)
 
-    def row(self, score_thresh: float) -> dict:
+    def temporal_scores(self, p: "TrackParams") -> Dict[int, float]:
+        """The temporal score of each of the track's boxes (by frame): the k-of-n rule on the
+        ``p.window`` frames centred on it (see the module docstring)."""
+        frames = np.array([f for f, _ in self.hits], np.int64)
+        scores = np.array([s for _, s in self.hits], np.float64)
+        before = (p.window - 1) // 2
+        lo = np.searchsorted(frames, frames - before, side="left")
+        hi = np.searchsorted(frames, frames - before + p.window, side="left")
+        csum = np.concatenate([[0.0], np.cumsum(scores)])
+        chit = np.concatenate([[0], np.cumsum(scores >= p.hit_score)])
+        mean = (csum[hi] - csum[lo]) / p.window
+        ok = (chit[hi] - chit[lo]) >= p.min_hits
+        return {int(f): float(m) if k else 0.0 for f, m, k in zip(frames, mean, ok)}
+
+    def row(self, p: "TrackParams", temporal: Optional[Dict[int, float]] = None) -> dict:
+        temporal = self.temporal_scores(p) if temporal is None else temporal
+        decision = max(temporal.values()) if temporal else 0.0
+        confirmed = [f for f, v in sorted(temporal.items()) if v > 0 and v >= p.score_thresh]
         return {
             "track_id": self.track_id, "first_frame": self.first_frame, "last_frame": self.last_frame,
             "frames_seen": self.frames_seen, "peak_score": round(self.peak_score, 4), "peak_frame": self.peak_frame,
             "peak_box": [round(float(v), 2) for v in self.peak_box],
-            "mean_score": round(self.score_sum / max(1, self.frames_seen), 4),
-            "decision_score": round(self.decision_score, 4),
-            "reported": self.decision_score > 0 and self.decision_score >= score_thresh,
-            "confirmed_frame": self.confirmed_frame, "label": self.label,
+            "mean_score": round(sum(s for _, s in self.hits) / max(1, self.frames_seen), 4),
+            "decision_score": round(decision, 4), "reported": bool(confirmed),
+            "confirmed_frame": confirmed[0] if confirmed else None, "label": self.label,
         }
 
 
 class IoUTracker:
-    """Feed it frame by frame (``update``); ``tracks`` holds every track, ended ones included."""
+    """Feed it frame by frame (``update``); ``tracks`` holds every track, ended ones included;
+    ``table()`` and ``temporal_scores()`` apply the temporal rule once the clip is over."""
 
     def __init__(self, params: TrackParams = TrackParams()):
         self.p = params
@@ -116,39 +135,20 @@ class IoUTracker:
         self._next_id = 1
         self._last_frame: Optional[int] = None
 
-    def _advance(self, tr: Track, score: float, frame: int) -> None:
-        """Push this frame's score into the track's window and update its decision score."""
-        p = self.p
-        tr.window.append(score)
-        if len(tr.window) > p.window:
-            tr.window.popleft()
-        hits = sum(1 for s in tr.window if s >= p.hit_score)
-        if hits >= p.min_hits:
-            mean = sum(tr.window) / p.window
-            if mean > tr.decision_score:
-                tr.decision_score = mean
-            if tr.confirmed_frame is None and mean >= p.score_thresh:
-                tr.confirmed_frame = frame
-
     def update(self, frame: int, boxes: Sequence[Sequence[float]], scores: Sequence[float],
                labels: Optional[Sequence[str]] = None) -> List[Optional[int]]:
         """Match this frame's detections to tracks; returns the track id of each detection
         (None for one below ``min_score``). Frames must come in increasing order."""
         if self._last_frame is not None and frame <= self._last_frame:
             raise ValueError(f"frames must increase: got {frame} after {self._last_frame}")
-        # frames skipped entirely (none expected from usdet's readers) count as misses
-        skipped = 0 if self._last_frame is None else frame - self._last_frame - 1
         self._last_frame = frame
         p = self.p
         boxes_a = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores_a = np.asarray(scores, np.float64).reshape(-1)
         out: List[Optional[int]] = [None] * len(boxes_a)
         keep = [i for i in range(len(boxes_a)) if scores_a[i] >= p.min_score]
-        active = [self.tracks[t] for t in self._active]
-        for tr in active:
-            for k in range(min(skipped, p.window)):
-                self._advance(tr, 0.0, frame - skipped + k)
-        matched_tracks, matched_dets = set(), set()
+        active = [self.tracks[t] for t in self._active if frame - self.tracks[t].last_frame <= p.max_gap + 1]
+        matched = set()
         if active and keep:
             pred = np.stack([t.predicted(frame) for t in active])
             iou = box_iou_xyxy(pred, boxes_a[keep])
@@ -157,25 +157,19 @@ class IoUTracker:
                 if iou[r, c] >= p.track_iou and iou[r, c] > 0:
                     i = keep[c]
                     tr = active[r]
-                    gap = frame - tr.last_frame
-                    step = (boxes_a[i] - tr.box) / max(gap, 1)
+                    step = (boxes_a[i] - tr.box) / max(frame - tr.last_frame, 1)
                     tr.velocity = step if tr.frames_seen == 1 else 0.5 * tr.velocity + 0.5 * step
                     self._hit(tr, frame, boxes_a[i], float(scores_a[i]), labels[i] if labels else None)
                     out[i] = tr.track_id
-                    matched_tracks.add(tr.track_id)
-                    matched_dets.add(i)
-        for tr in active:
-            if tr.track_id not in matched_tracks:
-                self._advance(tr, 0.0, frame)
-        self._active = [t.track_id for t in active if frame - t.last_frame <= p.max_gap]
+                    matched.add(i)
+        self._active = [t.track_id for t in active]
         for i in keep:
-            if i in matched_dets:
+            if i in matched:
                 continue
             tr = Track(self._next_id, frame, frame, boxes_a[i].copy())
             self._next_id += 1
             self.tracks[tr.track_id] = tr
             self._active.append(tr.track_id)
-            # the window starts empty (frames before the track count 0): k hits of its own are needed
             self._hit(tr, frame, boxes_a[i], float(scores_a[i]), labels[i] if labels else None)
             out[i] = tr.track_id
         return out
@@ -183,20 +177,21 @@ class IoUTracker:
     def _hit(self, tr: Track, frame: int, box: np.ndarray, score: float, label: Optional[str]) -> None:
         tr.box = box.copy()
         tr.last_frame = frame
-        tr.frames_seen += 1
-        tr.score_sum += score
+        tr.hits.append((frame, score))
         if label:
             tr.label = label
         if score > tr.peak_score:
             tr.peak_score, tr.peak_frame, tr.peak_box = score, frame, [float(v) for v in box]
-        self._advance(tr, score, frame)
 
-    def table(self) -> List[dict]:
+    def temporal_scores(self) -> Dict[int, Dict[int, float]]:
+        """``{track_id: {frame: temporal score}}`` for every track."""
+        return {t: self.tracks[t].temporal_scores(self.p) for t in sorted(self.tracks)}
+
+    def table(self, temporal: Optional[Dict[int, Dict[int, float]]] = None) -> List[dict]:
         """One row per track (``TRACK_FIELDS``), by id."""
-        return [self.tracks[t].row(self.p.score_thresh) for t in sorted(self.tracks)]
+        temporal = self.temporal_scores() if temporal is None else temporal
+        return [self.tracks[t].row(self.p, temporal[t]) for t in sorted(self.tracks)]
 
-    def reported_ids(self, score_thresh: Optional[float] = None) -> List[int]:
-        """Ids of the tracks the temporal rule reports as lesions (at ``score_thresh``, default the params')."""
-        thr = self.p.score_thresh if score_thresh is None else score_thresh
-        return [t for t in sorted(self.tracks) if self.tracks[t].decision_score >= thr and
-                self.tracks[t].decision_score > 0]
+    def reported_ids(self) -> List[int]:
+        """Ids of the tracks the temporal rule reports as lesions."""
+        return [r["track_id"] for r in self.table() if r["reported"]]

@@ -3,9 +3,9 @@
 Measures (issue 22): per-frame lesion sensitivity (a lesion present in a frame counts as found
 when a kept box has IoU >= ``iou_thresh`` with it), false positives per lesion-free frame (every
 kept box on a frame with no part of any lesion), and per-lesion sensitivity (a lesion counts
-when a kept box overlaps it on some frame; for the temporal rule, a box of a reported track).
-A rule is a score per box: the detector's score (single frame) or its track's decision score
-(temporal), so both have an operating curve, and "FP at equal per-frame sensitivity" compares
+when a kept box overlaps it on some frame: for the temporal rule, a box of a reported track).
+A rule is a score per box: the detector's score (single frame) or the box's temporal score
+(usdet.engine.tracking), so both have an operating curve, and "FP at equal per-frame sensitivity" compares
 them at one sensitivity. Partly visible lesions (truth ``partial_boxes``) are neither to be
 found nor false positives.
 """
@@ -38,11 +38,10 @@ class ClipTable:
     n_frames: int = 0
 
 
-def clip_table(records: Sequence[dict], truth_frames: Sequence[dict], tracks: Sequence[dict],
-               iou_thresh: float = 0.5, clip_id: object = 0) -> ClipTable:
-    """Build the table of one clip from its per-frame ``records`` (``predict_clip``), the truth
-    frames (``usdet.data.cine``) and the track table (its ``decision_score`` is the temporal score)."""
-    decision = {t["track_id"]: float(t["decision_score"]) for t in tracks}
+def clip_table(records: Sequence[dict], truth_frames: Sequence[dict], iou_thresh: float = 0.5,
+               clip_id: object = 0) -> ClipTable:
+    """Build the table of one clip from its per-frame ``records`` (``predict_clip``: each box's
+    ``score`` and ``temporal_score``) and the truth frames (``usdet.data.cine``)."""
     truth = {int(t["frame"]): t for t in truth_frames}
     best: Dict[str, List[float]] = {"single": [], "temporal": []}
     free: Dict[str, List[float]] = {"single": [], "temporal": []}
@@ -54,7 +53,7 @@ def clip_table(records: Sequence[dict], truth_frames: Sequence[dict], tracks: Se
             continue
         boxes = np.array([b["bbox_xyxy_original"] for b in rec["boxes"]], np.float64).reshape(-1, 4)
         single = np.array([b["score"] for b in rec["boxes"]], np.float64)
-        temporal = np.array([decision.get(b.get("track_id"), 0.0) for b in rec["boxes"]], np.float64)
+        temporal = np.array([b.get("temporal_score", 0.0) for b in rec["boxes"]], np.float64)
         if not t["boxes"] and not t["partial_boxes"]:
             n_free += 1
             free["single"].extend(single.tolist())
