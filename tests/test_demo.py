@@ -44,3 +44,33 @@ def test_make_screens_maps_each_lesion_into_its_screen(tmp_path, phantom_dataset
             ratio_w, ratio_h = (b[2] - b[0]) / a["bbox"][2], (b[3] - b[1]) / a["bbox"][3]
             assert abs(ratio_w - ratio_h) < 0.1 * max(ratio_w, ratio_h)
         assert os.path.isfile(tmp_path / "screens" / f"screen_{k:02d}.png")
+
+
+def test_demo_clip_step_truth_and_check(tmp_path):
+    """make_clip writes a playable screen clip with per-frame truth; check_clip counts lesions found
+    by reported boxes and boxes per lesion-free frame of both rules."""
+    from usdet.data.clips import open_clip
+
+    truth_json = demo.make_clip(str(tmp_path / "clip" / "sweep.mp4"), frames=120)
+    with open(truth_json) as f:
+        truth = json.load(f)
+    frames = truth["frames"]
+    assert len(frames) == 120 and sum(1 for _ in open_clip(str(tmp_path / "clip" / "sweep.mp4"))) == 120
+    lesions = {lid for fr in frames for lid in fr["lesion_ids"]}
+    free = [fr["frame"] for fr in frames if fr["lesion_free"]]
+    assert lesions and free
+    clip_dir = tmp_path / "pred"
+    clip_dir.mkdir()
+    records = []
+    for fr in frames:
+        boxes = [{"bbox_xyxy_original": b, "score": 0.9, "temporal_score": 0.8} for b in fr["boxes"]]
+        if fr["frame"] == free[0]:  # one flickering false positive: the temporal rule drops it
+            boxes.append({"bbox_xyxy_original": [5, 5, 30, 30], "score": 0.6, "temporal_score": 0.0})
+        records.append({"frame": fr["frame"], "boxes": boxes})
+    (clip_dir / "predictions.json").write_text(json.dumps(records))
+    (clip_dir / "tracks.json").write_text(json.dumps({"temporal_rule": {"score_thresh": 0.4}, "tracks": []}))
+    r = demo.check_clip(truth_json, str(clip_dir), 0.45)
+    assert r["frames"] == 120 and r["lesions"] == len(lesions) and r["lesions_found"] == len(lesions)
+    assert r["single_per_frame_sensitivity"] == r["temporal_per_frame_sensitivity"] == 1.0
+    assert r["single_fp_per_lesion_free_frame"] == round(1 / len(free), 4)
+    assert r["temporal_fp_per_lesion_free_frame"] == 0.0

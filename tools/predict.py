@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Detect lesions in new frames: images, folders, DICOM (multi-frame too).
+"""Detect lesions in new frames: images, folders, DICOM (multi-frame too); cine clips with --clip.
 
 Each frame is cropped to the ultrasound image region (usdet.data.crop), run through the model
 in batches, and its boxes are mapped back to the full source frame. Writes OUTPUT/predictions.json
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--overlays", action="store_true", help="also draw each frame with its boxes")
     p.add_argument("--no-crop", action="store_true", help="frames are already cropped: use them whole")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--clip", action="store_true",
+                   help="each input is one cine clip (video file, multi-frame DICOM, folder of ordered frames): "
+                        "tracks, temporal decision, overlay video (video files are clips without it too)")
     p.add_argument("opts", nargs=argparse.REMAINDER,
                    help="config overrides (torch backend): KEY VALUE anywhere on the line (after --input too), "
                         "or after --")
@@ -87,6 +90,15 @@ def main(argv=None) -> int:
     if isinstance(predictor, str):
         print(f"predict: error: {predictor}", file=sys.stderr)
         return 2
+    from usdet.data.clips import is_video_file
+
+    if args.clip or all(is_video_file(p) for p in args.input):  # issue 22: usdet/engine/clip.py
+        from usdet.engine.clip import clip_tool
+
+        return clip_tool(predictor, args.input, args.output, args.score_thresh, not args.no_crop,
+                         not args.no_progress, {"config_file": args.config_file, "weights": args.weights,
+                                                "backend": predictor.backend, "weights_used": predictor.weights_used,
+                                                "device": str(predictor.device)})
     sources = list_sources(args.input)
     if not sources:
         print(f"no inputs found in {' '.join(args.input)}", file=sys.stderr)

@@ -100,6 +100,21 @@ def add_usdet_config(cfg: CN) -> None:
     # merged by detectron2's GeneralizedRCNNWithTTA. TEST.AUG.ENABLED gives its multi-scale set.
     _C.TEST.FLIP = False
 
+    # Clips (tools/predict.py --clip; usdet/engine/tracking.py): detections with score >= MIN_SCORE
+    # are linked into tracks (IoU >= TRACK_IOU with a track's predicted box; a track ends after
+    # MAX_GAP unseen frames). Temporal decision: a track is reported as a lesion when, in some
+    # WINDOW consecutive frames, it was detected with score >= HIT_SCORE in at least MIN_HITS of
+    # them and its mean score over the window (missed frames count 0) is >= SCORE_THRESH.
+    # Defaults chosen on synthetic val clips (benchmarks/bench_clips.py; README "Clips").
+    _C.CLIP = CN()
+    _C.CLIP.MIN_SCORE = 0.05
+    _C.CLIP.TRACK_IOU = 0.3
+    _C.CLIP.MAX_GAP = 5
+    _C.CLIP.WINDOW = 10
+    _C.CLIP.MIN_HITS = 5
+    _C.CLIP.HIT_SCORE = 0.3
+    _C.CLIP.SCORE_THRESH = 0.4
+
 
 def _to_format(rgb: List[float], fmt: str) -> List[float]:
     fmt = fmt.upper()

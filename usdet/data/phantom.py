@@ -60,6 +60,29 @@ def _lesion_polygon(rng: np.random.Generator, kind: str, cx: float, cy: float, r
     return np.round(pts).astype(np.int32)
 
 
+def add_lesion(echo: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
+    """``echo`` with a hypo-echoic lesion where ``mask`` (uint8 0/1) is set, and its posterior
+    acoustic feature below it: enhancement (benign) or shadowing (malignant)."""
+    h, w = echo.shape
+    x, y, bw, bh = (int(v) for v in mask_to_box(mask))
+    below = np.zeros((h, w), np.float32)
+    below[y + bh:, x:x + bw] = 1.0
+    below = cv2.GaussianBlur(below, (0, 0), max(1.0, bw / 6))
+    echo = echo * (1 + (0.35 if kind == "benign" else -0.55) * below)
+    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8 if kind == "benign" else 0.4)
+    level = 0.12 if kind == "benign" else 0.07
+    return echo * (1 - soft) + level * soft
+
+
+def speckle_field(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Fully developed speckle: Rayleigh multiplicative noise of mean 1, correlated laterally like
+    a real point-spread function."""
+    speckle = rng.rayleigh(1.0, (h, w)).astype(np.float32)
+    speckle = cv2.GaussianBlur(speckle, (0, 0), sigmaX=1.2, sigmaY=0.6)
+    speckle /= speckle.mean()
+    return speckle
+
+
 def render_phantom(
     rng: np.random.Generator,
     size: Union[int, Tuple[int, int]] = 128,
@@ -89,20 +112,9 @@ def render_phantom(
             if not (mask & occupied).any():
                 break
         occupied |= cv2.dilate(mask, np.ones((5, 5), np.uint8))
-        x, y, bw, bh = (int(v) for v in mask_to_box(mask))
-        # posterior acoustic feature below the lesion: enhancement (benign) or shadowing (malignant)
-        below = np.zeros((h, w), np.float32)
-        below[y + bh:, x:x + bw] = 1.0
-        below = cv2.GaussianBlur(below, (0, 0), max(1.0, bw / 6))
-        echo = echo * (1 + (0.35 if kind == "benign" else -0.55) * below)
-        soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8 if kind == "benign" else 0.4)
-        level = 0.12 if kind == "benign" else 0.07
-        echo = echo * (1 - soft) + level * soft
+        echo = add_lesion(echo, mask, kind)
         masks.append(mask.astype(bool))
-    # fully developed speckle: Rayleigh multiplicative noise, correlated laterally like a real PSF
-    speckle = rng.rayleigh(1.0, (h, w)).astype(np.float32)
-    speckle = cv2.GaussianBlur(speckle, (0, 0), sigmaX=1.2, sigmaY=0.6)
-    speckle /= speckle.mean()
+    speckle = speckle_field(rng, h, w)
     gray = np.clip(echo * speckle * 255 * 0.9, 0, 255).astype(np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     boxes = [mask_to_box(m) for m in masks]
