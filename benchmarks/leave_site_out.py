@@ -197,7 +197,11 @@ class Protocol:
         r = _read(os.path.join(out, "cross_eval.json"))
         rows = OrderedDict()
         for row in r["rows"]:
-            rows[(row["model"], row["dataset"])] = dict(row, predictions=os.path.join(out, row["predictions"]))
+            report = _read(os.path.join(out, os.path.dirname(row["report"]), "metrics.json"))
+            metrics = OrderedDict(row["metrics"])
+            metrics["AP75"] = {"estimate": report.get("bbox", {}).get("AP75")}  # cross_eval's table has no AP75
+            rows[(row["model"], row["dataset"])] = dict(row, metrics=metrics,
+                                                        predictions=os.path.join(out, row["predictions"]))
         return {"rows": rows, "wall": _read(wall_path)}
 
     def compare(self, key: str, dataset: str, first: Tuple[str, str], second: Tuple[str, str]) -> Dict[str, Any]:
@@ -317,12 +321,13 @@ def render(result: Dict[str, Any]) -> str:
              + (" (reduced)" if b["reduced"] else "") + f"; {result['machine_note']}", ""]
     for key, d in result.get("directions", {}).items():
         lines += [f"## {d['source']} → {d['target']}", "",
-                  "| model | test set | images | AP50 | AP | penalized IoU | CPM |", "|---|---|---|---|---|---|---|"]
+                  "| model | test set | images | AP50 | AP | AP75 | penalized IoU | CPM |",
+                  "|---|---|---|---|---|---|---|---|"]
         for model, by_ds in d["table"].items():
             for ds, row in by_ds.items():
                 m = row["metrics"]
                 lines.append(f"| {model} | {ds} | {row['num_images']} | " + " | ".join(
-                    cross_site._ci(m[k], 1 if k.startswith("AP") else 3) for k in ("AP50", "AP", "penalized IoU", "CPM"))
+                    cross_site._ci(m[k], 1 if k.startswith("AP") else 3) for k in ("AP50", "AP", "AP75", "penalized IoU", "CPM"))
                     + " |")
         lines += ["", "Paired against `source` on the same images (delta [95% CI], p):", "",
                   "| model | test set | ΔAP50 | ΔAP | Δ penalized IoU | ΔCPM |", "|---|---|---|---|---|---|"]
