@@ -172,7 +172,8 @@ class Protocol:
             _log(f"adapting {model}: {method} ({scope}) on {max_images or 'all'} frames of {images}")
             load0 = _load()
             rec = adapt_site(self.config_of(model), self.weights(model), [images], dest, method=method, scope=scope,
-                             max_images=max_images, source_pixel_stats=self.stats(source_site), progress=False)
+                             max_images=max_images, source_pixel_stats=self.stats(source_site), progress=False,
+                             crop=False)  # the converted images, already cropped, as evaluated
             rec = dict(rec, load_avg_1min_start=load0, load_avg_1min_end=_load())
             from usdet.utils.io import atomic_write_json
 
@@ -354,7 +355,7 @@ def render(result: Dict[str, Any]) -> str:
     lines += ["Trainings:", ""]
     for name, t in result["training"].items():
         spi = f"{t['seconds_per_iter']:.2f}" if t.get("seconds_per_iter") else "?"
-        lines.append(f"- {name}: `{t['config']}` {' '.join(t['opts'][:4])}{' + scanner aug' if SCANNER_AUG[1] in t['opts'] else ''}, "
+        lines.append(f"- {name}: `{t['config']}` {' '.join(t['opts'][:4])}{' + scanner aug' if 'INPUT.AUG.SCANNER.SECTOR' in t['opts'] else ''}, "
                      f"{t['iterations']} it, {spi} s/it, {t['train_wall_s'] / 60:.1f} min"
                      f"{cross_site._interrupted(t)}, mean 1-min load {t['load_avg_1min_mean']}")
     return "\n".join(lines) + "\n"
