@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "SCOPES", "AdaptError", "adapt_site", "bn_modules", "select_frames", "site_pixel_stats",
-           "adapted_normalization", "ADAPTATION_KEY"]
+__all__ = ["METHODS", "SCOPES", "ADAPTATION_KEY", "AdaptError", "adapt_site", "adapted_normalization", "bn_modules",
+           "check_on_val", "describe", "select_frames", "set_pixel_normalization", "site_pixel_stats", "update_bn"]
 
 METHODS = ("adabn", "pixel-stats", "pixel-stats+adabn")
 SCOPES = ("backbone", "backbone+fpn", "all")
@@ -181,8 +181,8 @@ class _StatsForward(nn.Module):
             self.model.backbone(images.tensor)
 
 
-def update_bn(model: nn.Module, batches: List[List[Dict[str, torch.Tensor]]], scope: str, blend: float,
-              progress: bool = True) -> Dict[str, Any]:
+def update_bn(model: nn.Module, batches: Iterable[List[Dict[str, torch.Tensor]]], scope: str, blend: float,
+              num_batches: int, progress: bool = True) -> Dict[str, Any]:
     """Re-estimate the running statistics of the BatchNorm layers in ``scope`` on ``batches``.
 
     Only those layers are in training mode while fvcore's ``update_bn_stats`` runs (population
@@ -203,7 +203,7 @@ def update_bn(model: nn.Module, batches: List[List[Dict[str, torch.Tensor]]], sc
         m.train()
     try:
         with torch.no_grad():
-            update_bn_stats(_StatsForward(model, scope), batches, num_iters=len(batches),
+            update_bn_stats(_StatsForward(model, scope), batches, num_iters=num_batches,
                             progress="tqdm" if progress else None)
     finally:
         model.train(was_training)
@@ -323,10 +323,20 @@ def adapt_site(
         set_pixel_normalization(model, mean, std)
     if "adabn" in method:
         pre = FramePredictor(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT, [], batch_size)
-        inputs = [pre.preprocess(f) for f in iter_frames(keys, crop)]
-        batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        bn = update_bn(model, batches, scope, blend, progress=progress)
-        record["bn"] = OrderedDict(scope=scope, batch_size=batch_size, num_batches=len(batches), blend=float(blend),
+        num_batches = -(-len(keys) // batch_size)
+
+        def batches() -> Iterator[List[Dict[str, torch.Tensor]]]:  # streamed: a big site never sits in memory
+            batch: List[Dict[str, torch.Tensor]] = []
+            for frame in iter_frames(keys, crop):
+                batch.append(pre.preprocess(frame))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        bn = update_bn(model, batches(), scope, blend, num_batches=num_batches, progress=progress)
+        record["bn"] = OrderedDict(scope=scope, batch_size=batch_size, num_batches=num_batches, blend=float(blend),
                                    estimator="fvcore update_bn_stats (population mean/variance over all frames)", **bn)
     record["seconds"] = round(time.time() - t0, 2)
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
