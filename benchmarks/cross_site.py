@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, RESULTS, write_result  # noqa: E402
@@ -144,13 +144,14 @@ def _checkpoint_iteration(run_dir: str) -> Optional[int]:
 
 
 def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sched: Dict[str, int],
-          logs: str) -> Dict[str, Any]:
+          logs: str, extra_opts: Sequence[str] = ()) -> Dict[str, Any]:
     """One resumable ``train_net.py`` run; its wall time adds up over the attempts that finished.
 
     An attempt killed with this script (a stopped session) cannot record its time: the state file
     marks each attempt as running before it starts, so a later run counts it as interrupted and
     the result says which iterations were resumed from, instead of passing the last attempt's
-    time off as the whole training's.
+    time off as the whole training's. ``extra_opts``: further ``KEY VALUE`` overrides (datasets,
+    augmentation) placed before the schedule's.
     """
     from usdet.utils.io import atomic_write_json
 
@@ -171,7 +172,7 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
         _log(f"training {name} ({cfg}, {sched['MAX_ITER']} iterations){' resumed' if resume else ''} -> {run_dir}")
         stats = ",".join(os.path.join(data, s, "pixel_stats.json") for s in sources)
         cmd = [PY, "tools/train_net.py", "--config-file", cfg] + (["--resume"] if resume else []) + [
-            "INPUT.NORMALIZATION_FILE", stats, "SOLVER.MAX_ITER", str(sched["MAX_ITER"]),
+            "INPUT.NORMALIZATION_FILE", stats, *extra_opts, "SOLVER.MAX_ITER", str(sched["MAX_ITER"]),
             "SOLVER.WARMUP_ITERS", str(sched["WARMUP_ITERS"]),
             "SOLVER.CHECKPOINT_PERIOD", str(sched["CHECKPOINT_PERIOD"]),
             "TEST.EVAL_PERIOD", str(sched["EVAL_PERIOD"]), "OUTPUT_DIR", run_dir]

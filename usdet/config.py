@@ -90,6 +90,23 @@ def add_usdet_config(cfg: CN) -> None:
     _C.INPUT.AUG.COPY_PASTE.PROB = 0.5
     _C.INPUT.AUG.COPY_PASTE.SCALE = (0.8, 1.2)
 
+    # Scanner-style augmentation (usdet/data/augment.py, build_scanner_augmentation; issue 24),
+    # all off by default. Each enabled one applies to a training image with probability PROB.
+    _C.INPUT.AUG.SCANNER = CN()
+    _C.INPUT.AUG.SCANNER.PROB = 0.5
+    _C.INPUT.AUG.SCANNER.DEPTH_GAIN = 0.0  # time-gain curve: gains in [1 - x, 1 + x] at DEPTH_GAIN_POINTS depths
+    _C.INPUT.AUG.SCANNER.DEPTH_GAIN_POINTS = 4
+    _C.INPUT.AUG.SCANNER.SPECKLE_GRAIN = 0.0  # std of re-grained multiplicative speckle, e.g. 0.15
+    _C.INPUT.AUG.SCANNER.SPECKLE_GRAIN_SIZE = (0.5, 2.5)  # grain sigma range (pixels), per axis
+    _C.INPUT.AUG.SCANNER.RESOLUTION = 1.0  # resolution loss: resampled at a scale in [x, 1] (1 = off)
+    _C.INPUT.AUG.SCANNER.BLUR = 0.0  # Gaussian blur sigma in [0, x] pixels
+    _C.INPUT.AUG.SCANNER.LOG_COMPRESSION = 0.0  # |k| of the log/exp display curve up to x (e.g. 4)
+    _C.INPUT.AUG.SCANNER.JPEG_QUALITY = 0  # JPEG export at a quality in [x, 95] (0 = off)
+    _C.INPUT.AUG.SCANNER.SECTOR = False  # black outside a convex-probe sector that holds every box
+    _C.INPUT.AUG.SCANNER.SECTOR_ANGLE = (30.0, 50.0)  # sector half-angle range, degrees
+    _C.INPUT.AUG.SCANNER.TEXT = False  # burnt-in scanner text, placed off every box
+    _C.INPUT.AUG.SCANNER.TEXT_ITEMS = 4  # at most this many snippets per image
+
     # Weight EMA (usdet/engine/hooks.py EMAHook), off by default: periodic evaluation and
     # model_best.pth use the averaged weights; checkpoints carry the average for --resume.
     _C.MODEL.EMA = CN()

@@ -105,6 +105,27 @@ class UsdetCheckpointer(DetectionCheckpointer):
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise RuntimeError(f"{f}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        """detectron2's loading, then a site adaptation's pixel normalization (``tools/adapt_site.py``).
+
+        ``pixel_mean``/``pixel_std`` are not part of a detectron2 state dict (the config sets them),
+        so a checkpoint adapted to a site's pixel statistics carries them in ``usdet_adaptation``
+        and every tool that loads weights through here uses them, whatever the config says.
+        """
+        incompatible = super()._load_model(checkpoint)
+        record = checkpoint.get("usdet_adaptation") if isinstance(checkpoint, dict) else None
+        if isinstance(record, dict):
+            model = getattr(self.model, "module", self.model)
+            if record.get("pixel_mean") is not None and hasattr(model, "pixel_mean"):
+                from usdet.engine.adapt import set_pixel_normalization
+
+                set_pixel_normalization(model, record["pixel_mean"], record["pixel_std"])
+                self.logger.warning("Site-adapted checkpoint: its PIXEL_MEAN %s / PIXEL_STD %s replace the config's",
+                                    record["pixel_mean"], record["pixel_std"])
+            self.logger.info("Weights adapted to a site without labels (%s on %s frame(s)); verdict: %s",
+                             record.get("method"), record.get("num_images"), record.get("verdict"))
+        return incompatible
+
     def _log_incompatible_keys(self, incompatible) -> None:
         super()._log_incompatible_keys(incompatible)
         if incompatible.incorrect_shapes:

@@ -69,6 +69,10 @@ def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, s
         used, note = "model", f"training weights of {path}"
         if ema is not None:
             note += " (it also carries EMA weights, unused because MODEL.EMA.ENABLED is off, as in --eval-only)"
+    adapted = extra.get("usdet_adaptation")
+    if isinstance(adapted, dict):
+        note += (f", adapted to a site without labels ({adapted.get('method')} on {adapted.get('num_images')} "
+                 f"frame(s); verdict: {adapted.get('verdict')})")
     logger.info("Predicting with the %s", note)
     return used, note
 

@@ -1,0 +1,107 @@
+"""benchmarks/leave_site_out.py at a tiny budget on two phantom "sites" (clean and intensity-shifted):
+every model and lever is trained, adapted, chosen on the target's val split, evaluated and paired,
+and a second invocation redoes nothing."""
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from train_helpers import QUICK_CFG
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def lso(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("leave_site_out_bench",
+                                                  os.path.join(REPO, "benchmarks", "leave_site_out.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _phantom_sites(data: str) -> None:
+    from usdet.data.image_io import read_image
+    from usdet.data.phantom import make_phantom_dataset
+    from usdet.utils.io import atomic_write_image
+
+    make_phantom_dataset(os.path.join(data, "ph"), num_images=16, size=96, seed=0)
+    shutil.copytree(os.path.join(data, "ph"), os.path.join(data, "phs"))
+    folder = os.path.join(data, "phs", "images")
+    for name in os.listdir(folder):
+        img = read_image(os.path.join(folder, name)).astype(np.float32)
+        atomic_write_image(os.path.join(folder, name), np.clip(0.6 * img + 50, 0, 255).astype(np.uint8))
+
+
+def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tmp_path, monkeypatch):
+    import torch
+
+    data, out, res = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "results")
+    _phantom_sites(data)
+    mixed_cfg = tmp_path / "mixed.yaml"
+    mixed_cfg.write_text(f'_BASE_: "{QUICK_CFG}"\nDATASETS:\n  TRAIN: ("ph_train", "phs_train")\n'
+                         '  TEST: ("phs_val",)\n')
+    site = lambda s: {"train": f"{s}_train", "val": f"{s}_val", "tests": [f"{s}_test"], "stats": s}  # noqa: E731
+    lso.PRESETS["phantom"] = {"config": QUICK_CFG, "mixed_config": str(mixed_cfg), "mixed_stats": ["ph", "phs"],
+                              "full_iter": 20, "full_warmup": 5, "convert": False,
+                              "sites": {"ph": site("ph"), "phs": site("phs")}, "mixed_trained_on": [],
+                              "directions": ["ph:phs"]}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    torch.set_num_threads(1)
+    argv = ["--preset", "phantom", "--data", data, "--output", out, "--max-iter", "2", "--evals", "1",
+            "--candidates", "adabn:backbone+fpn,pixel-stats", "--adapt-sizes", "4", "--bootstrap", "20",
+            "--results", res, "--note", "test"]
+    assert lso.main(argv) == 0
+    r = json.load(open(os.path.join(res, "leave_site_out.json")))
+    assert r["status"] == "complete" and r["budget"]["max_iter"] == 2 and r["budget"]["reduced"]
+    assert set(r["training"]) == {"mixed", "ph_only", "ph_scanner_aug"}
+    for t in r["training"].values():
+        assert t["iterations"] == 2 and "load_avg_1min_mean" in t and t["train_wall_s"] > 0
+    # the +aug model really trained with the scanner augmentation
+    with open(os.path.join(out, "ph_scanner_aug", "config.yaml")) as fh:
+        aug_cfg = fh.read()
+    assert "SECTOR: true" in aug_cfg and "JPEG_QUALITY: 40" in aug_cfg
+    d = r["directions"]["ph_to_phs"]
+    assert list(d["table"]) == ["source", "+adapt", "+aug", "+both", "mixed"]
+    n_test = d["table"]["source"]["phs_test"]["num_images"]
+    assert n_test > 0 and all(row["phs_test"]["num_images"] == n_test for row in d["table"].values())
+    for lever in ("adaptation", "adaptation_after_aug"):
+        a = d[lever]
+        assert a["selection_set"] == "phs_val" and set(a["val_AP50"]) == {"adabn_backbone-fpn", "pixel-stats"}
+        vals = {k: (-1.0 if v is None else v) for k, v in a["val_AP50"].items()}
+        assert vals[a["chosen"]] == max(vals.values())  # the choice is the val split's best
+        assert a["chosen_record"]["images_folder"] == [os.path.join(out, "adapt_images", "phs_train")]
+        n_train = len(json.load(open(os.path.join(data, "phs", "annotations", "train.json")))["images"])
+        assert a["chosen_record"]["num_images"] == n_train
+        assert a["val_decision"] in ("adapt", "do not adapt", "no detectable difference")
+    for model in ("+adapt", "+aug", "+both", "mixed"):
+        c = d["paired_vs_source"][model]["phs_test"]["AP50"]
+        vs = c["values"]
+        if vs["source"] is not None and vs[model] is not None:
+            assert c["delta"]["estimate"] == pytest.approx(vs[model] - vs["source"])
+    sizes = d["adaptation_cost"]
+    assert [s["num_images"] for s in sizes] == [n_train, 4] and sizes[1]["max_images"] == 4
+    md = open(os.path.join(res, "reports", "leave_site_out.md")).read()
+    assert "## ph → phs" in md and "| +both | phs_test |" in md and "reduced" in md
+
+    # resumed: nothing is trained, adapted, evaluated or compared again; same result
+    def refuse(*a, **k):
+        raise AssertionError("a finished stage was run again")
+
+    import usdet.engine.adapt
+    import usdet.evaluation.compare
+    import usdet.evaluation.cross_eval
+
+    monkeypatch.setattr(lso.cross_site, "_run", refuse)
+    monkeypatch.setattr(usdet.engine.adapt, "adapt_site", refuse)
+    monkeypatch.setattr(usdet.evaluation.cross_eval, "cross_evaluate", refuse)
+    monkeypatch.setattr(usdet.evaluation.compare, "compare_models", refuse)
+    assert lso.main(argv) == 0
+    r2 = json.load(open(os.path.join(res, "leave_site_out.json")))
+    assert r2["directions"]["ph_to_phs"]["table"] == d["table"]
+    assert r2["directions"]["ph_to_phs"]["paired_vs_source"] == d["paired_vs_source"]
