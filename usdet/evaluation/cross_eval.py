@@ -66,7 +66,7 @@ def cross_evaluate(
 
     from usdet.engine import check_datasets, evaluate_checkpoint, setup
 
-    from .compare import load_detection_data
+    from .inputs import load_detection_data
     from .operating_point import apply_threshold, choose_threshold
 
     if not weights:
@@ -134,7 +134,7 @@ def cross_evaluate(
 
 def render_cross_eval(r: Dict[str, Any]) -> str:
     """Markdown table: one row per model and dataset."""
-    from .report import fmt_estimate as _cell
+    from .formatting import fmt_estimate as _cell
 
     labels = [label for _, _, label in TABLE_METRICS]
     with_op = any("operating_point" in row for row in r["rows"])

@@ -318,7 +318,7 @@ def summarize_folds(output_dir: str, folds: int, *, bootstrap: int = 1000, seed:
 
 def render_cv_summary(s: Dict[str, Any]) -> str:
     """Markdown: per-fold rows, mean ± sd, pooled with 95% bootstrap CIs."""
-    from .report import _fmt, fmt_estimate
+    from .formatting import fmt_estimate, fmt_value as _fmt
 
     labels = [label for label, _, _, _ in FOLD_METRICS]
 

@@ -526,3 +526,64 @@ def build_detection_data(
         ignore_image=ign_image,
         num_ignored_predictions=int(drop.sum()),
     )
+
+
+def flatten_instances_predictions(preds: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Accept detectron2's ``instances_predictions.pth`` layout (``[{image_id, instances: [...]}]``) too."""
+    if preds and isinstance(preds[0], dict) and "instances" in preds[0]:
+        out: List[Dict[str, Any]] = []
+        for p in preds:
+            for inst in p.get("instances", []):
+                out.append(dict(inst, image_id=inst.get("image_id", p.get("image_id"))))
+        return out
+    return list(preds)
+
+
+@dataclass
+class EvaluationInputs:
+    """A ground truth and its detections, read and checked once (see :func:`load_inputs`)."""
+
+    gt: Dict[str, Any]  # the cleaned COCO dict
+    predictions: PredictionArrays  # the scorable detections
+    data: DetectionData
+    warnings: List[str]  # one message per problem, naming the file
+    num_raw_predictions: int  # detections in the input, scorable or not
+    gt_name: str
+    pred_name: str
+
+
+def load_inputs(
+    gt: Union[str, Dict[str, Any]],
+    predictions: Union[str, Sequence[Any]],
+    gt_name: str = "ground truth",
+    pred_name: str = "predictions",
+) -> EvaluationInputs:
+    """Read (paths) or take (loaded) a COCO ground truth and its detections, and check both.
+
+    The one reader of the report, the comparison, subgroups and the operating point, so that
+    every figure counts the same images, boxes and detections. A path replaces its ``*_name``.
+    """
+    if isinstance(gt, str):
+        gt_name = gt
+        gt = load_gt_json(gt)
+    if isinstance(predictions, str):
+        pred_name = predictions
+        predictions = load_predictions_json(predictions)
+    raw = flatten_instances_predictions(list(predictions))
+    gt_clean, warnings = clean_gt(gt, gt_name)
+    arrays, w = clean_predictions(raw, [im["id"] for im in gt_clean["images"]],
+                                  [c["id"] for c in gt_clean["categories"]], pred_name)
+    data = build_detection_data(gt_clean, arrays, check=False)
+    return EvaluationInputs(gt_clean, arrays, data, warnings + w, len(raw), gt_name, pred_name)
+
+
+def load_detection_data(
+    gt: Any, predictions: Any, gt_name: str = "ground truth", pred_name: str = "predictions"
+) -> Tuple[Dict[str, Any], DetectionData, List[str]]:
+    """(cleaned COCO ground truth, arrays, input problems) from a GT path/dict and a results path/list."""
+    x = load_inputs(gt, predictions, gt_name, pred_name)
+    return x.gt, x.data, x.warnings
+
+
+__all__ += ["flatten_instances_predictions", "EvaluationInputs", "load_inputs", "load_detection_data",
+            "load_predictions_json"]

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from .formatting import fmt_estimate as cell
 from .inputs import DetectionData
 from .weighted import full_values, metric_functions, percentile_ci, resampled_values, subset
 
@@ -129,8 +130,6 @@ def subgroup_tables(
 
 def render_subgroups(tables: Dict[str, Any]) -> str:
     """Markdown: one table per attribute, estimates with their 95% intervals."""
-    from .report import fmt_estimate as cell
-
     lines = ["\n## Subgroups\n\n",
              "Each row is scored on its own images only (its truth boxes and detections; FP/image per image "
              "of the row), with a bootstrap 95% interval over those images. Sensitivity = FROC sensitivity "
