@@ -4,7 +4,6 @@ Each test fails if a copy came back (a second formatter, resampling loop, EMA lo
 train/val rule or converter constant) or if the users of the one copy disagreed.
 """
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from eval_synth import synth_gt, synth_model
-from train_helpers import load_tool
+from train_helpers import load_benchmark, load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,19 +34,13 @@ def test_formatting_rules():
     assert markdown_table(["a", "b"], [["x", 0.5], [1, None]], 2) == "| a | b |\n|---|---|\n| x | 0.50 |\n| 1 | n/a |\n"
 
 
-@pytest.fixture()
-def cross_site():
-    spec = importlib.util.spec_from_file_location("cross_site_fmt", os.path.join(REPO, "benchmarks", "cross_site.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_cross_site_table_writes_intervals_as_every_report_does(cross_site):
+def test_cross_site_table_writes_intervals_as_every_report_does(monkeypatch):
     """benchmarks/cross_site.py had its own ``_ci`` (NaN printed as 'nan'); its cells are now
     fmt_estimate's, the same cells as tools/cross_eval.py's table."""
     from usdet.evaluation.formatting import fmt_estimate
 
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))  # its sibling modules
+    cross_site = load_benchmark("cross_site")
     with open(os.path.join(REPO, "benchmarks", "results", "cross_site.json"), encoding="utf-8") as fh:
         result = json.load(fh)
     name, ev = next(iter(result["evaluations"].items()))
