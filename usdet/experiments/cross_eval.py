@@ -19,7 +19,7 @@ from detectron2.data import MetadataCatalog
 
 from usdet.engine.setup import check_datasets, setup
 from usdet.engine.trainer import evaluate_checkpoint
-from usdet.evaluation.formatting import fmt_estimate as _cell
+from usdet.evaluation.formatting import fmt_estimate as _cell, markdown_table
 from usdet.evaluation.inputs import load_detection_data
 from usdet.evaluation.operating_point import apply_threshold, choose_threshold
 from usdet.utils.io import atomic_write_json, atomic_write_text
@@ -145,7 +145,7 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
         out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
                    f"{r['rows'][0]['operating_point']['target_sensitivity']:g} on `{r['val_dataset']}`; "
                    "sensitivity and specificity at it with Wilson 95% intervals.\n")
-    out.append("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|\n")
+    rows = []
     for row in r["rows"]:
         cells = [row["model"], row["dataset"], str(row["num_images"]), str(row["num_lesion_images"])]
         cells += [_cell(row["metrics"][k], 1 if k.startswith("AP") else 3) for k in labels]
@@ -155,7 +155,8 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
             cells += [f"{o['score_thresh']:.3f}",
                       _cell({"estimate": t["sensitivity"], **t["sensitivity_ci"]}),
                       _cell({"estimate": t["specificity"], **t["specificity_ci"]})]
-        out.append("| " + " | ".join(cells) + " |\n")
+        rows.append(cells)
+    out.append("\n" + markdown_table(header, rows))
     if r.get("plot"):
         out.append(f"\n![models x datasets]({r['plot']})\n")
     return "".join(out)
