@@ -271,19 +271,9 @@ def _sub(x: Dict[str, Any], y: Dict[str, Any]) -> Optional[float]:
     return round(x["estimate"] - y["estimate"], 4)
 
 
-def _ci(v: Dict[str, Any], digits: int) -> str:
-    """``estimate [low, high]`` as stored (AP/AP50 in points, the others 0-1)."""
-    if v.get("estimate") is None:
-        return "–"
-    s = f"{v['estimate']:.{digits}f}"
-    if v.get("low") is not None:
-        s += f" [{v['low']:.{digits}f}, {v['high']:.{digits}f}]"
-    return s
-
-
 def render(result: Dict[str, Any]) -> str:
     """The markdown table of ``cross_site.json``."""
-    from usdet.evaluation.report import fmt_number
+    from usdet.evaluation.formatting import fmt_estimate, fmt_number
 
     def _num(x: Optional[float], spec: str) -> str:
         return fmt_number(x, spec, undefined="–")
@@ -300,7 +290,7 @@ def render(result: Dict[str, Any]) -> str:
             m = row["metrics"]
             lines.append(f"| {name} | {ds} | {row['num_images']} ({row['num_images'] - row['num_lesion_images']}) | "
                          + " | ".join(
-                _ci(m[k], 1 if k in ("AP50", "AP") else 3) for k in ("AP50", "AP", "penalized IoU", "CPM", "image AUC")) + " |")
+                fmt_estimate(m[k], 1 if k in ("AP50", "AP") else 3, undefined="–") for k in ("AP50", "AP", "penalized IoU", "CPM", "image AUC")) + " |")
     lines += ["", "Image AUC needs lesion-free images: with fewer than 5 (BrEaST has 4 in all) it says "
               "nothing, and the paired DeLong test is undefined (–)."]
     for key, title in (("drop_busi_only", "Drop of the BUSI-only model, BUSI test minus"),

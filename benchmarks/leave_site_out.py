@@ -10,7 +10,7 @@ BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction,
 
 - ``source``: the CPU recipe trained on the source site's train split, checkpoint chosen on the
   source's val split (``model_best.pth``, the recipe's own rule);
-- ``+adapt``: ``source`` adapted without labels (``usdet.engine.adapt``, what tools/adapt_site.py runs)
+- ``+adapt``: ``source`` adapted without labels (``usdet.experiments.adapt``, what tools/adapt_site.py runs)
   to the target's *train-split* images (their boxes unused). Each candidate in ``--candidates``
   (method[:scope]) is evaluated on the **target's val split** and the best AP50 there is kept;
   whether it beats ``source`` on that val split is recorded (paired) as the adapt-or-not verdict;
@@ -87,7 +87,7 @@ def _read(path: str) -> Any:
 
 def parse_candidates(text: str) -> List[Tuple[str, str]]:
     """``"adabn:backbone,pixel-stats"`` -> [(method, scope), ...] (scope ``backbone+fpn`` when omitted)."""
-    from usdet.engine.adapt import METHODS, SCOPES
+    from usdet.experiments.adapt import METHODS, SCOPES
 
     out = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
@@ -164,7 +164,7 @@ class Protocol:
     # -- adaptation, evaluation, comparison (in process; each result kept on disk) --------------
     def adapt(self, model: str, images: str, source_site: str, method: str, scope: str,
               max_images: int = 0) -> Dict[str, Any]:
-        from usdet.engine.adapt import adapt_site
+        from usdet.experiments.adapt import adapt_site
 
         dest = os.path.join(self.out, "adapt", model, _cand_name(method, scope, max_images) + ".pth")
         rec_path = dest + ".json"
@@ -184,7 +184,7 @@ class Protocol:
 
     def evaluate(self, key: str, model: str, weights: Dict[str, str], datasets: Sequence[str]) -> Dict[str, Any]:
         """cross_eval of ``{name: weights}`` (config of ``model``) on ``datasets``; rows by (name, dataset)."""
-        from usdet.evaluation.cross_eval import cross_evaluate
+        from usdet.experiments.cross_eval import cross_evaluate
         from usdet.utils.io import atomic_write_json
 
         out = os.path.join(self.out, "eval", key)

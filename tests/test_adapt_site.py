@@ -78,7 +78,7 @@ def adapted(site):
 
 
 def test_adaptation_restores_ap_on_shifted_site(site, adapted, tmp_path):
-    from usdet.evaluation.cross_eval import cross_evaluate
+    from usdet.experiments.cross_eval import cross_evaluate
 
     r = cross_evaluate(QUICK_CFG, {"source": site["weights"], **adapted}, ["ph_test", "phs_test"], str(tmp_path),
                        opts=["MODEL.DEVICE", "cpu"], bootstrap=0, plots=False)
@@ -94,7 +94,7 @@ def test_adaptation_restores_ap_on_shifted_site(site, adapted, tmp_path):
 
 
 def test_checkpoint_records_what_was_done(site, tmp_path):
-    from usdet.engine.adapt import ADAPTATION_KEY
+    from usdet.experiments.adapt import ADAPTATION_KEY
 
     out = tmp_path / "adapted_backbone.pth"
     assert _adapt(site, out, "--scope", "backbone", "--max-images", "10", "--batch-size", "5", "--blend", "0.5") == 0
@@ -122,7 +122,7 @@ def test_checkpoint_records_what_was_done(site, tmp_path):
 def test_pixel_stats_are_recorded_and_applied_on_load(site, adapted):
     """The adapted normalization lives in the checkpoint; loading it (predict.py, --eval-only,
     cross_eval, export) applies it whatever the config says."""
-    from usdet.engine.adapt import ADAPTATION_KEY
+    from usdet.experiments.adapt import ADAPTATION_KEY
     from usdet.engine.predictor import BatchPredictor, build_predictor_cfg
 
     rec = torch.load(adapted["pixel-stats"], map_location="cpu", weights_only=False)[ADAPTATION_KEY]

@@ -146,7 +146,7 @@ def test_cli_says_undefined_where_a_metric_is_undefined(tmp_path, capsys):
 
 def test_fmt_number_names_undefined_values():
     """One formatter for every table of paired results: None and NaN read as the caller's placeholder."""
-    from usdet.evaluation.report import fmt_number
+    from usdet.evaluation.formatting import fmt_number
 
     assert fmt_number(0.12345, "+.3f") == "+0.123"
     assert fmt_number(float("nan"), ".4f", undefined="undefined") == "undefined"

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from usdet.data.crop import CropResult, apply_crop, crop_directory, find_image_region, suppress_marks
+from usdet.data.crop import CropResult, apply_crop, find_image_region, suppress_marks
+from usdet.data.crop_folder import crop_directory
 from usdet.data.screens import make_screen
 from train_helpers import REPO
 from frame_helpers import DICOM_DIR, iou

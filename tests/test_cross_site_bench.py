@@ -1,9 +1,10 @@
 """benchmarks/cross_site.py's bookkeeping: a training killed mid-way is counted, not passed off as timed."""
-import importlib.util
 import json
 import os
 
 import pytest
+
+from train_helpers import load_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,10 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture()
 def cross_site(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("cross_site_bench", os.path.join(REPO, "benchmarks", "cross_site.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("cross_site", "cross_site_bench")
 
 
 def _finish(run_dir):

@@ -337,7 +337,7 @@ def test_atomic_writers_on_full_disk(tmp_path, monkeypatch):
 
 def test_crop_workspace_disk_full(tmp_path, monkeypatch):
     """The cropping tool stops with an OSError naming the problem and leaves no partial crop or JSON."""
-    from usdet.data.crop import crop_directory
+    from usdet.data.crop_folder import crop_directory
     from usdet.data.screens import make_screen
 
     rng = np.random.default_rng(2)

@@ -93,13 +93,13 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     def refuse(*a, **k):
         raise AssertionError("a finished stage was run again")
 
-    import usdet.engine.adapt
+    import usdet.experiments.adapt
     import usdet.evaluation.compare
-    import usdet.evaluation.cross_eval
+    import usdet.experiments.cross_eval
 
     monkeypatch.setattr(lso.cross_site, "_run", refuse)
-    monkeypatch.setattr(usdet.engine.adapt, "adapt_site", refuse)
-    monkeypatch.setattr(usdet.evaluation.cross_eval, "cross_evaluate", refuse)
+    monkeypatch.setattr(usdet.experiments.adapt, "adapt_site", refuse)
+    monkeypatch.setattr(usdet.experiments.cross_eval, "cross_evaluate", refuse)
     monkeypatch.setattr(usdet.evaluation.compare, "compare_models", refuse)
     assert lso.main(argv) == 0
     r2 = json.load(open(os.path.join(res, "leave_site_out.json")))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from usdet.engine.predictor import BatchPredictor, build_predictor_cfg, map_boxes_to_original
+from usdet.data.crop import boxes_to_source as map_boxes_to_original
+from usdet.engine.predictor import BatchPredictor, build_predictor_cfg
 from train_helpers import QUICK_CFG, load_tool
 
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # an untrained model: keep every box

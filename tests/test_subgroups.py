@@ -95,7 +95,7 @@ def test_size_of_a_converted_shrunk_dataset_is_the_full_size_one(tmp_path):
     lesion sizes in mm (within the resize's rounding), not half of them."""
     from test_convert_sources import breast_case, make_breast, run
 
-    from usdet.evaluation.crossval import read_converted_dataset
+    from usdet.experiments.crossval import read_converted_dataset
     from usdet.evaluation.subgroups import lesion_size_mm
 
     root = tmp_path / "breast"

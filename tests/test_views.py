@@ -12,7 +12,8 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset  # noqa: E402
 
-from usdet.data.crop import crop_directory, find_image_region  # noqa: E402
+from usdet.data.crop import find_image_region  # noqa: E402
+from usdet.data.crop_folder import crop_directory  # noqa: E402
 from usdet.data.dicom import DicomFrames  # noqa: E402
 from usdet.data.screens import make_screen  # noqa: E402
 from usdet.data.views import REGION_REASON, find_divider, find_views, regions_to_views  # noqa: E402

@@ -6,6 +6,7 @@ process only spin against each other) and the tiny quick schedule.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,6 +24,15 @@ def load_tool(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def load_benchmark(name: str, as_name: Optional[str] = None):
+    """A fresh module of ``benchmarks/<name>.py`` (run from its file, not cached in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(as_name or f"bench_{name}", os.path.join(REPO, "benchmarks",
+                                                                                           f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_datasets_root(root: str) -> str:

@@ -26,7 +26,7 @@ from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
 
 silence_known_warnings()
 
-METHODS = ("adabn", "pixel-stats", "pixel-stats+adabn")  # usdet.engine.adapt.METHODS (not imported: fast --help)
+METHODS = ("adabn", "pixel-stats", "pixel-stats+adabn")  # usdet.experiments.adapt.METHODS (not imported: fast --help)
 SCOPES = ("backbone", "backbone+fpn", "all")
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from usdet.data.register import ensure_usdet_datasets
-    from usdet.engine.adapt import AdaptError, adapt_site, describe
+    from usdet.experiments.adapt import AdaptError, adapt_site, describe
 
     ensure_usdet_datasets()
     opts = [o for o in (args.opts or []) if o != "--"]

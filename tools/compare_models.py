@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from usdet.evaluation.report import fmt_number
+    from usdet.evaluation.formatting import fmt_number
 
     def _num(x, spec: str) -> str:
         return fmt_number(x, spec, undefined="undefined")

@@ -24,9 +24,9 @@ from usdet.utils.known_warnings import silence_known_warnings  # noqa: E402
 
 silence_known_warnings()  # before any third-party deprecation is printed
 
-SPLITS = ("train", "val", "test")
-CLASS_CHOICES = ("lesion", "benign,malignant")
-NEAR_DUP_CORR, NEAR_DUP_HAMMING = 0.95, 10  # usdet.data.duplicates' defaults (checked by a test)
+# light modules (no numpy or OpenCV): --help stays fast
+from usdet.data.defaults import CLASS_CHOICES, NEAR_DUP_CORR, NEAR_DUP_HAMMING  # noqa: E402
+from usdet.data.split import SPLITS, parse_fractions  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,13 +76,12 @@ def check_folds(args: argparse.Namespace) -> None:
 
 
 def core_options(args: argparse.Namespace, **extra):
-    from usdet.data.convert import CLASS_CHOICES as CLASSES, ConvertOptions
-    from usdet.data.split import parse_fractions
+    from usdet.data.convert import ConvertOptions
 
     check_folds(args)
     test_fold = extra.pop("test_fold", None)
     return ConvertOptions(
-        classes=CLASSES[args.classes], fractions=parse_fractions(args.split), seed=args.seed, crop=args.crop,
+        classes=CLASS_CHOICES[args.classes], fractions=parse_fractions(args.split), seed=args.seed, crop=args.crop,
         workers=max(1, args.workers), image_format=args.image_format, jpeg_quality=args.jpeg_quality,
         max_size=max(0, args.max_size), near_dup_corr=args.near_dup_corr, near_dup_hamming=args.near_dup_hamming,
         progress=not args.no_progress, folds=args.folds, fold=args.fold, val_fraction=args.val_fraction,
@@ -254,7 +253,6 @@ def run_frames(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from usdet.data.frames import AnnotationError, convert_frames
     from usdet.data.privacy import PseudonymKeyError, check_mapping_path, load_key
-    from usdet.data.split import parse_fractions
 
     try:
         key = load_key(args.key_file)

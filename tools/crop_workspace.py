@@ -18,7 +18,7 @@ from usdet.utils.known_warnings import silence_known_warnings
 
 silence_known_warnings()  # before torch/detectron2 print their deprecations
 
-from usdet.data.crop import crop_directory, summarize_crops  # noqa: E402
+from usdet.data.crop_folder import crop_directory, summarize_crops  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     ensure_usdet_datasets()  # registers $USDET_DATASETS/<dataset>_<split>
     from usdet.evaluation.compare import parse_model_args
-    from usdet.evaluation.cross_eval import cross_evaluate
+    from usdet.experiments.cross_eval import cross_evaluate
 
     try:
         weights = parse_model_args(args.weights)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from usdet.evaluation import crossval
+    from usdet.experiments import crossval
 
     try:
         if not os.path.isfile(args.config_file):

@@ -93,10 +93,12 @@ def main(argv=None) -> int:
     except (EvaluationInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from usdet.evaluation.formatting import fmt_number
+
     p, b, f = m["piou"], m["bbox"], m["froc"]
 
     def fmt(v):
-        return "n/a" if v is None or v != v else f"{v:.3f}"
+        return fmt_number(v, ".3f")
 
     print(
         f"AP={fmt(b.get('AP'))} AP50={fmt(b.get('AP50'))} piou={fmt(p['score'])} "

@@ -12,9 +12,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import cv2
 import numpy as np
 
+from usdet.data.split import SPLITS as SPLIT_ORDER
 from usdet.utils.io import atomic_write_json
-
-SPLIT_ORDER = ("train", "val", "test")
 
 
 def categories_for(classes: Sequence[str]) -> List[Dict[str, Any]]:

@@ -25,10 +25,9 @@ from usdet.data.coco import (PixelStats, categories_for, invalidate_previous_out
                              write_coco_dataset)
 from usdet.data.convert_image import (ConversionBugError, MaskFile, OutputWriteError,  # noqa: F401  (the core's API)
                                       SourceImage)
-from usdet.data.duplicates import NEAR_DUP_CORR, NEAR_DUP_HAMMING, components, near_duplicate_components
-from usdet.data.split import assign_groups, split_by_group
-
-CLASS_CHOICES = {"lesion": ["lesion"], "benign,malignant": ["benign", "malignant"]}
+from usdet.data.defaults import CLASS_CHOICES, NEAR_DUP_CORR, NEAR_DUP_HAMMING
+from usdet.data.duplicates import components, near_duplicate_components
+from usdet.data.split import split_by_group, train_val_split
 
 
 @dataclass
@@ -212,11 +211,10 @@ def _assign_splits(scan: SourceScan, kept: List[int], labels: Dict[int, str], gr
     if opt.test_fold is not None:
         test = [i for i in kept if scan.images[i].fold == opt.test_fold]
         rest = [i for i in kept if scan.images[i].fold != opt.test_fold]
-        inner = assign_groups([scan.images[i].file for i in rest], [group_of[i] for i in rest],
-                              [labels[i] for i in rest], [1.0 - opt.val_fraction, opt.val_fraction],
-                              opt.seed) if rest else {}
+        inner = train_val_split([scan.images[i].file for i in rest], [group_of[i] for i in rest],
+                                [labels[i] for i in rest], opt.val_fraction, opt.seed)
         split_of = {i: "test" for i in test}
-        split_of.update({i: ("train", "val")[inner[scan.images[i].file]] for i in rest})
+        split_of.update({i: inner[scan.images[i].file] for i in rest})
         test_groups = {group_of[i] for i in test}
         straddle = sorted({group_of[i] for i in rest if group_of[i] in test_groups})
         info = {"method": "published folds", "test_fold": opt.test_fold, "val_fraction": opt.val_fraction,

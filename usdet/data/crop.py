@@ -16,13 +16,12 @@ exact), so a 1024x768 frame takes a few milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-__all__ = ["CropResult", "find_image_region", "apply_crop", "suppress_marks", "crop_directory", "summarize_crops",
-           "ANALYSIS_SIZE"]
+__all__ = ["CropResult", "find_image_region", "apply_crop", "boxes_to_source", "suppress_marks", "ANALYSIS_SIZE"]
 
 Box = Tuple[int, int, int, int]
 
@@ -427,6 +426,27 @@ def apply_crop(frame: np.ndarray, box: Optional[Sequence[int]]) -> np.ndarray:
     return np.ascontiguousarray(frame[y0:y1, x0:x1])
 
 
+def boxes_to_source(boxes_xyxy: Sequence[Sequence[float]], crop_box: Optional[Sequence[float]],
+                    image_size: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """Boxes (xyxy) of a cropped, possibly resized image mapped onto the full source frame.
+
+    The one mapping back to the original frame (the predictor's detections, the overlays of a
+    converted dataset). Box coordinates are continuous (pixel i spans [i, i+1)) and ``crop_box``
+    is ``[x0, y0, x1, y1]`` with x1/y1 exclusive, so per axis source = box * crop size / image
+    size + crop origin; without ``image_size`` (``(width, height)``: the image was not resized)
+    that is an exact shift by (x0, y0), no +-1 (the original study's off-by-one came from mixing
+    the two conventions). ``crop_box`` None returns a copy.
+    """
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    if crop_box is None:
+        return boxes.copy()
+    x0, y0, x1, y1 = (float(v) for v in crop_box)
+    if image_size is None:
+        return boxes + np.array([x0, y0, x0, y0])
+    fx, fy = (x1 - x0) / float(image_size[0]), (y1 - y0) / float(image_size[1])
+    return boxes * np.array([fx, fy, fx, fy]) + np.array([x0, y0, x0, y0])
+
+
 def suppress_marks(image_rgb: np.ndarray, radius: int = 3) -> Tuple[np.ndarray, int]:
     """Inpaint burned-in marks (calipers, text, colour marks) inside a cropped image.
 
@@ -448,98 +468,3 @@ def suppress_marks(image_rgb: np.ndarray, radius: int = 3) -> Tuple[np.ndarray, 
     out = cv2.inpaint(img, mask * 255, radius, cv2.INPAINT_TELEA)
     changed = int(np.any(out != img, axis=2).sum())
     return out, changed
-
-
-def _crop_source(task: Tuple[str, str, str, bool]) -> List[Tuple[str, Dict[str, object]]]:
-    """Crop every frame of one source file into the output tree; one (key, entry) per frame, or per
-    view of a multi-view frame (``<frame key>@view<k>``, sharing ``frame``)."""
-    import os
-
-    from .image_io import ImageReadError
-    from .sources import frame_key, open_source
-    from .views import find_views, view_key
-    from ..utils.io import atomic_write_image
-
-    path, rel, out_dir, suppress = task
-    out: List[Tuple[str, Dict[str, object]]] = []
-    try:
-        src = open_source(path)
-        for idx, rgb in src:
-            key = frame_key(rel, idx)
-            base = rel if idx is None else f"{rel}.frame{idx:04d}.png"
-            if idx is None and os.path.splitext(rel)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif",
-                                                                        ".tiff"):
-                base = rel + ".png"
-            views = find_views(rgb, src.regions)
-            for k, res in enumerate(views):
-                view = k if len(views) > 1 else None
-                entry = res.to_dict()
-                if view is not None:
-                    entry.update(frame=key, view=view)
-                if src.grey_scale_method not in (None, "8-bit stored values", "palette colour lookup"):
-                    entry["grey_scale"] = src.grey_scale
-                if res.box is not None:
-                    img = apply_crop(rgb, res.box)
-                    if suppress:
-                        img, changed = suppress_marks(img)
-                        entry["marks_changed"] = changed
-                    stem, ext = os.path.splitext(base)
-                    out_rel = base if view is None else f"{stem}.view{view}{ext}"
-                    atomic_write_image(os.path.join(out_dir, out_rel), img)
-                    entry["output"] = out_rel.replace(os.sep, "/")
-                out.append((view_key(key, view), entry))
-    except ImageReadError as e:
-        out.append((frame_key(rel, None), {"box": None, "reason": f"failed: {e.reason}", "confidence": 0.0,
-                                           "failed": True}))
-    return out
-
-
-def crop_directory(input_dir: str, output_dir: str, workers: int = 1, suppress: bool = False,
-                   progress: bool = True) -> Dict[str, Dict[str, object]]:
-    """Crop every frame under ``input_dir`` into ``output_dir`` (same relative paths, DICOM frames as
-    ``<file>.frameNNNN.png``, views of a multi-view frame as ``<name>.view<k>.<ext>``) and write
-    ``output_dir/crops.json``; returns its entries. Crops come from the DICOM header's ultrasound
-    regions when it has them, else from the pixels (usdet.data.views).
-
-    Raises OSError (with the file name) when an output cannot be written; crops.json is then absent."""
-    import os
-    import sys
-
-    from tqdm import tqdm
-
-    from .sources import list_sources
-    from ..utils.io import atomic_write_json
-
-    if not os.path.isdir(input_dir):
-        raise NotADirectoryError(f"{input_dir}: --input is not a folder")
-    try:  # an earlier run's index must not describe crops this run is replacing (killed / disk full)
-        os.remove(os.path.join(output_dir, "crops.json"))
-    except FileNotFoundError:
-        pass
-    out_real = os.path.realpath(output_dir)
-    sources = [p for p in list_sources(input_dir) if not os.path.realpath(p).startswith(out_real + os.sep)]
-    tasks = [(p, os.path.relpath(p, input_dir).replace(os.sep, "/"), output_dir, suppress) for p in sources]
-    entries: Dict[str, Dict[str, object]] = {}
-    bar = tqdm(total=len(tasks), desc="crop", unit="file", disable=not progress, file=sys.stderr)
-    if workers > 1 and len(tasks) > 1:
-        from multiprocessing import get_context
-
-        with get_context("spawn").Pool(workers) as pool:
-            for res in pool.imap_unordered(_crop_source, tasks, chunksize=4):
-                entries.update(res)
-                bar.update(1)
-    else:
-        for t in tasks:
-            entries.update(_crop_source(t))
-            bar.update(1)
-    bar.close()
-    entries = dict(sorted(entries.items()))
-    atomic_write_json(os.path.join(output_dir, "crops.json"), entries)
-    return entries
-
-
-def summarize_crops(entries: Dict[str, Dict[str, object]]) -> Dict[str, int]:
-    """Counts of cropped / refused / failed frames in a crops.json mapping."""
-    failed = sum(1 for e in entries.values() if e.get("failed"))
-    cropped = sum(1 for e in entries.values() if e.get("box") is not None)
-    return {"cropped": cropped, "refused": len(entries) - cropped - failed, "failed": failed}

@@ -12,9 +12,7 @@ from typing import Iterable, Tuple
 import cv2
 import numpy as np
 
-# near-duplicate thresholds: 64x64 grayscale correlation, or 256-bit dHash Hamming distance
-NEAR_DUP_CORR = 0.95
-NEAR_DUP_HAMMING = 10
+from usdet.data.defaults import NEAR_DUP_CORR, NEAR_DUP_HAMMING  # noqa: F401  (the thresholds' defaults)
 
 
 def pixel_sha(img: np.ndarray) -> str:

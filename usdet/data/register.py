@@ -18,6 +18,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from usdet.data.coco_clean import clean_coco
+
 logger = logging.getLogger(__name__)
 
 _DEFAULT_ROOT = "datasets"
@@ -74,11 +76,9 @@ def _categories(json_file: str) -> Tuple[List[int], List[str]]:
 
 def sanitize_coco(doc: Dict[str, Any], json_file: str, image_root: str = "") -> Tuple[Dict[str, Any], List[str]]:
     """Make a COCO dict safe for detectron2's loader: the one cleaner of usdet
-    (:func:`usdet.evaluation.inputs.clean_coco`, shared with evaluation so that training-time and
+    (:func:`usdet.data.coco_clean.clean_coco`, shared with evaluation so that training-time and
     offline scores see the same truth), requiring image files. Raises :class:`DatasetFormatError`
     when no image is left."""
-    from usdet.evaluation.inputs import clean_coco
-
     cleaned, messages = clean_coco(doc, json_file, image_root=image_root, require_file_name=True)
     if not cleaned["images"]:
         raise DatasetFormatError(json_file, "no usable image entries; " + "; ".join(messages))

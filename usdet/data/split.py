@@ -75,11 +75,30 @@ def kfold_split(
         raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")
     parts = assign_groups(keys, groups, labels, [1.0 / folds] * folds, seed)
     rest = [i for i, key in enumerate(keys) if parts[key] != fold]
-    inner = assign_groups([keys[i] for i in rest], [groups[i] for i in rest], [labels[i] for i in rest],
-                          [1.0 - val_fraction, val_fraction], seed + 1) if rest else {}
     out = {key: "test" for key in keys if parts[key] == fold}
-    out.update({key: ("train", "val")[part] for key, part in inner.items()})
+    out.update(train_val_split([keys[i] for i in rest], [groups[i] for i in rest], [labels[i] for i in rest],
+                               val_fraction, seed))
     return out
+
+
+def train_val_split(
+    keys: List[str],
+    groups: List[str],
+    labels: List[str],
+    val_fraction: float,
+    seed: int = 0,
+) -> Dict[str, str]:
+    """Train/val of the images left once the test images are set aside (a k-fold test fold, a
+    published test fold): whole groups, label-balanced, ``val_fraction`` of them to ``"val"``.
+
+    The one rule for this inner split: it is drawn with ``seed + 1``, so that its shuffle is not
+    the one that dealt the test images out (with the same seed both start from the same random
+    stream). Every converter and the cross-validation split the same way.
+    """
+    if not keys:
+        return {}
+    parts = assign_groups(keys, groups, labels, [1.0 - val_fraction, val_fraction], seed + 1)
+    return {key: ("train", "val")[part] for key, part in parts.items()}
 
 
 def split_by_group(

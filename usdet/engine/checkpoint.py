@@ -11,14 +11,15 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 
 from usdet.utils.io import atomic_write, atomic_write_text
 
-__all__ = ["UsdetCheckpointer", "head_mismatch_message"]
+__all__ = ["UsdetCheckpointer", "head_mismatch_message", "set_pixel_normalization"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ class UsdetCheckpointer(DetectionCheckpointer):
         if isinstance(record, dict):
             model = getattr(self.model, "module", self.model)
             if record.get("pixel_mean") is not None and hasattr(model, "pixel_mean"):
-                from usdet.engine.adapt import set_pixel_normalization
-
                 set_pixel_normalization(model, record["pixel_mean"], record["pixel_std"])
                 self.logger.warning("Site-adapted checkpoint: its PIXEL_MEAN %s / PIXEL_STD %s replace the config's",
                                     record["pixel_mean"], record["pixel_std"])
@@ -130,3 +129,12 @@ class UsdetCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
         if incompatible.incorrect_shapes:
             self.logger.warning(head_mismatch_message(incompatible.incorrect_shapes, self.num_classes))
+
+
+def set_pixel_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Replace a detectron2 meta-architecture's ``pixel_mean``/``pixel_std`` buffers in place."""
+    for name, values in (("pixel_mean", mean), ("pixel_std", std)):
+        buf = getattr(model, name, None)
+        if not isinstance(buf, torch.Tensor) or buf.numel() != len(values):
+            raise ValueError(f"the model has no {len(values)}-channel {name} buffer to adapt")
+        buf.copy_(torch.as_tensor([float(v) for v in values], dtype=buf.dtype).view_as(buf))

@@ -1,4 +1,4 @@
-"""Export a trained usdet model to TorchScript or ONNX with detectron2's tracing API, and load it back.
+"""Export a trained usdet model to TorchScript or ONNX with detectron2's tracing API.
 
 detectron2's ``TracingAdapter`` flattens the model's list-of-dicts / ``Instances`` interface to
 tensors, ``torch.jit.trace`` records it, and ``torch.onnx.export`` (the TorchScript-based exporter,
@@ -8,30 +8,34 @@ the config's channel order, already cropped and resized by the predictor's rule
 model's), and returns ``boxes`` (xyxy, in that image's pixels), ``scores`` and ``classes``;
 normalization, padding, RPN, ROI heads and NMS are inside. A JSON beside the file records the
 class names, channel order, resize rule and which weights were exported; the export is checked
-against the eager model on a frame of another size before it is reported done.
+against the eager model on a frame of another size before it is reported done. Loading an
+exported model back is :mod:`usdet.engine.exported`.
 """
 from __future__ import annotations
 
 import importlib
 import io
-import json
 import logging
 import os
 import sys
 import types
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+
+from usdet.data.phantom import render_phantom
+from usdet.engine.exported import BACKEND_OF_FORMAT, FORMATS, load_exported, meta_path, runner_from_bytes
+from usdet.engine.predictor import FramePredictor, load_inference_weights, thing_classes_for
+from usdet.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["FORMATS", "ExportError", "check_exportable", "export_model", "load_exported", "meta_path"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
-BACKEND_OF_FORMAT = {"torchscript": "torchscript", "onnx": "onnxruntime"}
 ONNX_OPSET = 17
 # agreement asked of an export with the eager model (the parity test asks the same)
 BOX_TOL_PX = 0.5
@@ -99,16 +103,8 @@ def _inference(model, inputs):
     return inst.pred_boxes.tensor, inst.scores, inst.pred_classes
 
 
-def meta_path(model_path: str) -> str:
-    """The JSON beside an exported model (``model.onnx`` -> ``model.json``)."""
-    return os.path.splitext(model_path)[0] + ".json"
-
-
 def _sample_inputs(min_size: int, max_size: int, input_format: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two phantom frames of different shapes through the predictor's resize: trace, then check."""
-    from usdet.data.phantom import render_phantom
-    from usdet.engine.predictor import FramePredictor
-
     prep = FramePredictor(min_size, max_size, input_format, [], 1)
     rng = np.random.default_rng(0)
     trace_rgb, _, _ = render_phantom(rng, (min_size, int(min_size * 1.3)))
@@ -138,11 +134,6 @@ def export_model(cfg: CfgNode, fmt: str, output_dir: str, config_file: str = "")
     ``ExportError`` for what cannot be exported and ``RuntimeError`` when the written model
     disagrees with the eager one on the check frame (nothing is left half-written either way).
     """
-    from detectron2.modeling import build_model
-
-    from usdet.engine.predictor import load_inference_weights, thing_classes_for
-    from usdet.utils.io import atomic_write_bytes, atomic_write_json
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_exportable(cfg)
@@ -176,7 +167,7 @@ def export_model(cfg: CfgNode, fmt: str, output_dir: str, config_file: str = "")
 
     with torch.no_grad():
         want = _inference(model, [{"image": check_img}])
-    run = _runner_from_bytes(data, BACKEND_OF_FORMAT[fmt])
+    run = runner_from_bytes(data, BACKEND_OF_FORMAT[fmt])
     if run is None:
         check: Dict[str, Any] = {"ok": None, "note": "not run: onnxruntime is not installed"}
     else:
@@ -222,65 +213,3 @@ def export_model(cfg: CfgNode, fmt: str, output_dir: str, config_file: str = "")
     atomic_write_json(meta_path(model_file), meta)
     logger.info("Exported %s (%s weights) to %s", fmt, weights_used, model_file)
     return meta
-
-
-def _runner_from_bytes(data: bytes, backend: str, threads: Optional[int] = None) -> Optional[Callable]:
-    """A function ``uint8 CHW tensor -> (boxes, scores, classes)`` numpy arrays; None without onnxruntime."""
-    if backend == "torchscript":
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-
-        def run_ts(image: torch.Tensor):
-            with torch.inference_mode():
-                return tuple(t.numpy() for t in module(image))
-
-        return run_ts
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    opts = ort.SessionOptions()
-    # the same thread budget as PyTorch (OMP_NUM_THREADS / torch.set_num_threads), not every core
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-
-    def run_ort(image: torch.Tensor):
-        return tuple(session.run(None, {"image": image.numpy()}))
-
-    return run_ort
-
-
-def load_exported(path: str, backend: str, threads: Optional[int] = None) -> Tuple[Dict[str, Any], Callable]:
-    """The JSON beside an exported model and a function running it (see ``_runner_from_bytes``).
-
-    Errors are one line naming the file: missing model or JSON, an export of the other format,
-    an unreadable file, onnxruntime not installed.
-    """
-    if backend not in BACKEND_OF_FORMAT.values():
-        raise ValueError(f"unknown backend {backend!r} for an exported model")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: exported model not found")
-    mpath = meta_path(path)
-    try:
-        with open(mpath, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{mpath}: not found beside {path} (tools/export_model.py writes it)") from None
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"{mpath}: unreadable ({e})") from None
-    if BACKEND_OF_FORMAT.get(meta.get("format")) != backend:
-        want = BACKEND_OF_FORMAT.get(meta.get("format"), "?")
-        raise ValueError(f"{path} is a {meta.get('format')} export: use --backend {want}")
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise RuntimeError("--backend onnxruntime needs the onnxruntime package (pip install onnxruntime)") from None
-    try:
-        with open(path, "rb") as fh:
-            run = _runner_from_bytes(fh.read(), backend, threads)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise RuntimeError(f"{path}: not a readable {meta['format']} model ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    return meta, run

@@ -273,6 +273,19 @@ class EMAHook(HookBase):
         self._loaded = True
 
 
+def ema_weights(checkpoint: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """The averaged weights a training checkpoint carries, or None.
+
+    The one place that knows where the EMA lives in a checkpoint (this hook's :meth:`EMAHook.state_dict`
+    under the trainer's hook states, keyed by the hook's class name): ``--eval-only``, prediction and
+    export all ask here.
+    """
+    if not isinstance(checkpoint, dict):
+        return None
+    state = ((checkpoint.get("trainer") or {}).get("hooks") or {}).get(EMAHook.__qualname__)
+    return state.get("ema") if isinstance(state, dict) else None
+
+
 EVAL_RECORD = "last_evaluation.json"
 
 

@@ -25,19 +25,13 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
+from usdet.data.crop import boxes_to_source
+from usdet.engine.exported import load_exported
+from usdet.engine.hooks import ema_weights
+
 logger = logging.getLogger(__name__)
 
 CropBox = Tuple[int, int, int, int]
-
-
-def ema_weights(checkpoint: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
-    """The averaged weights a training checkpoint carries, or None.
-
-    The one place that knows where usdet's EMA lives in a checkpoint (``EMAHook``'s state inside
-    the trainer's hook states): if the averaging changes its storage, only this changes.
-    """
-    state = ((checkpoint.get("trainer") or {}).get("hooks") or {}).get("EMAHook")
-    return state.get("ema") if isinstance(state, dict) else None
 
 
 def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, str]:
@@ -191,8 +185,6 @@ class ExportedPredictor(FramePredictor):
     """
 
     def __init__(self, path: str, backend: str, batch_size: int = 8, threads: Optional[int] = None):
-        from usdet.engine.export import load_exported
-
         self.meta, self._run = load_exported(path, backend, threads=threads)
         rule = self.meta["input"]["resize"]
         super().__init__(rule["short_edge"], rule["max_size"], self.meta["input"]["format"],
@@ -232,20 +224,6 @@ def thing_classes_for(cfg: CfgNode) -> List[str]:
     if num == 2:
         return ["benign", "malignant"]
     return [f"class_{i}" for i in range(num)]
-
-
-def map_boxes_to_original(boxes_xyxy: np.ndarray, crop_box: Optional[Sequence[int]]) -> np.ndarray:
-    """Shift boxes from crop pixels to source-frame pixels.
-
-    Box coordinates are continuous (pixel i spans [i, i+1)) and ``crop_box`` is
-    ``[x0, y0, x1, y1]`` with x1/y1 exclusive, so the exact mapping is a shift by (x0, y0):
-    no +-1 (the original study's off-by-one came from mixing the two conventions).
-    """
-    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    if crop_box is None:
-        return boxes.copy()
-    x0, y0 = float(crop_box[0]), float(crop_box[1])
-    return boxes + np.array([x0, y0, x0, y0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +318,7 @@ def instances_to_boxes(
     """JSON-ready boxes (original-frame pixels) above ``score_thresh``, best score first."""
     scores = instances.scores.numpy() if instances.has("scores") else np.zeros(len(instances))
     classes = instances.pred_classes.numpy() if instances.has("pred_classes") else np.zeros(len(instances), int)
-    boxes = map_boxes_to_original(instances.pred_boxes.tensor.numpy(), crop_box)
+    boxes = boxes_to_source(instances.pred_boxes.tensor.numpy(), crop_box)  # crop pixels -> frame pixels
     out = []
     for i in np.argsort(-scores, kind="stable"):
         if scores[i] < score_thresh:

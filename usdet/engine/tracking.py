@@ -22,7 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["TrackParams", "Track", "IoUTracker", "box_iou_xyxy", "TRACK_FIELDS"]
+from usdet.evaluation.matching import box_iou_xyxy
+
+__all__ = ["TrackParams", "Track", "IoUTracker", "TRACK_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,6 @@ class TrackParams:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N,4) and ``b`` (M,4), xyxy."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 #: columns of the track table (CSV and JSON)

@@ -35,7 +35,7 @@ from usdet.data.mapper import UsdetDatasetMapper
 from usdet.data.mixing import check_train_weights, load_training_sources
 from usdet.engine.checkpoint import UsdetCheckpointer
 from usdet.engine.launch import cpu_ddp
-from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, ValidationLossHook
+from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, ValidationLossHook, ema_weights
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
 from usdet.evaluation.evaluator import CleanCOCOEvaluator, PenalizedIoUEvaluator
 from usdet.evaluation.report import evaluate_predictions
@@ -350,9 +350,9 @@ def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:
     if not weights:
         logger.warning("--eval-only with no MODEL.WEIGHTS (and nothing to --resume): evaluating random weights")
     extra = ckpt.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    ema = (extra.get("trainer") or {}).get("hooks", {}).get("EMAHook") if isinstance(extra, dict) else None
+    ema = ema_weights(extra)
     if cfg.MODEL.EMA.ENABLED and ema is not None:
-        model.load_state_dict(ema["ema"])
+        model.load_state_dict(ema)
         logger.info("Evaluating the EMA weights stored in %s", weights)
     results = Trainer.test(cfg, model)
     if comm.is_main_process():

@@ -17,7 +17,7 @@ already removed from :class:`DetectionData` (see :mod:`usdet.evaluation.ignore`)
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,7 +27,8 @@ from .froc import FROC_RATES, froc_hits
 from .inputs import DetectionData
 from .penalized_iou import PiouMatches, match_penalized_iou, per_image_piou_stats
 
-__all__ = ["bootstrap_metrics", "resample_weights", "ap50_from_weights", "COCO_REC_THRS"]
+__all__ = ["bootstrap_metrics", "resample_weights", "resampled_values", "percentile_ci", "ap50_from_weights",
+           "COCO_REC_THRS"]
 
 COCO_REC_THRS = np.linspace(0.0, 1.0, 101)
 
@@ -189,6 +190,48 @@ class _AucStat:
             return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
+def _block(n_images: int, funcs: Sequence[Dict[str, Callable]], max_block: float = 4e6) -> int:
+    """Resamples per batch: the weight matrix and the largest statistic stay near ``max_block`` numbers."""
+    biggest = max([n_images] + [getattr(f, "size", 1) for fs in funcs for f in fs.values()])
+    return int(np.clip(max_block // biggest, 1, 256))
+
+
+def resampled_values(
+    funcs: Sequence[Dict[str, Callable]], n_images: int, n_resamples: int, seed: int = 0, max_block: float = 4e6
+) -> List[Dict[str, np.ndarray]]:
+    """Each function set evaluated on the *same* ``n_resamples`` bootstrap resamples of the images.
+
+    The one resampling loop (the report's CIs, subgroups, paired comparisons): the same ``seed``
+    draws the same resamples everywhere. Returns one ``{name: (n_resamples,) values}`` per entry
+    of ``funcs`` (paired across entries).
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    block = _block(n_images, funcs, max_block)
+    parts: List[Dict[str, List[np.ndarray]]] = [{k: [] for k in fs} for fs in funcs]
+    done = 0
+    while done < n_resamples:
+        b = min(block, n_resamples - done)
+        wt = resample_weights(rng, n_images, b)
+        for fs, acc in zip(funcs, parts):
+            for k, f in fs.items():
+                acc[k].append(f(wt))
+        done += b
+    return [{k: np.concatenate(v) for k, v in acc.items()} for acc in parts]
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> Dict[str, Optional[float]]:
+    """Percentile interval of the finite resampled values (NaN when none) and how many there were."""
+    ok = values[np.isfinite(values)]
+    a = round(50.0 * (1 - level), 9)  # 2.5 exactly for 95% (not 2.5000000000000022)
+    return {
+        "low": float(np.percentile(ok, a)) if ok.size else float("nan"),
+        "high": float(np.percentile(ok, 100 - a)) if ok.size else float("nan"),
+        "n_valid": int(ok.size),
+    }
+
+
 def bootstrap_metrics(
     data: DetectionData,
     n_resamples: int = 1000,
@@ -229,30 +272,12 @@ def bootstrap_metrics(
         stats["malignancy_auc"] = _AucStat(truth_mal, score, has_lesion)
 
     n = data.num_images
-    biggest = max([n] + [getattr(s, "size", 1) for s in stats.values()])
-    block = int(np.clip(max_block // biggest, 1, 256))
-    rng = np.random.default_rng(seed)
-    values: Dict[str, List[np.ndarray]] = {k: [] for k in stats}
-    done = 0
-    while done < n_resamples:
-        b = min(block, n_resamples - done)
-        wt = resample_weights(rng, n, b)
-        for k, f in stats.items():
-            values[k].append(f(wt))
-        done += b
-
+    values = resampled_values([stats], n, n_resamples, seed, max_block)[0]
     full = np.ones((n, 1))
     out: Dict[str, Any] = {"n_resamples": int(n_resamples), "seed": int(seed), "method": "percentile", "metrics": {}}
     for k, f in stats.items():
-        v = np.concatenate(values[k])
-        ok = v[~np.isnan(v)]
         est = None if estimates is None else estimates.get(k)
         if est is None:
             est = float(f(full)[0])
-        out["metrics"][k] = {
-            "estimate": float(est) if est is not None else float("nan"),
-            "low": float(np.percentile(ok, 2.5)) if ok.size else float("nan"),
-            "high": float(np.percentile(ok, 97.5)) if ok.size else float("nan"),
-            "n_valid": int(ok.size),
-        }
+        out["metrics"][k] = {"estimate": float(est) if est is not None else float("nan"), **percentile_ci(values[k])}
     return out

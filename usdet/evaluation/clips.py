@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from usdet.engine.tracking import box_iou_xyxy
+from usdet.evaluation.matching import box_iou_xyxy
 
 __all__ = ["ClipTable", "clip_table", "merge_tables", "rule_metrics", "fp_at_sensitivity", "compare_rules"]
 

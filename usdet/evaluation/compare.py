@@ -23,19 +23,11 @@ import numpy as np
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
 from .classification import top_score_per_image
-from .inputs import (
-    DetectionData,
-    EvaluationInputError,
-    build_detection_data,
-    clean_gt,
-    clean_predictions,
-    load_gt_json,
-    load_predictions_json,
-)
+from .formatting import fmt_value, markdown_table
+from .inputs import DetectionData, EvaluationInputError, load_detection_data, load_gt_json
 from .weighted import full_values, metric_functions, percentile_ci, resampled_values
 
-__all__ = ["load_detection_data", "delong_test", "paired_bootstrap_p", "compare_models", "render_comparison",
-           "extended_notes"]
+__all__ = ["delong_test", "paired_bootstrap_p", "compare_models", "render_comparison", "extended_notes"]
 
 #: Metrics compared by paired bootstrap; the image-level AUC goes through DeLong's test.
 BOOTSTRAP_METRICS = ("AP50", "AP", "piou", "cpm")
@@ -48,29 +40,6 @@ LABELS = {
     "sens@1": "sensitivity @ 1 FP/img",
     "image_auc": "image-level ROC AUC",
 }
-
-
-def load_detection_data(
-    gt: Any, predictions: Any, gt_name: str = "ground truth", pred_name: str = "predictions"
-) -> Tuple[Dict[str, Any], DetectionData, List[str]]:
-    """(cleaned COCO ground truth, arrays, input problems) from a GT path/dict and a results path/list.
-
-    The same checks as the report (:func:`usdet.evaluation.report.evaluate_predictions`).
-    """
-    from .report import flatten_instances_predictions
-
-    if isinstance(gt, str):
-        gt_name = gt
-        gt = load_gt_json(gt)
-    if isinstance(predictions, str):
-        pred_name = predictions
-        predictions = load_predictions_json(predictions)
-    preds = flatten_instances_predictions(list(predictions))
-    gt_clean, warnings = clean_gt(gt, gt_name)
-    arrays, w = clean_predictions(preds, [im["id"] for im in gt_clean["images"]],
-                                  [c["id"] for c in gt_clean["categories"]], pred_name)
-    data = build_detection_data(gt_clean, arrays, check=False)
-    return gt_clean, data, warnings + w
 
 
 def _placements(y: np.ndarray, score: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -220,8 +189,6 @@ def compare_models(
 
 def render_comparison(c: Dict[str, Any]) -> str:
     """Markdown table of a :func:`compare_models` result."""
-    from .report import _fmt, _table
-
     a, b = c["models"]
     lines = [
         f"# {b} vs {a}\n\n",
@@ -236,8 +203,8 @@ def render_comparison(c: Dict[str, Any]) -> str:
     for k, v in c["metrics"].items():
         d = v["delta"]
         rows.append([LABELS.get(k, k), v["values"][a], v["values"][b], d["estimate"],
-                     f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", d["p_value"], d["method"]])
-    lines.append(_table(["metric", a, b, "delta", "95% CI", "p", "test"], rows))
+                     f"[{fmt_value(d['low'])}, {fmt_value(d['high'])}]", d["p_value"], d["method"]])
+    lines.append(markdown_table(["metric", a, b, "delta", "95% CI", "p", "test"], rows))
     notes = extended_notes(c)
     if notes:
         lines.append("\n" + "".join(f"- {n}\n" for n in notes))

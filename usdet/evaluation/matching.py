@@ -22,6 +22,7 @@ __all__ = [
     "IGNORE_MIN_COVER",
     "GreedyMatches",
     "box_iou_xywh",
+    "box_iou_xyxy",
     "box_cover_xywh",
     "image_pairs",
     "top_k_candidates",
@@ -170,3 +171,16 @@ def in_ignore_region(
     covered = box_cover_xywh(pred_boxes[i], ignore_boxes[order][j]) >= IGNORE_MIN_COVER
     out[i[covered]] = True
     return out & unmatched
+
+
+def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` (N,4) and ``b`` (M,4), xyxy."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

@@ -15,7 +15,8 @@ from typing import Any, Dict
 import numpy as np
 
 from .classification import binary_metrics, top_score_per_image
-from .inputs import DetectionData
+from .formatting import fmt_estimate, fmt_value
+from .inputs import DetectionData, load_detection_data
 
 __all__ = ["choose_threshold", "apply_threshold", "wilson_interval", "render_operating_point"]
 
@@ -71,12 +72,10 @@ def apply_threshold(op: Dict[str, Any], test: DetectionData) -> Dict[str, Any]:
 
 def render_operating_point(op: Dict[str, Any]) -> str:
     """Markdown section of an operating point (val and test rows)."""
-    from .report import _fmt, fmt_estimate
-
     lines = [
         "\n## Operating point chosen on val\n\n",
         f"Threshold = highest top-detection score whose validation sensitivity (lesion present per image) "
-        f"reaches {op['target_sensitivity']:g}: **s = {_fmt(op['score_thresh'], 4)}**. Wilson 95% intervals.\n\n",
+        f"reaches {op['target_sensitivity']:g}: **s = {fmt_value(op['score_thresh'], 4)}**. Wilson 95% intervals.\n\n",
         "| set | sensitivity | specificity | TP | FN | TN | FP | lesion images | lesion-free images |\n",
         "|---|---|---|---|---|---|---|---|---|\n",
     ]
@@ -93,8 +92,6 @@ def render_operating_point(op: Dict[str, Any]) -> str:
 
 def operating_point_from_files(val_gt: Any, val_pred: Any, target_sensitivity: float) -> Dict[str, Any]:
     """:func:`choose_threshold` on a val ground truth and its detections (paths or loaded)."""
-    from .compare import load_detection_data
-
     _, val, _ = load_detection_data(val_gt, val_pred)
     return choose_threshold(val, target_sensitivity)
 

@@ -13,72 +13,23 @@ import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
-
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
+from .bootstrap import bootstrap_metrics
 from .classification import image_level, malignancy
 from .coco_metrics import PARALLEL_MIN_DETECTIONS, class_agnostic, coco_bbox_metrics
+from .formatting import fmt_value, markdown_table
 from .froc import froc
-from .inputs import (
-    EvaluationInputError,
-    build_detection_data,
-    clean_gt,
-    clean_predictions,
-    coco_with_index_ids,
-    load_gt_json,
-    load_predictions_json,
-)
+from .html_report import write_html_report
+from .inputs import EvaluationInputError, coco_with_index_ids, load_inputs
+from .operating_point import apply_threshold, render_operating_point
 from .parallel import Beside
 from .penalized_iou import match_penalized_iou, penalized_iou_from_matches
+from .subgroups import group_values, render_subgroups, subgroup_tables
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_predictions", "flatten_instances_predictions", "EvaluationInputError"]
-
-
-def flatten_instances_predictions(preds: Sequence[Any]) -> List[Dict[str, Any]]:
-    """Accept detectron2's ``instances_predictions.pth`` layout (``[{image_id, instances: [...]}]``) too."""
-    if preds and isinstance(preds[0], dict) and "instances" in preds[0]:
-        out: List[Dict[str, Any]] = []
-        for p in preds:
-            for inst in p.get("instances", []):
-                out.append(dict(inst, image_id=inst.get("image_id", p.get("image_id"))))
-        return out
-    return list(preds)
-
-
-def fmt_number(v: Optional[float], spec: str, undefined: str = "n/a") -> str:
-    """``v`` formatted by ``spec`` (e.g. ``"+.4f"``), or ``undefined`` where it is None or NaN
-    (image AUC without lesion-free images, a DeLong test of 0/0)."""
-    return undefined if v is None or v != v else format(v, spec)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
-    return str(v)
-
-
-def fmt_estimate(v: Dict[str, Any], digits: int = 3) -> str:
-    """``{"estimate", "low"?, "high"?}`` as ``est [low, high]`` (``n/a`` alone when undefined)."""
-    s = _fmt(v.get("estimate"), digits)
-    if v.get("low") is not None and s != "n/a":
-        s += f" [{_fmt(v['low'], digits)}, {_fmt(v['high'], digits)}]"
-    return s
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(v, digits) for v in r) + " |")
-    return "\n".join(lines) + "\n"
+__all__ = ["evaluate_predictions", "render_report", "EvaluationInputError"]
 
 
 def evaluate_predictions(
@@ -131,25 +82,10 @@ def evaluate_predictions(
     if piou_topk < 1:
         raise ValueError(f"piou_topk must be >= 1, got {piou_topk}")
     score_thresh = piou_score_thresh if score_thresh is None else float(score_thresh)
-    gt_name = gt_json if isinstance(gt_json, str) else "ground truth"
-    gt_raw = load_gt_json(gt_json) if isinstance(gt_json, str) else gt_json
-    if isinstance(predictions, str):
-        pred_name = predictions
-        preds_raw = load_predictions_json(predictions)
-    else:
-        pred_name = "predictions"
-        preds_raw = list(predictions)
-    preds_raw = flatten_instances_predictions(preds_raw)
-
-    gt, warnings = clean_gt(gt_raw, gt_name)
-    image_ids = [im["id"] for im in gt["images"]]
-    cat_ids = [c["id"] for c in gt["categories"]]
-    preds, w = clean_predictions(preds_raw, image_ids, cat_ids, pred_name)  # arrays
-    warnings += w
-    data = build_detection_data(gt, preds, check=False)
+    inputs = load_inputs(gt_json, predictions)
+    gt, preds, data, warnings = inputs.gt, inputs.predictions, inputs.data, inputs.warnings
+    gt_name, pred_name = inputs.gt_name, inputs.pred_name
     if by:  # an attribute no image has fails here, before anything is written
-        from .subgroups import group_values
-
         for attr in by:
             group_values(gt, data, attr, gt_name)
     os.makedirs(output_dir, exist_ok=True)
@@ -162,7 +98,7 @@ def evaluate_predictions(
         "num_lesion_images": int((data.gt_count_per_image() > 0).sum()),
         "num_truth_boxes": int(len(data.gt_image)),
         "num_predictions": int(len(data.pred_scores)),
-        "num_predictions_ignored": int(len(preds_raw) - len(preds)),
+        "num_predictions_ignored": int(inputs.num_raw_predictions - len(preds)),
         "num_ignore_regions": int(len(data.ignore_image)),
         "num_predictions_in_ignore_regions": int(data.num_ignored_predictions),
         "categories": [str(c.get("name", c["id"])) for c in gt["categories"]],
@@ -213,8 +149,6 @@ def evaluate_predictions(
                 p["category_id"] = 1
             out["agnostic"] = coco_bbox_metrics(gt_agnostic, coco_preds, copy_preds=False)
         if bootstrap and bootstrap > 0:
-            from .bootstrap import bootstrap_metrics
-
             out["bootstrap"] = bootstrap_metrics(
                 data,
                 n_resamples=int(bootstrap),
@@ -297,16 +231,12 @@ def evaluate_predictions(
         plot_files = {k: os.path.basename(v) for k, v in plot_files.items() if v}
         mark("plots")
     if by:
-        from .subgroups import subgroup_tables
-
         metrics["subgroups"] = subgroup_tables(
             gt, data, by, n_resamples=int(bootstrap), seed=int(seed), source=gt_name,
             piou_score_thresh=piou_score_thresh, piou_iou_thresh=piou_iou_thresh, piou_topk=piou_topk,
             piou_class_aware=piou_class_aware, froc_hit=froc_hit, froc_iou=froc_iou)
         mark("subgroups")
     if operating_point is not None:
-        from .operating_point import apply_threshold
-
         metrics["operating_point"] = apply_threshold(operating_point, data)
     metrics["plots"] = plot_files
     metrics["warnings"] = warnings
@@ -319,8 +249,6 @@ def evaluate_predictions(
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(metrics, title=title))
     if html:
-        from .html_report import write_html_report
-
         if image_root is None and isinstance(gt_json, str):
             image_root = os.path.dirname(os.path.dirname(os.path.abspath(gt_json)))  # OUT/annotations/x.json
         write_html_report(output_dir, metrics, gt=gt, predictions=preds.to_coco(), image_root=image_root,
@@ -328,9 +256,9 @@ def evaluate_predictions(
     logger.info(
         "Evaluation written to %s: AP50=%s piou=%s CPM=%s",
         output_dir,
-        _fmt(metrics["bbox"].get("AP50"), 2),
-        _fmt(piou["score"]),
-        _fmt(fr["cpm"]),
+        fmt_value(metrics["bbox"].get("AP50"), 2),
+        fmt_value(piou["score"]),
+        fmt_value(fr["cpm"]),
     )
     return metrics
 
@@ -367,11 +295,11 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
     rows = [["all classes (mean)"] + [bbox.get(c) for c in cols]]
     if "bbox_agnostic" in metrics:
         rows.append(["lesion (class-agnostic)"] + [metrics["bbox_agnostic"].get(c) for c in cols])
-    out.append(_table(["classes"] + cols, rows, 2))
+    out.append(markdown_table(["classes"] + cols, rows, 2))
     per_class = [(k[3:], v) for k, v in bbox.items() if k.startswith("AP-")]
     if per_class:
         out.append("\nPer class AP (IoU 0.50:0.95):\n\n")
-        out.append(_table(["class", "AP"], per_class, 2))
+        out.append(markdown_table(["class", "AP"], per_class, 2))
 
     p = metrics["piou"]
     out.append("\n## Penalized IoU\n\n")
@@ -382,17 +310,17 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         "(TN) are left out.\n\n"
     )
     out.append(
-        _table(
+        markdown_table(
             ["score", "TP", "FP", "FN", "TN", "mean IoU of TPs"],
             [[p["score"], p["tp"], p["fp"], p["fn"], p["tn"], p["mean_iou_tp"]]],
         )
     )
     out.append(
-        f"\nBest over the sweep s = 0.05 .. 0.95: **{_fmt(p['best_score'])}** at s = {_fmt(p['best_score_thresh'], 2)}.\n\n"
+        f"\nBest over the sweep s = 0.05 .. 0.95: **{fmt_value(p['best_score'])}** at s = {fmt_value(p['best_score_thresh'], 2)}.\n\n"
     )
     sw = p["sweep"]
     out.append(
-        _table(
+        markdown_table(
             ["s", "score", "TP", "FP", "FN", "TN"],
             [[f"{s:.2f}", sc, tp, fp, fn, tn] for s, sc, tp, fp, fn, tn in zip(sw["score_thresh"], sw["score"], sw["tp"], sw["fp"], sw["fn"], sw["tn"])],
         )
@@ -408,16 +336,16 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
     )
     extended = fr.get("extended", [False] * len(fr["sensitivity"]))
     out.append(
-        _table(
+        markdown_table(
             ["FP / image"] + [f"{r:g}" for r in fr["fps_per_image"]] + ["CPM"],
-            [["sensitivity"] + [_fmt(v) + ("*" if ext else "") for v, ext in zip(fr["sensitivity"], extended)]
-             + [_fmt(fr["cpm"]) + ("*" if any(extended) else "")]],
+            [["sensitivity"] + [fmt_value(v) + ("*" if ext else "") for v, ext in zip(fr["sensitivity"], extended)]
+             + [fmt_value(fr["cpm"]) + ("*" if any(extended) else "")]],
         )
     )
     if any(extended):
         rates = ", ".join(f"{r:g}" for r in fr["extended_rates"])
         out.append(
-            f"\n\\* **Extended**: the curve ends at {_fmt(fr.get('max_fps_per_image'))} FP/image before finding "
+            f"\n\\* **Extended**: the curve ends at {fmt_value(fr.get('max_fps_per_image'))} FP/image before finding "
             f"every lesion (the model output no more boxes), so at {rates} FP/image the sensitivity is the curve's "
             "last value carried on (the usual FROC convention), and the CPM includes these rates. Lower-scoring "
             "detections might have found more: lower `MODEL.ROI_HEADS.SCORE_THRESH_TEST` or raise "
@@ -431,7 +359,7 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
         f"{il['num_lesion_images']} lesion images, {il['num_normal_images']} normal images.\n\n"
     )
     out.append(
-        _table(
+        markdown_table(
             ["ROC AUC", "sensitivity", "specificity", "PPV", "NPV", "TP", "FP", "TN", "FN"],
             [[il["auc"], il["sensitivity"], il["specificity"], il["ppv"], il["npv"], il["tp"], il["fp"], il["tn"], il["fn"]]],
         )
@@ -446,14 +374,14 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
             "('no detection' counts as not malignant).\n\n"
         )
         out.append(
-            _table(
+            markdown_table(
                 ["ROC AUC", "sensitivity", "specificity", "PPV", "NPV", "malignant", "benign"],
                 [[mal["auc"], mal["sensitivity"], mal["specificity"], mal["ppv"], mal["npv"], mal["num_malignant"], mal["num_benign"]]],
             )
         )
         cm = mal["confusion_matrix"]
         out.append("\nConfusion matrix (rows: truth, columns: prediction):\n\n")
-        out.append(_table(["truth \\ predicted"] + cm["columns_predicted"], [[t] + r for t, r in zip(cm["rows_truth"], cm["counts"])]))
+        out.append(markdown_table(["truth \\ predicted"] + cm["columns_predicted"], [[t] + r for t, r in zip(cm["rows_truth"], cm["counts"])]))
 
     if "bootstrap" in metrics:
         b = metrics["bootstrap"]
@@ -462,15 +390,11 @@ def render_report(metrics: Dict[str, Any], title: Optional[str] = None) -> str:
             f"{b['n_resamples']} resamples of the images with replacement (seed {b['seed']}), percentile intervals.\n\n"
         )
         rows = [[name, v["estimate"], v["low"], v["high"]] for name, v in b["metrics"].items()]
-        out.append(_table(["metric", "estimate", "2.5%", "97.5%"], rows))
+        out.append(markdown_table(["metric", "estimate", "2.5%", "97.5%"], rows))
 
     if "operating_point" in metrics:
-        from .operating_point import render_operating_point
-
         out.append(render_operating_point(metrics["operating_point"]))
     if "subgroups" in metrics:
-        from .subgroups import render_subgroups
-
         out.append(render_subgroups(metrics["subgroups"]))
     if metrics.get("plots"):
         out.append("\n## Plots\n\n")

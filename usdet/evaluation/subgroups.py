@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .formatting import fmt_estimate as cell, markdown_table
 from .inputs import DetectionData
 from .weighted import full_values, metric_functions, percentile_ci, resampled_values, subset
 
@@ -148,8 +149,6 @@ def subgroup_tables(
 
 def render_subgroups(tables: Dict[str, Any]) -> str:
     """Markdown: one table per attribute, estimates with their 95% intervals."""
-    from .report import fmt_estimate as cell
-
     lines = ["\n## Subgroups\n\n",
              "Each row is scored on its own images only (its truth boxes and detections; FP/image per image "
              "of the row), with a bootstrap 95% interval over those images. Sensitivity = FROC sensitivity "
@@ -159,10 +158,10 @@ def render_subgroups(tables: Dict[str, Any]) -> str:
         if attr == "size":
             lines.append(f"Size = {t['size_rule']}, in {t['size_unit']}.\n\n")
         header = ["group", "images", "lesions", "AP50", "AP", "penalized IoU", "sens @0.5 FP", "sens @1 FP"]
-        lines.append("| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|\n")
+        rows = []
         for r in t["rows"]:
             m = r["metrics"]
-            vals = [str(r["group"]), str(r["num_images"]), str(r["num_lesions"]), cell(m["AP50"], 1), cell(m["AP"], 1),
-                    cell(m["piou"], 3), cell(m["sens@0.5"], 3), cell(m["sens@1"], 3)]
-            lines.append("| " + " | ".join(vals) + " |\n")
+            rows.append([str(r["group"]), str(r["num_images"]), str(r["num_lesions"]), cell(m["AP50"], 1),
+                         cell(m["AP"], 1), cell(m["piou"], 3), cell(m["sens@0.5"], 3), cell(m["sens@1"], 3)])
+        lines.append(markdown_table(header, rows))
     return "".join(lines)

@@ -13,11 +13,11 @@ FROC sensitivity at 0.5 and 1 FP/image, and the image-level ROC AUC.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable
 
 import numpy as np
 
-from .bootstrap import _Ap50Stat, _AucStat, _CpmStat, _PiouStat, resample_weights
+from .bootstrap import _Ap50Stat, _AucStat, _CpmStat, _PiouStat, percentile_ci, resampled_values
 from .classification import top_score_per_image
 from .inputs import DetectionData
 from .penalized_iou import match_penalized_iou
@@ -98,42 +98,3 @@ def full_values(funcs: Dict[str, WeightFn], n_images: int) -> Dict[str, float]:
     """Each metric on the full set (all weights 1)."""
     ones = np.ones((n_images, 1))
     return {k: float(f(ones)[0]) for k, f in funcs.items()}
-
-
-def _block(n_images: int, funcs: Sequence[Dict[str, WeightFn]], max_block: float = 4e6) -> int:
-    biggest = max([n_images] + [getattr(f, "size", 1) for fs in funcs for f in fs.values()])
-    return int(np.clip(max_block // biggest, 1, 256))
-
-
-def resampled_values(
-    funcs: Sequence[Dict[str, WeightFn]], n_images: int, n_resamples: int, seed: int = 0
-) -> List[Dict[str, np.ndarray]]:
-    """Each function set evaluated on the *same* ``n_resamples`` bootstrap resamples of the images.
-
-    Returns one ``{name: (n_resamples,) values}`` per entry of ``funcs`` (paired across entries).
-    """
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    rng = np.random.default_rng(seed)
-    block = _block(n_images, funcs)
-    parts: List[Dict[str, List[np.ndarray]]] = [{k: [] for k in fs} for fs in funcs]
-    done = 0
-    while done < n_resamples:
-        b = min(block, n_resamples - done)
-        wt = resample_weights(rng, n_images, b)
-        for fs, acc in zip(funcs, parts):
-            for k, f in fs.items():
-                acc[k].append(f(wt))
-        done += b
-    return [{k: np.concatenate(v) for k, v in acc.items()} for acc in parts]
-
-
-def percentile_ci(values: np.ndarray, level: float = 0.95) -> Dict[str, Optional[float]]:
-    """Percentile interval of the finite resampled values (NaN when none) and how many there were."""
-    ok = values[np.isfinite(values)]
-    a = (1 - level) / 2 * 100
-    return {
-        "low": float(np.percentile(ok, a)) if ok.size else float("nan"),
-        "high": float(np.percentile(ok, 100 - a)) if ok.size else float("nan"),
-        "n_valid": int(ok.size),
-    }

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from detectron2.utils.visualizer import Visualizer
 
+from usdet.data.crop import boxes_to_source
 from usdet.evaluation.inputs import DetectionData, build_detection_data
 from usdet.evaluation.matching import box_iou_xywh, greedy_match
 
@@ -251,8 +252,7 @@ def image_to_source(boxes_xyxy: Sequence[Sequence[float]], entry: dict, image_hw
     h, w = entry.get("height") or image_hw[0], entry.get("width") or image_hw[1]
     scale = float(entry.get("scale", 1.0) or 1.0)
     cb = entry.get("crop_box") or [0, 0, w / scale, h / scale]
-    fx, fy = (cb[2] - cb[0]) / float(w), (cb[3] - cb[1]) / float(h)
-    return [[b[0] * fx + cb[0], b[1] * fy + cb[1], b[2] * fx + cb[0], b[3] * fy + cb[1]] for b in boxes_xyxy]
+    return boxes_to_source(boxes_xyxy, cb, (w, h)).tolist()
 
 
 def _read_source_frame(source_root: str, source_file: str) -> np.ndarray:

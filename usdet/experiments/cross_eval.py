@@ -5,7 +5,7 @@ Each model goes through the engine's own ``--eval-only`` path
 --eval-only``) with ``DATASETS.TEST`` set to the requested datasets, so every cell of the table
 has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. With a
 validation dataset the image-level operating point is chosen on it per model
-(:mod:`.operating_point`) and applied to every dataset.
+(:mod:`usdet.evaluation.operating_point`) and applied to every dataset.
 """
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from detectron2.data import MetadataCatalog
+
+from usdet.engine.setup import check_datasets, setup
+from usdet.engine.trainer import evaluate_checkpoint
+from usdet.evaluation.formatting import fmt_estimate as _cell, markdown_table
+from usdet.evaluation.inputs import load_detection_data
+from usdet.evaluation.operating_point import apply_threshold, choose_threshold
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["TABLE_METRICS", "cross_evaluate", "render_cross_eval", "row_from_metrics"]
@@ -62,13 +69,6 @@ def cross_evaluate(
 
     ``bootstrap`` sets ``TEST.BOOTSTRAP`` (resamples of each report's CIs) unless ``opts`` does.
     """
-    from detectron2.data import MetadataCatalog
-
-    from usdet.engine import check_datasets, evaluate_checkpoint, setup
-
-    from .compare import load_detection_data
-    from .operating_point import apply_threshold, choose_threshold
-
     if not weights:
         raise ValueError("no model given (--weights)")
     if not datasets:
@@ -117,7 +117,7 @@ def cross_evaluate(
     result["rows"] = rows
     os.makedirs(output_dir, exist_ok=True)
     if plots:
-        from .interval_plots import plot_intervals
+        from usdet.evaluation.interval_plots import plot_intervals  # matplotlib: only when plotting
 
         panels: Dict[str, list] = OrderedDict()
         for _, bkey, label in TABLE_METRICS:
@@ -134,8 +134,6 @@ def cross_evaluate(
 
 def render_cross_eval(r: Dict[str, Any]) -> str:
     """Markdown table: one row per model and dataset."""
-    from .report import fmt_estimate as _cell
-
     labels = [label for _, _, label in TABLE_METRICS]
     with_op = any("operating_point" in row for row in r["rows"])
     header = ["model", "dataset", "images", "lesion images"] + labels
@@ -147,7 +145,7 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
         out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
                    f"{r['rows'][0]['operating_point']['target_sensitivity']:g} on `{r['val_dataset']}`; "
                    "sensitivity and specificity at it with Wilson 95% intervals.\n")
-    out.append("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|\n")
+    rows = []
     for row in r["rows"]:
         cells = [row["model"], row["dataset"], str(row["num_images"]), str(row["num_lesion_images"])]
         cells += [_cell(row["metrics"][k], 1 if k.startswith("AP") else 3) for k in labels]
@@ -157,7 +155,8 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
             cells += [f"{o['score_thresh']:.3f}",
                       _cell({"estimate": t["sensitivity"], **t["sensitivity_ci"]}),
                       _cell({"estimate": t["specificity"], **t["specificity_ci"]})]
-        out.append("| " + " | ".join(cells) + " |\n")
+        rows.append(cells)
+    out.append("\n" + markdown_table(header, rows))
     if r.get("plot"):
         out.append(f"\n![models x datasets]({r['plot']})\n")
     return "".join(out)

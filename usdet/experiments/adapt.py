@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from usdet.engine.checkpoint import set_pixel_normalization
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "SCOPES", "ADAPTATION_KEY", "AdaptError", "adapt_site", "adapted_normalization", "bn_modules",
@@ -361,15 +363,6 @@ def adapt_site(
     return record
 
 
-def set_pixel_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-    """Replace a detectron2 meta-architecture's ``pixel_mean``/``pixel_std`` buffers in place."""
-    for name, values in (("pixel_mean", mean), ("pixel_std", std)):
-        buf = getattr(model, name, None)
-        if not isinstance(buf, torch.Tensor) or buf.numel() != len(values):
-            raise AdaptError(f"the model has no {len(values)}-channel {name} buffer to adapt")
-        buf.copy_(torch.as_tensor([float(v) for v in values], dtype=buf.dtype).view_as(buf))
-
-
 def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str, out_dir: str, *,
                  opts: Sequence[str] = (), bootstrap: int = 1000) -> Dict[str, Any]:
     """Evaluate the model before and after adaptation on a registered labelled dataset, paired.
@@ -381,7 +374,7 @@ def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str,
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from usdet.evaluation.compare import compare_models
-    from usdet.evaluation.cross_eval import cross_evaluate
+    from usdet.experiments.cross_eval import cross_evaluate
 
     if val_dataset not in DatasetCatalog.list():
         raise AdaptError(f"--val-dataset {val_dataset!r} is not registered (usdet registers <dataset>_<split> "

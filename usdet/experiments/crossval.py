@@ -25,6 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from usdet.data.register import register_all_usdet_datasets
+from usdet.data.split import kfold_split
+from usdet.evaluation.formatting import fmt_estimate, fmt_value as _fmt
+from usdet.evaluation.report import evaluate_predictions
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["FOLD_METRICS", "read_converted_dataset", "write_folds", "fold_commands", "run_cross_validation",
@@ -96,8 +100,6 @@ def write_folds(root: str, output_dir: str, folds: int, seed: int = 0, val_fract
     A plan already in ``output_dir/cv.json`` must match (same dataset, folds, seed), else
     ``ValueError``: a resumed CV never mixes two partitions.
     """
-    from usdet.data.split import kfold_split
-
     root = os.path.abspath(root)
     plan = OrderedDict(dataset_root=root, folds=int(folds), seed=int(seed), val_fraction=float(val_fraction))
     plan_file = os.path.join(output_dir, "cv.json")
@@ -196,8 +198,6 @@ def _run_in_process(cmd: List[str], output_dir: str) -> None:
     """``cmd`` (a train_net command) through ``tools/train_net.py``'s own entry in this process."""
     import importlib.util
 
-    from usdet.data.register import register_all_usdet_datasets
-
     register_all_usdet_datasets(os.path.join(output_dir, "folds"))
     spec = importlib.util.spec_from_file_location("usdet_train_net", TRAIN_NET)
     tool = importlib.util.module_from_spec(spec)
@@ -265,8 +265,6 @@ def summarize_folds(output_dir: str, folds: int, *, bootstrap: int = 1000, seed:
 
     Writes ``pooled_predictions.json``, ``pooled/`` (the full report), ``cv_summary.{json,md,png}``.
     """
-    from .report import evaluate_predictions
-
     per_fold, pooled = [], []
     for k in range(folds):
         d = _test_dir(output_dir, k)
@@ -298,7 +296,7 @@ def summarize_folds(output_dir: str, folds: int, *, bootstrap: int = 1000, seed:
                          "ground_truth": "pooled_gt.json", "predictions": "pooled_predictions.json",
                          "report": "pooled/report.md"}
     if plots:
-        from .interval_plots import plot_intervals
+        from usdet.evaluation.interval_plots import plot_intervals  # matplotlib: only when plotting
 
         panels = OrderedDict()
         for label, _, _, _ in FOLD_METRICS:
@@ -318,8 +316,6 @@ def summarize_folds(output_dir: str, folds: int, *, bootstrap: int = 1000, seed:
 
 def render_cv_summary(s: Dict[str, Any]) -> str:
     """Markdown: per-fold rows, mean ± sd, pooled with 95% bootstrap CIs."""
-    from .report import _fmt, fmt_estimate
-
     labels = [label for label, _, _, _ in FOLD_METRICS]
 
     def d(label: str) -> int:
