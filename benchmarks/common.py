@@ -61,15 +61,16 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def write_result(name: str, result: Dict[str, Any]) -> str:
-    """Write ``benchmarks/results/<name>.json`` atomically with the machine and a timestamp."""
+def write_result(name: str, result: Dict[str, Any], results_dir: str = RESULTS) -> str:
+    """Write ``benchmarks/results/<name>.json`` (or into ``results_dir``) atomically with the machine
+    and a timestamp."""
     from usdet.utils.io import atomic_write_json
 
     result = dict(result)
     result.setdefault("benchmark", name)
     result["machine"] = machine()
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = os.path.join(RESULTS, f"{name}.json")
+    path = os.path.join(results_dir, f"{name}.json")
     atomic_write_json(path, result)
     print(f"[bench] {name}: " + ", ".join(f"{k}={v}" for k, v in result.items()
                                          if k not in ("machine", "benchmark") and not isinstance(v, (dict, list))))

@@ -48,3 +48,41 @@ def test_yolo_labels_round_trip_to_coco_results(tmp_path):
     assert m["bbox"]["AP50"] == pytest.approx(100.0)
     yaml_text = open(info["yaml"]).read()
     assert "train: images/train" in yaml_text and "1: malignant" in yaml_text
+
+
+def _peer_venv():
+    """benchmarks/.venv-peer, or $USDET_PEER_VENV (a worktree can use the main checkout's)."""
+    venv = os.environ.get("USDET_PEER_VENV") or _peer().PEER_VENV
+    if not os.path.isfile(os.path.join(venv, ".peer-ready")):
+        pytest.skip(f"{venv} is not set up (benchmarks/peer_yolo.py creates it on first use, installing Ultralytics "
+                    "from PyPI; this test does not)")
+    return venv
+
+
+def test_driver_trains_and_predicts_at_a_tiny_budget_in_the_peer_venv(tmp_path):
+    """The driver script embedded in peer_yolo.py, run as the benchmark runs it, in the peer's venv."""
+    from usdet.data.phantom import make_phantom_dataset
+
+    venv = _peer_venv()
+    peer = _peer()
+    root = make_phantom_dataset(str(tmp_path / "ph"), num_images=10, size=64, seed=4, classes="benign,malignant")
+    info = peer.coco_to_yolo(root, str(tmp_path / "yolo"))
+    work = tmp_path / "work"
+    work.mkdir()
+    res = peer.run_peer(peer.peer_python(venv), info, str(work), budget_min=0.05, device="cpu", imgsz=64, batch=2,
+                        workers=0, seed=0, log=str(tmp_path / "peer_log.txt"), threads=1)
+    assert res["epochs"] >= 1 and res["train_seconds"] > 0 and res["wall_seconds"] >= res["train_seconds"]
+    assert os.path.isfile(res["weights"]) and os.path.basename(res["weights"]) in ("best.pt", "last.pt")
+    test_files = info["splits"]["test"]["files"]
+    assert {d["file"] for d in res["detections"]} <= set(test_files)
+    for d in res["detections"]:
+        assert d["cls"] in (0, 1) and 0 <= d["score"] <= 1 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0
+    preds = peer.to_coco_results(res, info)
+    assert len(preds) == len(res["detections"])
+    assert {p["image_id"] for p in preds} <= set(test_files.values())
+    assert {p["category_id"] for p in preds} <= set(info["category_ids"])
+    from usdet.evaluation.report import evaluate_predictions
+
+    m = evaluate_predictions(os.path.join(root, "annotations", "test.json"), preds, str(tmp_path / "ev"), bootstrap=0,
+                             plots=False)
+    assert m["inputs"]["num_images"] == info["splits"]["test"]["images"] and m["warnings"] == []
