@@ -10,7 +10,7 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -102,3 +102,20 @@ def predictor_setup(config_file: str, min_size_test: int, device: str, images: i
         img, _, _ = render_phantom(rng, tuple(size))
         atomic_write_image(os.path.join(tmp, "frames", f"frame_{i:04d}.png"), img)
     return build_predictor_cfg(config_file, weights, device, opts), tmp, list_sources(os.path.join(tmp, "frames"))
+
+
+def load_average() -> List[float]:
+    """The 1/5/15-minute load averages, recorded beside every timed run (2 decimals)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_logged(cmd: List[str], log: str, cwd: str = REPO) -> float:
+    """Run ``cmd`` (output to ``log``) and return its wall seconds; a non-zero exit stops the benchmark."""
+    import subprocess
+
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {rc}; see {log}")
+    return time.time() - t0

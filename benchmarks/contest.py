@@ -27,31 +27,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, RESULTS, write_result  # noqa: E402
+from common import REPO, RESULTS, load_average, run_logged, write_result  # noqa: E402
 import peer_yolo  # noqa: E402
 
 PY = sys.executable
 
 
-def _load() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _run(cmd: List[str], log: str) -> float:
-    t0 = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {rc}; see {log}")
-    return time.time() - t0
 
 
 def fit_schedule(budget_s: float, probe: Dict[str, Any], val_images: int, evals: int) -> Dict[str, int]:
@@ -84,12 +72,12 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
                  "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
                  "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
                  "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
-    load_before = _load()
-    train_s = _run(train_cmd, os.path.join(work, "usdet_train.log"))
+    load_before = load_average()
+    train_s = run_logged(train_cmd, os.path.join(work, "usdet_train.log"))
     preds = {}
     for split in ("val", "test"):
         ev = os.path.join(work, f"usdet_{split}")
-        _run([PY, "tools/train_net.py", "--config-file", args.config, "--eval-only", *caps,
+        run_logged([PY, "tools/train_net.py", "--config-file", args.config, "--eval-only", *caps,
               "DATASETS.TEST", f"('{splits[split]}',)", "MODEL.WEIGHTS", os.path.join(out, "model_best.pth"),
               "OUTPUT_DIR", ev],
              os.path.join(work, f"usdet_{split}.log"))
@@ -101,7 +89,7 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
             "train_wall_s": round(train_s, 1), "budget_wall_s": round(probe_s + train_s, 1),
             "train_images_per_s": round(ims / train_s, 3), "infer_images_per_s_batch1": probe["infer_images_per_s"],
             "epochs": round(ims / n_train, 2), "images_seen": ims,
-            "best_on_val": best, "loader_workers": 2, "load_before": load_before, "load_after": _load(),
+            "best_on_val": best, "loader_workers": 2, "load_before": load_before, "load_after": load_average(),
             "predictions": preds}
 
 
@@ -160,7 +148,7 @@ def main(argv=None) -> int:
             result["usdet"] = u
         if not args.skip_peer:
             py = peer_yolo.peer_python()
-            load_before = _load()
+            load_before = load_average()
             res = peer_yolo.run_peer(py, info, tmp, args.budget_min, "cpu", args.imgsz, args.batch, 0, 0,
                                      os.path.join(work, "peer_log.txt"), threads=threads, conf=args.conf,
                                      max_det=args.max_det, select="AP", predict_splits=("val", "test"))
@@ -173,7 +161,7 @@ def main(argv=None) -> int:
                               "budget_wall_s": round(res["train_seconds"], 1),
                               "train_images_per_s": round((res["epochs"] or 0) * n_train / res["train_seconds"], 3),
                               "infer_images_per_s_batch1": round(res["infer_images_per_s"]["test"], 3),
-                              "load_before": load_before, "load_after": _load(),
+                              "load_before": load_before, "load_after": load_average(),
                               "predictions": {s: os.path.relpath(os.path.join(keep, f"yolo_{s}.json"), REPO)
                                               for s in ("val", "test")}}
     scores: Dict[str, Any] = {}

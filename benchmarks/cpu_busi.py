@@ -24,27 +24,16 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, write_result  # noqa: E402
+from common import REPO, run_logged, write_result  # noqa: E402
 import summarize_run  # noqa: E402
 
 CFG = "configs/BUSI/recipe_scratch_cpu.yaml"
 PY = sys.executable
 
-
-def _run(cmd: List[str], log: str) -> float:
-    """Run ``cmd`` from the repository root, output to ``log``; wall seconds. Fails loudly."""
-    t0 = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {rc}; see {log}")
-    return time.time() - t0
 
 
 REUSE = False  # --reuse: keep the evaluations an interrupted run already finished
@@ -55,7 +44,7 @@ def evaluate(weights: str, out: str, split: str, ema: bool, flip: bool, bootstra
     os.makedirs(out, exist_ok=True)
     report = os.path.join(out, "inference", f"busi_{split}", "metrics.json")
     if not (REUSE and os.path.isfile(report)):
-        _run([PY, "tools/train_net.py", "--config-file", CFG, "--eval-only", "MODEL.WEIGHTS", weights,
+        run_logged([PY, "tools/train_net.py", "--config-file", CFG, "--eval-only", "MODEL.WEIGHTS", weights,
              "MODEL.EMA.ENABLED", str(ema), "TEST.FLIP", str(flip), "DATASETS.TEST", f"('busi_{split}',)",
              "TEST.BOOTSTRAP", str(bootstrap), "OUTPUT_DIR", out], os.path.join(out, "log.txt"))
     with open(report) as fh:
@@ -122,7 +111,7 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     train_s = args.train_seconds
     if not args.skip_train:
-        train_s = _run([PY, "tools/train_net.py", "--config-file", CFG, "MODEL.EMA.ENABLED", "True",
+        train_s = run_logged([PY, "tools/train_net.py", "--config-file", CFG, "MODEL.EMA.ENABLED", "True",
                         "OUTPUT_DIR", train_dir], os.path.join(work, "train.log"))
     choice = choose_on_val(train_dir, work)
     w = choice.pop("_winner")
@@ -142,7 +131,7 @@ def main() -> int:
     if args.baseline_probe:
         probe = os.path.join(work, "baseline_probe")
         if not (REUSE and os.path.isfile(os.path.join(probe, "model_final.pth"))):
-            _run([PY, "benchmarks/train_plain_baseline.py", "--output", probe, "SOLVER.MAX_ITER",
+            run_logged([PY, "benchmarks/train_plain_baseline.py", "--output", probe, "SOLVER.MAX_ITER",
                   str(args.baseline_probe), "DATALOADER.NUM_WORKERS", "2", "MODEL.DEVICE", args.device],
                  probe + ".log")
         base = summarize_run.seconds_per_iter(summarize_run._events(os.path.join(probe, "metrics.json")))

@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, write_result  # noqa: E402
-from detector_speed import HALF_WIDTH, LITE, OLD, VARIANTS  # noqa: E402
+from common import REPO, load_average, run_logged, write_result  # noqa: E402
+from detector_speed import HALF_WIDTH, LITE, OLD  # noqa: E402
 
 GIOU = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "giou", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "2.0"]
 MOSAIC = ["INPUT.AUG.MOSAIC.ENABLED", "True"]
@@ -55,9 +53,6 @@ def _reference_idle_seconds_per_iter() -> float:
 
 REFERENCE_IDLE_S_PER_IT = _reference_idle_seconds_per_iter()
 
-
-def _load() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _val_rows(out: str) -> List[Dict[str, Any]]:
@@ -86,19 +81,15 @@ def run_variant(name: str, budget_s: float, speed: Dict[str, Any], out_root: str
     cmd = [sys.executable, "tools/train_net.py", "--config-file", config, *opts,
            "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", str(max(10, max_iter // 11)),
            "TEST.EVAL_PERIOD", str(half), "SOLVER.CHECKPOINT_PERIOD", str(half), "OUTPUT_DIR", out]
-    load_before, t0 = _load(), time.time()
+    load_before = load_average()
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out_root, f"{name}.log"), "w") as fh:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"{name}: training exited {rc}; see {out_root}/{name}.log")
-    wall = time.time() - t0
+    wall = run_logged(cmd, os.path.join(out_root, f"{name}.log"))
     evals = _val_rows(out)
     best = max(evals, key=lambda r: r["AP50"])
     return {"what": what, "config": config, "opts": opts, "cost_ratio": round(ratio, 3),
             "seconds_per_iter_idle": round(s_it, 3), "max_iter": max_iter,
             "images_seen": max_iter * 4, "budget_s_idle": budget_s, "wall_s": round(wall, 1),
-            "load_before": load_before, "load_after": _load(), "val_evals": evals, "best": best}
+            "load_before": load_before, "load_after": load_average(), "val_evals": evals, "best": best}
 
 
 def main(argv=None) -> int:

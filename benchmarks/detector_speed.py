@@ -22,7 +22,7 @@ import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, write_result  # noqa: E402
+from common import REPO, load_average, write_result  # noqa: E402
 
 #: Cheaper per image: no stride-4 level, a narrower FPN, fewer proposals and ROI samples, a
 #: smaller box head (lesions are large: most boxes are >= 40 px at the 320 px input).
@@ -51,9 +51,6 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     "lite_half_b8": (OLD, LITE + HALF_WIDTH + ["SOLVER.IMS_PER_BATCH", "8"]),
 }
 
-
-def _load() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def measure(config: str, opts: Sequence[str], iters: int, warmup: int, infer_images: int) -> Dict[str, Any]:
@@ -117,7 +114,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    load_before = _load()
+    load_before = load_average()
     rows: Dict[str, Any] = {}
     for name in names:
         config, opts = VARIANTS[name]
@@ -129,7 +126,7 @@ def main(argv=None) -> int:
         row["infer_speed_ratio"] = round(row["infer_images_per_s"] / ref["infer_images_per_s"], 3)
     write_result(args.result_name, {"reference": names[0], "iters": args.iters, "warmup": args.warmup,
                                     "torch_threads": torch.get_num_threads(), "load_before": load_before,
-                                    "load_after": _load(), "variants": rows})
+                                    "load_after": load_average(), "variants": rows})
     return 0
 
 
