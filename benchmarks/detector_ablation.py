@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The detector ablation on BUSI val at a short proxy budget (issue 21): one row per lever.
 
-  python benchmarks/detector_ablation.py [--budget-s 600] [--variants lite,lite_giou,...] \
+  python benchmarks/detector_ablation.py [--budget-s 600] [--variants lite_half,half_paste,...] \
       [--speed benchmarks/results/detector_speed.json] [--output output/ablation]
 
 Every variant (``ABLATION`` below: a config and ``KEY VALUE`` overrides) trains from scratch for
-the same *idle-machine* wall-clock budget: its iteration count is ``budget / seconds_per_iter``
-from ``benchmarks/detector_speed.py``'s measurement of that variant's cost (variants that share
-a model share its speed; augmentations measured to cost the same are given the same speed). So
-a cheaper model gets more iterations, as it would in a real run of that length, and the
+the same *idle-machine* wall-clock budget: its iteration count is ``budget / seconds_per_iter``,
+where ``seconds_per_iter`` is the CPU recipe's committed idle figure (``cpu_recipe.json``) times the
+variant's cost ratio to that recipe, measured side by side by ``benchmarks/detector_speed.py``
+(levers that leave the model unchanged share its ratio). So a cheaper model gets more
+iterations, as it would in a real run of that length, and the
 ablation can run beside other work without its result depending on the machine's load: each
 run's real wall time and load average are recorded too. The schedule (warmup, cosine) is scaled
 to the iteration count; val is evaluated twice (half-way and at the end) and the row keeps the
