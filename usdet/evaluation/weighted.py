@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable
 
 import numpy as np
 
+# the resampling loop and the interval rule are the report's own (bootstrap.py), offered here with the metrics
 from .bootstrap import _Ap50Stat, _AucStat, _CpmStat, _PiouStat, percentile_ci, resampled_values
 from .classification import top_score_per_image
 from .inputs import DetectionData
