@@ -314,7 +314,7 @@ class Protocol:
 
 def render(result: Dict[str, Any]) -> str:
     """Markdown: per direction, the models' table and the paired differences against ``source``."""
-    from usdet.evaluation.report import fmt_number
+    from usdet.evaluation.formatting import fmt_number
 
     b = result["budget"]
     lines = [f"# Leave one site out ({result['status']})", "",

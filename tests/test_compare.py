@@ -152,3 +152,19 @@ def test_fmt_number_names_undefined_values():
     assert fmt_number(float("nan"), ".4f", undefined="undefined") == "undefined"
     assert fmt_number(None, ".4f", undefined="–") == "–"
     assert fmt_number(None, ".4f") == "n/a"
+
+
+def test_delong_without_variance_stays_json_safe():
+    """A difference with no spread (one model constant, one separating perfectly): z unbounded, stored as None."""
+    import json
+
+    import numpy as np
+
+    from usdet.evaluation.compare import delong_test
+
+    y = np.array([1, 1, 1, 0, 0, 0])
+    r = delong_test(y, np.full(6, 0.5), np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3]))
+    assert r["delta"] == 0.5 and r["se"] == 0.0 and r["z"] is None and r["p_value"] == 0.0
+    json.dumps(r, allow_nan=False)  # raised on inf before
+    same = delong_test(y, np.full(6, 0.5), np.full(6, 0.5))
+    assert same["z"] == 0.0 and same["p_value"] == 1.0

@@ -102,8 +102,9 @@ def test_light_detector_exports_and_matches_eager(lite_weights, tmp_path):
         assert export.main(["--config-file", LITE_CFG, "--weights", lite_weights, "--format", fmt,
                             "--output", str(tmp_path / fmt)]) == 0
     results = {}
-    for backend in ("torch", "torchscript", "onnx"):
-        weights = lite_weights if backend == "torch" else str(tmp_path / backend)
+    exported = {"torch": lite_weights, "torchscript": str(tmp_path / "torchscript" / "model.ts"),
+                "onnxruntime": str(tmp_path / "onnx" / "model.onnx")}
+    for backend, weights in exported.items():
         argv = ["--backend", backend, "--weights", weights, "--input", *frames, "--output", str(tmp_path / f"p_{backend}"),
                 "--score-thresh", "0.05", "--no-progress"]
         if backend == "torch":
@@ -112,5 +113,5 @@ def test_light_detector_exports_and_matches_eager(lite_weights, tmp_path):
         records = json.loads((tmp_path / f"p_{backend}" / "predictions.json").read_text())
         results[backend] = {(r["source"], r["frame"]): r for r in records}
     assert sum(len(r["boxes"]) for r in results["torch"].values()) > 0
-    for backend in ("torchscript", "onnx"):
+    for backend in ("torchscript", "onnxruntime"):
         assert _assert_same_detections(results["torch"], results[backend], backend) > 0

@@ -38,7 +38,7 @@ def test_yolo_labels_round_trip_to_coco_results(tmp_path):
             box = [cx * w - bw * w / 2, cy * h - bh * h / 2, bw * w, bh * h]
             assert box == pytest.approx(a["bbox"], abs=1e-3)
             fake.append({"file": fname, "bbox": box, "score": 0.9, "cls": int(c)})
-    preds = peer.to_coco_results({"detections": fake}, info)
+    preds = peer.to_coco_results({"detections": {"test": fake}}, info)
     truth = sorted((a["image_id"], a["category_id"]) for a in test["annotations"])
     assert sorted((p["image_id"], p["category_id"]) for p in preds) == truth
     from usdet.evaluation.report import evaluate_predictions
@@ -74,11 +74,13 @@ def test_driver_trains_and_predicts_at_a_tiny_budget_in_the_peer_venv(tmp_path):
     assert res["epochs"] >= 1 and res["train_seconds"] > 0 and res["wall_seconds"] >= res["train_seconds"]
     assert os.path.isfile(res["weights"]) and os.path.basename(res["weights"]) in ("best.pt", "last.pt")
     test_files = info["splits"]["test"]["files"]
-    assert {d["file"] for d in res["detections"]} <= set(test_files)
-    for d in res["detections"]:
+    assert set(res["detections"]) == {"test"} and res["infer_images_per_s"]["test"] > 0  # batch-1 rate
+    assert {d["file"] for d in res["detections"]["test"]} <= set(test_files)
+    assert all(d["score"] >= 0.001 for d in res["detections"]["test"])  # the stated test-time cap
+    for d in res["detections"]["test"]:
         assert d["cls"] in (0, 1) and 0 <= d["score"] <= 1 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0
     preds = peer.to_coco_results(res, info)
-    assert len(preds) == len(res["detections"])
+    assert len(preds) == len(res["detections"]["test"])
     assert {p["image_id"] for p in preds} <= set(test_files.values())
     assert {p["category_id"] for p in preds} <= set(info["category_ids"])
     from usdet.evaluation.report import evaluate_predictions

@@ -56,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-gain", action="store_true",
                    help="with --val-dataset: write the checkpoint only if AP50 improves (interval above 0)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="config overrides: KEY VALUE anywhere on the line (after --images too), or after --")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from usdet.utils.overrides import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), sys.argv[1:] if argv is None else argv)
     if args.require_gain and not args.val_dataset:
         print("adapt_site: error: --require-gain needs --val-dataset (a labelled dataset of the site)", file=sys.stderr)
         return 2

@@ -76,7 +76,9 @@ def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, le
     delta = float(auc[1] - auc[0])
     se = float(np.sqrt(max(var, 0.0)))
     if se <= 1e-12:
-        z = 0.0 if abs(delta) <= 1e-12 else float(np.sign(delta) * np.inf)
+        # No variance: equal AUCs (z 0), or a difference with no spread, whose z is unbounded
+        # (None: JSON has no infinity, and the report must still be written).
+        z = 0.0 if abs(delta) <= 1e-12 else None
         p = 1.0 if abs(delta) <= 1e-12 else 0.0
     else:
         z = delta / se
