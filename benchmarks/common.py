@@ -10,7 +10,7 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -61,7 +61,7 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def write_result(name: str, result: Dict[str, Any], results_dir: str = RESULTS) -> str:
+def write_result(name: str, result: Dict[str, Any], results_dir: Optional[str] = None) -> str:
     """Write ``benchmarks/results/<name>.json`` (or into ``results_dir``) atomically with the machine
     and a timestamp."""
     from usdet.utils.io import atomic_write_json
@@ -70,7 +70,8 @@ def write_result(name: str, result: Dict[str, Any], results_dir: str = RESULTS) 
     result.setdefault("benchmark", name)
     result["machine"] = machine()
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = os.path.join(results_dir, f"{name}.json")
+    # RESULTS is read at call time: scripts that redirect it (common.RESULTS = ...) are obeyed.
+    path = os.path.join(results_dir or RESULTS, f"{name}.json")
     atomic_write_json(path, result)
     print(f"[bench] {name}: " + ", ".join(f"{k}={v}" for k, v in result.items()
                                          if k not in ("machine", "benchmark") and not isinstance(v, (dict, list))))

@@ -314,7 +314,7 @@ class Protocol:
 
 def render(result: Dict[str, Any]) -> str:
     """Markdown: per direction, the models' table and the paired differences against ``source``."""
-    from usdet.evaluation.formatting import fmt_number
+    from usdet.evaluation.formatting import fmt_estimate, fmt_number
 
     b = result["budget"]
     lines = [f"# Leave one site out ({result['status']})", "",
@@ -328,7 +328,7 @@ def render(result: Dict[str, Any]) -> str:
             for ds, row in by_ds.items():
                 m = row["metrics"]
                 lines.append(f"| {model} | {ds} | {row['num_images']} | " + " | ".join(
-                    cross_site._ci(m[k], 1 if k.startswith("AP") else 3) for k in ("AP50", "AP", "AP75", "penalized IoU", "CPM"))
+                    fmt_estimate(m[k], 1 if k.startswith("AP") else 3, undefined="–") for k in ("AP50", "AP", "AP75", "penalized IoU", "CPM"))
                     + " |")
         lines += ["", "Paired against `source` on the same images (delta [95% CI], p):", "",
                   "| model | test set | ΔAP50 | ΔAP | Δ penalized IoU | ΔCPM |", "|---|---|---|---|---|---|"]
