@@ -22,7 +22,7 @@
    ``--usdet-pred``, compared with usdet's predictions by ``compare_models``.
 
 Results: ``benchmarks/results/peer_yolo.json`` (``--result-name``) and the reports under
-``--output``. Not part of ``make bench``/``make test``: the measurement is a 65-minute run.
+``--output``. Not part of ``make bench``/``make test``: the measurement is a 69-minute run.
 """
 from __future__ import annotations
 

@@ -230,8 +230,7 @@ def test_mapper_mosaic_and_copy_paste_through_the_trainer_mapper(phantom_dataset
     mosaic = UsdetDatasetMapper(_cfg(*base, "INPUT.AUG.MOSAIC.ENABLED", "True", "INPUT.AUG.MOSAIC.PROB", "1.0",
                                      "INPUT.AUG.MOSAIC.CANVAS_SCALE", "1.5"),
                                 is_train=True)
-    with pytest.raises(AssertionError):
-        assert mosaic._pool  # no pool yet: the mapper maps single images
+    assert mosaic._pool == []  # no pool yet: the mapper maps single images
     mosaic.set_pool(dicts)
     n_lesions = {d["image_id"]: len(d["annotations"]) for d in dicts}
     for seed in range(5):
