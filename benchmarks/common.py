@@ -112,11 +112,36 @@ def load_average() -> List[float]:
 
 def run_logged(cmd: List[str], log: str, cwd: str = REPO) -> float:
     """Run ``cmd`` (output to ``log``) and return its wall seconds; a non-zero exit stops the benchmark."""
+    return run_until(cmd, log, cwd=cwd)[0]
+
+
+def run_until(cmd: List[str], log: str, deadline: Optional[float] = None, cwd: str = REPO,
+              grace_s: float = 30.0) -> "tuple[float, bool]":
+    """Run ``cmd`` (output to ``log``) until it exits or the wall clock reaches ``deadline``.
+
+    Returns (wall seconds, stopped at the deadline). A wall-clock budget is a budget: a run still
+    going at its deadline is stopped (SIGTERM to its whole process group, its loader workers
+    included; SIGKILL after ``grace_s``), which is not an error. Any other non-zero exit stops
+    the benchmark.
+    """
+    import signal
     import subprocess
 
     t0 = time.time()
+    stopped = False
     with open(log, "w") as fh:
-        rc = subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {rc}; see {log}")
-    return time.time() - t0
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            if deadline is not None and time.time() >= deadline:
+                stopped = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                break
+            time.sleep(1.0)
+    if proc.returncode != 0 and not stopped:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; see {log}")
+    return time.time() - t0, stopped

@@ -2,13 +2,15 @@
 """The fair contest (issue 21): usdet's CPU recipe and YOLOv8n back to back, same budget, same rules.
 
   python benchmarks/contest.py --budget-min 69 [--config configs/BUSI/recipe_lite_cpu.yaml] \
-      [--output output/contest] [--result-name contest] [--max-images 0] [--skip-peer] [--skip-usdet]
+      [--output output/contest] [--result-name contest] [--max-images 0] [--skip-peer] [--skip-usdet] \
+      [--usdet-run DIR --usdet-start 2026-12-07T04:00:29Z]
 
 One command, one machine, one after the other (never at once), each side given:
 - the same wall-clock budget, measured the same way: training *plus its own validation passes*
-  (Ultralytics' ``time`` includes its per-epoch val; usdet's budget includes a 20-iteration speed
-  probe, its periodic val evaluations and checkpoints: ``SOLVER.MAX_ITER`` is fitted to the budget
-  from the probe, as ``benchmarks/gpu_busi.sh`` does, and the real time is recorded);
+  (Ultralytics' ``time`` includes its per-epoch val and stops training at the budget; usdet's
+  budget includes a 20-iteration speed probe, its periodic val evaluations and checkpoints:
+  ``SOLVER.MAX_ITER`` is fitted to the budget from the probe, a run still going at the budget's
+  end is stopped there, and only checkpoints written within the budget can be chosen);
 - the same threads (all cores) and, where the peer allows, loader workers (Ultralytics forces 0
   workers on CPU; usdet keeps its recipe's 2, recorded);
 - the same test-time caps: score threshold ``--conf`` (0.001) and ``--max-det`` (100) boxes per
@@ -31,10 +33,10 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, RESULTS, load_average, run_logged, write_result  # noqa: E402
+from common import REPO, RESULTS, load_average, run_logged, run_until, write_result  # noqa: E402
 import peer_yolo  # noqa: E402
 
 PY = sys.executable
@@ -55,42 +57,122 @@ def fit_schedule(budget_s: float, probe: Dict[str, Any], val_images: int, evals:
     return {"max_iter": max_iter, "eval_period": max_iter // evals}
 
 
+def _records(run_dir: str) -> List[Dict[str, Any]]:
+    """``metrics.json`` of a detectron2 run; a last line cut by a stop at the deadline is skipped."""
+    recs = []
+    with open(os.path.join(run_dir, "metrics.json")) as fh:
+        for line in fh:
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                pass
+    return recs
+
+
+def in_budget_checkpoint(run_dir: str, deadline: float, metric: str = "bbox/AP") -> Dict[str, Any]:
+    """The checkpoint with the best val ``metric`` among those written by ``deadline`` (epoch seconds).
+
+    detectron2's PeriodicCheckpointer writes ``model_{iter:07d}.pth`` (``model_final.pth`` at the
+    end) just before the EvalHook evaluates the same weights at the same iteration (the contest
+    gives both hooks one period), so each evaluation in ``metrics.json`` names its checkpoint. A
+    checkpoint counts if it was on disk by the deadline, as the peer's budget ends with its last
+    epoch and its final validation of ``best.pt`` comes after.
+    """
+    evals = [r for r in _records(run_dir) if metric in r]
+    last_it = max((int(r["iteration"]) for r in evals), default=-1)
+    best: Optional[Dict[str, Any]] = None
+    for r in evals:
+        it = int(r["iteration"])
+        path = os.path.join(run_dir, f"model_{it:07d}.pth")
+        if not os.path.isfile(path) and it == last_it:
+            path = os.path.join(run_dir, "model_final.pth")
+        if not os.path.isfile(path) or os.path.getmtime(path) > deadline:
+            continue
+        if best is None or float(r[metric]) > best["value"]:
+            best = {"weights": path, "iteration": it, "metric": metric, "value": float(r[metric]),
+                    "saved_s_before_deadline": round(deadline - os.path.getmtime(path), 1)}
+    if best is None:
+        raise SystemExit(f"{run_dir}: no evaluated checkpoint was written within the budget")
+    return best
+
+
+def _schedule_of(run_dir: str) -> Dict[str, int]:
+    """MAX_ITER and EVAL_PERIOD of an earlier run, from the config.yaml detectron2 wrote."""
+    from detectron2.config import CfgNode
+
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        cfg = CfgNode.load_cfg(fh)
+    return {"max_iter": int(cfg.SOLVER.MAX_ITER), "eval_period": int(cfg.TEST.EVAL_PERIOD),
+            "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH)}
+
+
 def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str) -> Dict[str, Any]:
-    """Probe, train within the budget, evaluate the val-chosen checkpoint on val and test."""
+    """Probe, train until the budget's end, evaluate the val-chosen in-budget checkpoint on val and test.
+
+    With ``--usdet-run DIR --usdet-start T`` the training is an earlier one (e.g. a run whose
+    contest was interrupted): its budget started at T, and only its checkpoints written by
+    T + budget take part.
+    """
     from detector_speed import measure
 
     caps = ["TEST.DETECTIONS_PER_IMAGE", str(args.max_det), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.conf)]
     data = ["DATASETS.TRAIN", f"('{splits['train']}',)", "DATASETS.TEST", f"('{splits['val']}',)"]
-    t0 = time.time()
-    probe = measure(args.config, data, iters=args.probe_iters, warmup=5, infer_images=20)
-    probe_s = time.time() - t0
-    with open(val_gt) as fh:
-        val_images = len(json.load(fh)["images"])
-    sched = fit_schedule(args.budget_min * 60 - probe_s, probe, val_images, args.evals)
-    out = os.path.join(work, "usdet_train")
-    train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data, *caps,
-                 "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
-                 "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
-                 "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
-    load_before = load_average()
-    train_s = run_logged(train_cmd, os.path.join(work, "usdet_train.log"))
+    budget_s = args.budget_min * 60
+    if args.usdet_run:
+        out, t0 = os.path.abspath(args.usdet_run), parse_start(args.usdet_start)
+        probe, probe_s, sched = None, None, _schedule_of(out)
+        ims_per_batch = sched.pop("ims_per_batch")
+        last_write = os.path.getmtime(os.path.join(out, "metrics.json"))
+        stopped = last_write > t0 + budget_s or not os.path.isfile(os.path.join(out, "model_final.pth"))
+        train_end = min(last_write, t0 + budget_s)
+        load_before = None
+    else:
+        t0 = time.time()
+        probe = measure(args.config, data, iters=args.probe_iters, warmup=5, infer_images=20)
+        probe_s = time.time() - t0
+        ims_per_batch = int(probe["ims_per_batch"])
+        with open(val_gt) as fh:
+            val_images = len(json.load(fh)["images"])
+        sched = fit_schedule(budget_s - probe_s, probe, val_images, args.evals)
+        out = os.path.join(work, "usdet_train")
+        train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data, *caps,
+                     "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
+                     "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
+                     "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
+        load_before = load_average()
+        _, stopped = run_until(train_cmd, os.path.join(work, "usdet_train.log"), deadline=t0 + budget_s)
+        train_end = time.time()
+    chosen = in_budget_checkpoint(out, t0 + budget_s)
+    speed = probe or measure(args.config, data, iters=5, warmup=2, infer_images=20)  # after an earlier run
+    iterations = 1 + max((int(r["iteration"]) for r in _records(out) if "iteration" in r), default=-1)
+    train_s = train_end - t0 - (probe_s or 0.0)
     preds = {}
     for split in ("val", "test"):
         ev = os.path.join(work, f"usdet_{split}")
         run_logged([PY, "tools/train_net.py", "--config-file", args.config, "--eval-only", *caps,
-              "DATASETS.TEST", f"('{splits[split]}',)", "MODEL.WEIGHTS", os.path.join(out, "model_best.pth"),
-              "OUTPUT_DIR", ev],
-             os.path.join(work, f"usdet_{split}.log"))
+                    "DATASETS.TEST", f"('{splits[split]}',)", "MODEL.WEIGHTS", chosen["weights"], "OUTPUT_DIR", ev],
+                   os.path.join(work, f"usdet_{split}.log"))
         preds[split] = os.path.join(ev, "inference", splits[split], "coco_instances_results.json")
-    with open(os.path.join(out, "best_metric.json")) as fh:
-        best = json.load(fh)
-    ims = int(sched["max_iter"]) * int(probe["ims_per_batch"])
-    return {"config": args.config, "probe": probe, "probe_s": round(probe_s, 1), "schedule": sched,
-            "train_wall_s": round(train_s, 1), "budget_wall_s": round(probe_s + train_s, 1),
-            "train_images_per_s": round(ims / train_s, 3), "infer_images_per_s_batch1": probe["infer_images_per_s"],
+    ims = iterations * ims_per_batch
+    chosen["weights"] = os.path.relpath(chosen["weights"], REPO)
+    return {"config": args.config, "probe": probe, "probe_s": None if probe_s is None else round(probe_s, 1),
+            "schedule": sched, "iterations_done": iterations, "stopped_at_budget": stopped,
+            "train_wall_s": round(train_s, 1), "budget_wall_s": round(train_end - t0, 1),
+            "train_images_per_s": round(ims / train_s, 3),
+            "infer_images_per_s_batch1": speed["infer_images_per_s"],
             "epochs": round(ims / n_train, 2), "images_seen": ims,
-            "best_on_val": best, "loader_workers": 2, "load_before": load_before, "load_after": load_average(),
+            "chosen_in_budget": chosen, "loader_workers": 2, "load_before": load_before, "load_after": load_average(),
             "predictions": preds}
+
+
+def parse_start(text: str) -> float:
+    """Epoch seconds of ``--usdet-start`` (ISO 8601, e.g. 2026-12-07T04:00:29Z, or epoch seconds)."""
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def main(argv=None) -> int:
@@ -110,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--result-name", default="contest")
     ap.add_argument("--skip-peer", action="store_true", help="reuse the peer predictions already in the result folder")
     ap.add_argument("--skip-usdet", action="store_true", help="reuse usdet's predictions already in the result folder")
+    ap.add_argument("--usdet-run", default="", help="score an earlier usdet training folder instead of training")
+    ap.add_argument("--usdet-start", default="", help="with --usdet-run: when its budget started (ISO 8601 UTC)")
     args = ap.parse_args(argv)
     os.chdir(REPO)
     from usdet.evaluation.compare import compare_models
