@@ -155,3 +155,42 @@ def test_export_refuses_tta_and_missing_weights(phantom_detector, tmp_path, caps
                     "--output", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(tmp_path / "none.pth") in err and "not found" in err
+
+
+def _predict_clip(tmp_path, backend, weights, clip, extra=()):
+    out = tmp_path / f"clip_{backend}"
+    argv = ["--backend", backend, "--weights", str(weights), "--clip", "--input", str(clip), "--output", str(out),
+            "--score-thresh", "0.3", "--no-progress", *extra]
+    if backend == "torch":
+        argv += ["--config-file", QUICK_CFG]
+    rc = load_tool("predict").main(argv)
+    if rc:
+        return rc, None, None
+    report = json.loads((out / "report.json").read_text())
+    tracks = json.loads((out / "clip_000" / "tracks.json").read_text())
+    return rc, report, tracks
+
+
+def test_exported_models_run_clips_with_the_clip_rule(phantom_detector, exported, tmp_path):
+    """An exported model runs --clip like the eager one, and CLIP.* overrides (the clip rule, which
+    runs outside the model) reach it; a model key is refused (it is baked into the export)."""
+    from usdet.data.cine import SyntheticCine, write_cine_frames
+
+    clip = tmp_path / "sweep"
+    write_cine_frames(SyntheticCine(seed=5, num_frames=30, size=(128, 160)), str(clip))
+    rule = ["CLIP.WINDOW", "5", "CLIP.MIN_HITS", "2", "CLIP.SCORE_THRESH", "0.25"]
+    rc, eager_report, eager = _predict_clip(tmp_path, "torch", phantom_detector, clip, rule)
+    assert rc == 0
+    rc, ts_report, ts = _predict_clip(tmp_path, "torchscript", exported["torchscript"] / "model.ts", clip, rule)
+    assert rc == 0
+    for report in (eager_report, ts_report):
+        assert report["temporal_rule"]["window"] == 5 and report["temporal_rule"]["min_hits"] == 2
+        assert report["temporal_rule"]["score_thresh"] == 0.25
+    assert eager["tracks"], "the trained model should track the phantom's lesions"
+    assert [t["frames_seen"] for t in ts["tracks"]] == [t["frames_seen"] for t in eager["tracks"]]
+    assert [t["reported"] for t in ts["tracks"]] == [t["reported"] for t in eager["tracks"]]
+    for a, b in zip(ts["tracks"], eager["tracks"]):
+        assert np.allclose(a["peak_box"], b["peak_box"], atol=BOX_TOL)
+    rc, _, _ = _predict_clip(tmp_path, "torchscript", exported["torchscript"] / "model.ts", clip,
+                             ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.2"])
+    assert rc == 2

@@ -42,7 +42,7 @@ def parse_args(argv=None):
                    help="each input is one cine clip (video file, multi-frame DICOM, folder of ordered frames): "
                         "tracks, temporal decision, overlay video (video files are clips without it too)")
     p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="config overrides (torch backend): KEY VALUE anywhere on the line (after --input too), "
+                   help="config overrides (torch backend; CLIP.* keys for exported ones too): KEY VALUE anywhere on the line (after --input too), "
                         "or after --")
     from usdet.utils.overrides import parse_with_overrides
 
@@ -52,6 +52,13 @@ def parse_args(argv=None):
 def _one_line(e: BaseException) -> str:
     text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_opts(opts):
+    """The KEY VALUE pairs of ``opts`` that are not ``CLIP.*``: an exported model has these baked in,
+    while the clip rule (tracker and temporal decision) runs outside the model."""
+    pairs = list(zip(opts[0::2], opts[1::2]))
+    return [t for k, v in pairs if not k.startswith("CLIP.") for t in (k, v)] + list(opts[len(pairs) * 2:])
 
 
 def build_predictor(args, opts):
@@ -68,8 +75,9 @@ def build_predictor(args, opts):
         make = lambda: BatchPredictor(cfg, batch_size=args.batch_size)  # noqa: E731
     elif args.device == "cuda":
         return f"--backend {args.backend} runs exported models on the CPU; drop --device cuda"
-    elif opts:
-        return f"config overrides ({' '.join(opts)}) do not apply to an exported model: re-export instead"
+    elif model_opts(opts):
+        return (f"config overrides ({' '.join(model_opts(opts))}) do not apply to an exported model: re-export "
+                "instead (only CLIP.* keys, the clip rule, apply)")
     else:
         make = lambda: ExportedPredictor(args.weights, args.backend, batch_size=args.batch_size)  # noqa: E731
     try:
@@ -98,7 +106,8 @@ def main(argv=None) -> int:
         return clip_tool(predictor, args.input, args.output, args.score_thresh, not args.no_crop,
                          not args.no_progress, {"config_file": args.config_file, "weights": args.weights,
                                                 "backend": predictor.backend, "weights_used": predictor.weights_used,
-                                                "device": str(predictor.device)})
+                                                "device": str(predictor.device)},
+                         clip_opts=opts if args.backend != "torch" else ())
     sources = list_sources(args.input)
     if not sources:
         print(f"no inputs found in {' '.join(args.input)}", file=sys.stderr)

@@ -34,8 +34,10 @@ __all__ = ["ClipResult", "predict_clip", "retrack", "write_clip_outputs", "run_c
 Box = Tuple[int, int, int, int]
 
 
-def clip_params(predictor: FramePredictor) -> TrackParams:
-    """The tracker / temporal-rule parameters: the predictor's config ``CLIP`` keys, else usdet's defaults."""
+def clip_params(predictor: FramePredictor, clip_opts: Sequence[str] = ()) -> TrackParams:
+    """The tracker / temporal-rule parameters: the predictor's config ``CLIP`` keys, else usdet's
+    defaults with ``clip_opts`` (``CLIP.KEY VALUE`` pairs) merged: an exported model carries no
+    config, yet its clips take the same rule overrides as an eager one's."""
     cfg = getattr(predictor, "cfg", None)
     if cfg is None or "CLIP" not in cfg:
         from detectron2.config import get_cfg
@@ -44,6 +46,8 @@ def clip_params(predictor: FramePredictor) -> TrackParams:
 
         cfg = get_cfg()
         add_usdet_config(cfg)
+        if clip_opts:
+            cfg.merge_from_list(list(clip_opts))
     return TrackParams.from_cfg(cfg)
 
 
@@ -388,15 +392,17 @@ def run_clips(predictor: FramePredictor, inputs: Sequence[str], out_dir: str, sc
 
 
 def clip_tool(predictor: FramePredictor, inputs: Sequence[str], out_dir: str, score_thresh: float = 0.5,
-              crop: bool = True, progress: bool = True, report_extra: Optional[dict] = None) -> int:
+              crop: bool = True, progress: bool = True, report_extra: Optional[dict] = None,
+              clip_opts: Sequence[str] = ()) -> int:
     """``tools/predict.py --clip``: run every clip, write ``out_dir/report.json``, print one line per
-    clip and per fault; exit status 0 when some clip gave frames, else 1."""
+    clip and per fault; exit status 0 when some clip gave frames, else 1. ``clip_opts``: ``CLIP.*``
+    overrides for a predictor without a config (an exported model)."""
     import sys
 
     from usdet.utils.io import atomic_write_json
 
     os.makedirs(out_dir, exist_ok=True)
-    params = clip_params(predictor)
+    params = clip_params(predictor, clip_opts)
     clips, failures = run_clips(predictor, inputs, out_dir, score_thresh, crop, progress, params=params,
                                 log=lambda line: print(line, file=sys.stderr))
     report = dict(report_extra or {})
