@@ -9,11 +9,12 @@ with configs/demo/phantom_R18_FPN_demo.yaml):
 
 1. Synthetic clips (usdet/data/cine.py; val seeds 1000+, test seeds 2000+) written as frame folders
    and run once through the clip pipeline, keeping every box with score >= 0.05.
-2. The temporal rule's parameters are chosen on the val clips (grid over CLIP.WINDOW, MIN_HITS,
-   HIT_SCORE, TRACK_IOU; the tracker re-run on the stored boxes): fewest false positives per
+2. The temporal rule's parameters are chosen on the val clips (grid over CLIP.DECISION, WINDOW,
+   MIN_HITS, HIT_SCORE, TRACK_IOU; the tracker re-run on the stored boxes): fewest false positives per
    lesion-free frame at the per-frame sensitivity the single-frame rule reaches at
-   --single-thresh, among the settings that find the most lesions; CLIP.SCORE_THRESH is the
-   temporal threshold reaching that sensitivity on val.
+   --single-thresh, among the settings that find the most lesions, then the widest margin;
+   CLIP.SCORE_THRESH is the middle of the gap between the temporal threshold reaching that
+   sensitivity on val and the highest val false-positive score below it (margin_threshold).
 3. On the test clips: per-frame sensitivity, FP per lesion-free frame and per-lesion sensitivity
    of both rules, each rule's FP at the other's sensitivity and at 80% / 90% (FP80 / FP90).
 4. Throughput (frames/s) of the clip pipeline on one clip, batch --batch-size vs batch 1, and with
@@ -35,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, machine, peak_rss_mib  # noqa: E402
 
 REAL_CINE = os.path.join(REPO, "..", "shared", "data", "dicom_us", "JPEGLosslessP14SV1_3s_2f_u_08_08.dcm")
-GRID = {"window": (5, 9, 15), "min_hits_frac": (0.3, 0.5, 0.7), "hit_score": (0.2, 0.35, 0.5),
-        "track_iou": (0.1, 0.3)}
+GRID = {"decision": ("track", "window"), "window": (5, 9, 15), "min_hits_frac": (0.3, 0.5, 0.7),
+        "hit_score": (0.2, 0.35, 0.5), "track_iou": (0.1, 0.3)}
 
 
 def build_predictor(args, batch_size):
@@ -82,27 +83,31 @@ def choose_rule(val_runs, single_thresh, iou, keep):
     import itertools
 
     from usdet.engine.tracking import TrackParams
-    from usdet.evaluation.clips import fp_at_sensitivity, rule_metrics
+    from usdet.evaluation.clips import fp_at_sensitivity, margin_threshold, rule_metrics
 
     base = table_for(val_runs, TrackParams(min_score=keep), iou)
     target = rule_metrics(base, "single", single_thresh)["per_frame_sensitivity"]
     rows, best = [], None
-    for n, frac, hit, tiou in itertools.product(*GRID.values()):
+    for decision, n, frac, hit, tiou in itertools.product(*GRID.values()):
         k = max(1, int(round(frac * n)))
         p = TrackParams(min_score=keep, track_iou=tiou, max_gap=5, window=n, min_hits=k, hit_score=hit,
-                        score_thresh=0.0)
-        at = fp_at_sensitivity(table_for(val_runs, p, iou), "temporal", target)
-        row = {"window": n, "min_hits": k, "hit_score": hit, "track_iou": tiou, "at_val_single_sensitivity": at}
+                        score_thresh=0.0, decision=decision)
+        table = table_for(val_runs, p, iou)
+        at = fp_at_sensitivity(table, "temporal", target)
+        row = {"decision": decision, "window": n, "min_hits": k, "hit_score": hit, "track_iou": tiou,
+               "at_val_single_sensitivity": at}
         rows.append(row)
         if at is None:
             continue
-        key = (-at["lesions_found"], at["fp_per_lesion_free_frame"], -at["per_frame_sensitivity"])
+        thr, margin = margin_threshold(table, "temporal", target)
+        row["margin"] = round(margin, 4)
+        key = (-at["lesions_found"], at["fp_per_lesion_free_frame"], -margin)
         if best is None or key < best[0]:
-            best = (key, p, at["threshold"])
+            best = (key, p, round(thr, 4))
     if best is None:
         raise SystemExit(f"no temporal setting reaches the single-frame val sensitivity {target}: the model is too weak")
     _, p, thr = best
-    chosen = TrackParams(p.min_score, p.track_iou, p.max_gap, p.window, p.min_hits, p.hit_score, thr)
+    chosen = TrackParams(p.min_score, p.track_iou, p.max_gap, p.window, p.min_hits, p.hit_score, thr, p.decision)
     return chosen, target, rows
 
 

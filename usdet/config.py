@@ -131,6 +131,8 @@ def add_usdet_config(cfg: CN) -> None:
     _C.CLIP.MIN_HITS = 5
     _C.CLIP.HIT_SCORE = 0.3
     _C.CLIP.SCORE_THRESH = 0.4
+    # "track": a track whose best window passes decides all its boxes; "window": each box by its own window
+    _C.CLIP.DECISION = "track"
 
 
 def _to_format(rgb: List[float], fmt: str) -> List[float]:

@@ -107,6 +107,9 @@ class SyntheticCine:
             raise ValueError(f"sweep_frames must be (lo, hi) with 2 <= lo <= hi, got {sweep_frames}")
         # the schedule: sweep lengths and whether each holds a lesion (small: a few ints per sweep)
         self.sweeps: List[Tuple[int, int, int]] = []  # (first frame, length, number of lesions)
+        # each sweep's planned length: the clip may end mid-sweep, and the probe keeps its pace
+        # (a sweep cut to a few frames must not cross the whole strip in them)
+        self._planned: List[int] = []
         start = 0
         while start < self.num_frames:
             length = int(rng.integers(lo, hi + 1))
@@ -114,6 +117,7 @@ class SyntheticCine:
             if n and rng.random() < 0.15 and length >= 0.75 * hi:
                 n = 2
             self.sweeps.append((start, min(length, self.num_frames - start), n))
+            self._planned.append(length)
             start += length
         self.lesion_kinds: Dict[int, str] = {}
         next_id = 1
@@ -158,7 +162,7 @@ class SyntheticCine:
             masks.append((lid, mask[y0:ys.max() + 1, x0:xs.max() + 1].astype(bool), (x0, y0)))
         speckle = speckle_field(rng, world_h, world_w)
         # probe path: across the strip (direction alternating by sweep), uneven speed, plus shake
-        full = max(length, 2)
+        full = max(self._planned[s], length, 2)
         speed = 1.0 + 0.5 * np.sin(np.linspace(0, 2 * np.pi, full) * rng.uniform(0.5, 1.5) + rng.uniform(0, 6))
         pos = np.concatenate([[0.0], np.cumsum(speed[:-1])])
         pos = pos / max(pos[-1], 1e-6) * (world_w - w)

@@ -8,11 +8,21 @@ features and a per-frame score history at this size. The temporal decision is a 
 persistence rule with a smoothed score, applied to each box of a track over the ``window``
 frames centred on it: the box's ``temporal_score`` is the track's mean detection score over
 those frames (missed frames count 0) when at least ``min_hits`` of them have a detection with
-score >= ``hit_score``, else 0. A box is a lesion box when its temporal score is >=
-``score_thresh``; a track is reported as a lesion when one of its boxes is. The highest
-temporal score of a track is its ``decision_score``, so sweeping ``score_thresh`` gives the
-rule's operating curve as sweeping the detector score does for single frames. Clips are
-processed whole, so the window looks ahead as well as back.
+score >= ``hit_score``, else 0. The highest windowed score of a track is its
+``decision_score``. Two decisions (``decision``):
+
+- ``"track"``: a track is a lesion when its decision score is >= ``score_thresh``, and then every
+  box of it is a lesion box (each box's temporal score is the track's decision score). A lesion
+  seen clearly on some frames keeps its weak frames (entering, leaving, shadowed), while a
+  structure the detector half-believes on many frames (scores hovering near 0.5) never gets a
+  confident stretch: on the synthetic clips this is what separates lesions from persistent
+  false positives, which a per-box rule cannot remove.
+- ``"window"``: each box keeps its own windowed score, and is a lesion box when that is >=
+  ``score_thresh``; a track is reported when one of its boxes is.
+
+Sweeping ``score_thresh`` gives the rule's operating curve as sweeping the detector score does
+for single frames. Clips are processed whole, so the window looks ahead as well as back, and
+the track decision uses the whole track (an offline rule, like reading a recorded cine).
 """
 from __future__ import annotations
 
@@ -24,7 +34,10 @@ from scipy.optimize import linear_sum_assignment
 
 from usdet.evaluation.matching import box_iou_xyxy
 
-__all__ = ["TrackParams", "Track", "IoUTracker", "TRACK_FIELDS"]
+__all__ = ["TrackParams", "Track", "IoUTracker", "TRACK_FIELDS", "DECISIONS"]
+
+#: the temporal decisions (module docstring)
+DECISIONS = ("track", "window")
 
 
 @dataclass(frozen=True)
@@ -38,8 +51,11 @@ class TrackParams:
     min_hits: int = 5  # k of k-of-n
     hit_score: float = 0.3  # a frame counts as a hit when the track's detection scores >= this
     score_thresh: float = 0.4  # the window's mean score a lesion needs
+    decision: str = "track"  # "track": a track's best window decides all its boxes; "window": each box its own
 
     def __post_init__(self):
+        if self.decision not in DECISIONS:
+            raise ValueError(f"CLIP.DECISION must be one of {', '.join(DECISIONS)}, got {self.decision!r}")
         if not 1 <= self.min_hits <= self.window:
             raise ValueError(f"CLIP.MIN_HITS must be in 1..CLIP.WINDOW ({self.window}), got {self.min_hits}")
         if self.max_gap < 0:
@@ -51,7 +67,7 @@ class TrackParams:
     def from_cfg(cls, cfg) -> "TrackParams":
         c = cfg.CLIP
         return cls(float(c.MIN_SCORE), float(c.TRACK_IOU), int(c.MAX_GAP), int(c.WINDOW), int(c.MIN_HITS),
-                   float(c.HIT_SCORE), float(c.SCORE_THRESH))
+                   float(c.HIT_SCORE), float(c.SCORE_THRESH), str(c.DECISION))
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,19 +101,29 @@ class Track:
         """Where the box should be at ``frame`` (constant velocity since the last match)."""
         return self.box + self.velocity * (frame - self.last_frame)
 
-    def temporal_scores(self, p: "TrackParams") -> Dict[int, float]:
+    def temporal_scores(self, p: "TrackParams", bounds: Optional[Tuple[int, int]] = None) -> Dict[int, float]:
         """The temporal score of each of the track's boxes (by frame): the k-of-n rule on the
-        ``p.window`` frames centred on it (see the module docstring)."""
+        ``p.window`` frames centred on it, or the track's best such score for every box when
+        ``p.decision`` is "track" (see the module docstring). ``bounds``: the clip's first and last
+        frame; the window slides inside them (else frames outside the clip count as misses)."""
         frames = np.array([f for f, _ in self.hits], np.int64)
         scores = np.array([s for _, s in self.hits], np.float64)
         before = (p.window - 1) // 2
-        lo = np.searchsorted(frames, frames - before, side="left")
-        hi = np.searchsorted(frames, frames - before + p.window, side="left")
+        start = frames - before
+        if bounds is not None:  # near the clip's ends the window slides inside it: no frame beyond counts as a miss
+            first, last = bounds
+            start = np.clip(start, first, max(first, last - p.window + 1))
+        lo = np.searchsorted(frames, start, side="left")
+        hi = np.searchsorted(frames, start + p.window, side="left")
         csum = np.concatenate([[0.0], np.cumsum(scores)])
         chit = np.concatenate([[0], np.cumsum(scores >= p.hit_score)])
         mean = (csum[hi] - csum[lo]) / p.window
         ok = (chit[hi] - chit[lo]) >= p.min_hits
-        return {int(f): float(m) if k else 0.0 for f, m, k in zip(frames, mean, ok)}
+        windowed = {int(f): float(m) if k else 0.0 for f, m, k in zip(frames, mean, ok)}
+        if p.decision == "track":
+            best = max(windowed.values(), default=0.0)
+            return {f: best for f in windowed}
+        return windowed
 
     def row(self, p: "TrackParams", temporal: Optional[Dict[int, float]] = None) -> dict:
         temporal = self.temporal_scores(p) if temporal is None else temporal
@@ -123,6 +149,7 @@ class IoUTracker:
         self._active: List[int] = []
         self._next_id = 1
         self._last_frame: Optional[int] = None
+        self._first_frame: Optional[int] = None
 
     def update(self, frame: int, boxes: Sequence[Sequence[float]], scores: Sequence[float],
                labels: Optional[Sequence[str]] = None) -> List[Optional[int]]:
@@ -131,6 +158,8 @@ class IoUTracker:
         if self._last_frame is not None and frame <= self._last_frame:
             raise ValueError(f"frames must increase: got {frame} after {self._last_frame}")
         self._last_frame = frame
+        if self._first_frame is None:
+            self._first_frame = frame
         p = self.p
         boxes_a = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores_a = np.asarray(scores, np.float64).reshape(-1)
@@ -174,7 +203,8 @@ class IoUTracker:
 
     def temporal_scores(self) -> Dict[int, Dict[int, float]]:
         """``{track_id: {frame: temporal score}}`` for every track."""
-        return {t: self.tracks[t].temporal_scores(self.p) for t in sorted(self.tracks)}
+        bounds = None if self._first_frame is None else (self._first_frame, self._last_frame)
+        return {t: self.tracks[t].temporal_scores(self.p, bounds) for t in sorted(self.tracks)}
 
     def table(self, temporal: Optional[Dict[int, Dict[int, float]]] = None) -> List[dict]:
         """One row per track (``TRACK_FIELDS``), by id."""

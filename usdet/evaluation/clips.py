@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from usdet.evaluation.matching import box_iou_xyxy
 
-__all__ = ["ClipTable", "clip_table", "merge_tables", "rule_metrics", "fp_at_sensitivity", "compare_rules"]
+__all__ = ["ClipTable", "clip_table", "merge_tables", "rule_metrics", "fp_at_sensitivity", "margin_threshold",
+           "compare_rules"]
 
 
 @dataclass
@@ -115,6 +116,22 @@ def fp_at_sensitivity(table: ClipTable, rule: str, target: float) -> Optional[di
     if k > len(best):
         return None
     return rule_metrics(table, rule, float(best[k - 1]))
+
+
+def margin_threshold(table: ClipTable, rule: str, target: float) -> Optional[Tuple[float, float]]:
+    """A threshold to ship, chosen on val: ``(threshold, margin)``. ``fp_at_sensitivity`` gives the
+    highest threshold reaching ``target``, which sits on the weakest lesion needed and loses it
+    on new clips at the slightest shift; lowering it keeps the same false positives down to the
+    highest false-positive score below it. The midpoint of that gap is returned, with the gap's
+    width (the wider, the safer the rule); None when ``target`` is out of reach."""
+    at = fp_at_sensitivity(table, rule, target)
+    if at is None:
+        return None
+    hi = at["threshold"]
+    free = table.free_scores[rule]
+    below = free[(free > 0) & (free < hi)]
+    lo = float(below.max()) if len(below) else 0.0
+    return (hi + lo) / 2, hi - lo
 
 
 def compare_rules(table: ClipTable, single_thresh: float, temporal_thresh: float,
