@@ -2,7 +2,7 @@
 """The fair contest (issue 21): usdet's CPU recipe and YOLOv8n back to back, same budget, same rules.
 
   python benchmarks/contest.py --budget-min 69 [--config configs/BUSI/recipe_lite_cpu.yaml] \
-      [--output output/contest] [--result-name contest] [--max-images 0] [--skip-peer] [--skip-usdet] \
+      [--output output/contest] [--result-name contest] [--max-images 0] [--max-iter 0] [--skip-peer] [--skip-usdet] \
       [--usdet-run DIR --usdet-start 2026-12-07T04:00:29Z] [--device cpu] [--workers N] \
       [--peer-venv DIR] [--peer-wheels DIR] [--without-peer REASON] [--results DIR] [KEY VALUE ...]
 
@@ -172,6 +172,8 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
         with open(val_gt) as fh:
             val_images = len(json.load(fh)["images"])
         sched = fit_schedule(budget_s - probe_s, probe, val_images, args.evals)
+        if args.max_iter and sched["max_iter"] > args.max_iter:  # smoke runs: a few iterations, not the budget's
+            sched = {"max_iter": args.max_iter, "eval_period": max(1, args.max_iter // args.evals)}
         out = os.path.join(work, "usdet_train")
         train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data,
                      "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
@@ -227,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--imgsz", type=int, default=416, help="the peer's image size (usdet's input: short <= 320, long <= 512)")
     ap.add_argument("--batch", type=int, default=16, help="the peer's batch (default 16)")
     ap.add_argument("--max-images", type=int, default=0, help="smoke runs: first N images of each split")
+    ap.add_argument("--max-iter", type=int, default=0,
+                    help="smoke runs: at most N usdet iterations (a tiny budget is mostly process start-up)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--output", default=os.path.join(REPO, "output", "contest"))
     ap.add_argument("--result-name", default="contest")
