@@ -59,8 +59,8 @@ RESULTS=${RESULTS:-benchmarks/results}
 CONTEST=(--evals 8 --probe-iters 20 --bootstrap 2000)
 OVERRIDES=()
 if [ -n "$SMOKE" ]; then
-  # The same code paths on CPU: 8 images per split, a 64-px input, 6 iterations, 1.5-min budget.
-  DEVICE=cpu; WORKERS=0; BUDGET_MIN=${SMOKE_BUDGET_MIN:-1.5}
+  # The same code paths on CPU: 8 images per split, a 64-px input, 6 iterations (a 3-min budget: on a busy 2-core machine process start-up alone takes a minute).
+  DEVICE=cpu; WORKERS=0; BUDGET_MIN=${SMOKE_BUDGET_MIN:-3}
   RESULT_NAME=gpu_contest_smoke; WORK_DIR=output/gpu_busi_smoke; RESULTS=${SMOKE_RESULTS:-$WORK_DIR/results}
   CONTEST=(--evals 2 --probe-iters 2 --bootstrap 50 --max-images 8 --max-iter 6 --imgsz 64 --batch 4)
   OVERRIDES=(SOLVER.AMP.ENABLED False SOLVER.IMS_PER_BATCH 2 SOLVER.WARMUP_ITERS 2
