@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU contest (issue 21 item 3), one prepared script for one H100/H200 (about 9 minutes):
+# The GPU contest (issue 21 item 3), one prepared script for one H100/H200 (planned: about 9 minutes):
 # usdet's GPU recipe (configs/BUSI/recipe_scratch_gpu.yaml: the light family of the CPU recipe,
 # batch 16, AMP) and Ultralytics YOLOv8n from scratch, back to back on the same GPU, each with the
 # same wall-clock budget (BUDGET_MIN minutes, default 3), run by benchmarks/contest.py under its

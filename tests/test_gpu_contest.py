@@ -125,7 +125,7 @@ def test_gpu_script_smoke_run_trains_the_gpu_recipe_on_cpu(busi_root, tmp_path):
 
     with open(work / "usdet_train" / "config.yaml") as fh:
         ran = CfgNode.load_cfg(fh)
-    assert ran.DATASETS.TRAIN == ("busisub_train",) and ran.DATASETS.TEST == ("busisub_val",)
+    assert list(ran.DATASETS.TRAIN) == ["busisub_train"] and list(ran.DATASETS.TEST) == ["busisub_val"]
     assert ran.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone" and ran.MODEL.FPN.OUT_CHANNELS == 128
     assert ran.SOLVER.IMS_PER_BATCH == 2 and not ran.SOLVER.AMP.ENABLED and ran.SOLVER.MAX_ITER == 6
 
