@@ -10,6 +10,9 @@
 #   Prepare here (the GPU machine reaches no registry):  bash benchmarks/prepare_gpu_carry.sh
 #   On the GPU machine, from the repository root:       bash benchmarks/gpu_busi.sh
 #   CPU smoke run (a few iterations on a few images):    bash benchmarks/gpu_busi.sh --smoke
+# With this workplace's device tool: run(command="bash benchmarks/gpu_busi.sh", carry=[".carry"],
+# timeout_s=600) from the checkout that holds .carry/; the files that come back ($OUT) go into
+# benchmarks/results/ (gpu_contest.json, gpu_contest/{usdet,yolo}_{val,test}.json).
 #
 # Writes $RESULTS/$RESULT_NAME.json and $RESULTS/$RESULT_NAME/ (both sides' val and test
 # predictions): benchmarks/results/gpu_contest* on a GPU, output/gpu_busi_smoke/results/ for
