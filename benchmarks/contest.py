@@ -2,8 +2,13 @@
 """The fair contest (issue 21): usdet's CPU recipe and YOLOv8n back to back, same budget, same rules.
 
   python benchmarks/contest.py --budget-min 69 [--config configs/BUSI/recipe_lite_cpu.yaml] \
-      [--output output/contest] [--result-name contest] [--max-images 0] [--skip-peer] [--skip-usdet] \
-      [--usdet-run DIR --usdet-start 2026-12-07T04:00:29Z]
+      [--output output/contest] [--result-name contest] [--max-images 0] [--max-iter 0] [--skip-peer] [--skip-usdet] \
+      [--usdet-run DIR --usdet-start 2026-12-07T04:00:29Z] [--device cpu] [--workers N] \
+      [--peer-venv DIR] [--peer-wheels DIR] [--without-peer REASON] [--results DIR] [KEY VALUE ...]
+
+On a GPU (``--device cuda``, as ``benchmarks/gpu_busi.sh`` runs it) both sides train on it: usdet
+with its recipe's AMP setting, the peer with the same (``amp``), both with ``--workers`` loader
+workers. Trailing ``KEY VALUE`` pairs override usdet's config (e.g. a tiny input for smoke runs).
 
 One command, one machine, one after the other (never at once), each side given:
 - the same wall-clock budget, measured the same way: training *plus its own validation passes*
@@ -106,6 +111,38 @@ def _schedule_of(run_dir: str) -> Dict[str, int]:
             "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH)}
 
 
+def _config_of(run_dir: str):
+    """The config.yaml detectron2 wrote for a run (what it really trained with)."""
+    from detectron2.config import CfgNode
+
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        return CfgNode.load_cfg(fh)
+
+
+def usdet_overrides(args) -> List[str]:
+    """usdet's ``KEY VALUE`` overrides for the device, loader workers and the trailing pairs.
+
+    The normalization statistics are those of ``--dataset-root`` when it has them (the recipes name
+    ``datasets/busi/pixel_stats.json``, absent where the data lives elsewhere, e.g. the GPU carry).
+    """
+    opts = ["MODEL.DEVICE", args.device]
+    if args.workers is not None:
+        opts += ["DATALOADER.NUM_WORKERS", str(args.workers)]
+    stats = os.path.join(os.path.abspath(args.dataset_root), "pixel_stats.json")
+    if os.path.isfile(stats):
+        opts += ["INPUT.NORMALIZATION_FILE", stats]
+    if len(args.opts) % 2:
+        raise SystemExit(f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {args.opts}")
+    return opts + list(args.opts)
+
+
+def peer_device(device: str) -> str:
+    """Ultralytics' name for a torch device: ``cpu`` stays, ``cuda``/``cuda:N`` become ``0``/``N``."""
+    if device == "cpu":
+        return "cpu"
+    return device.split(":", 1)[1] if ":" in device else "0"
+
+
 def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str) -> Dict[str, Any]:
     """Probe, train until the budget's end, evaluate the val-chosen in-budget checkpoint on val and test.
 
@@ -116,7 +153,8 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
     from detector_speed import measure
 
     caps = ["TEST.DETECTIONS_PER_IMAGE", str(args.max_det), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.conf)]
-    data = ["DATASETS.TRAIN", f"('{splits['train']}',)", "DATASETS.TEST", f"('{splits['val']}',)"]
+    caps += usdet_overrides(args)  # device, loader workers, normalization file, trailing KEY VALUE pairs
+    data = ["DATASETS.TRAIN", f"('{splits['train']}',)", "DATASETS.TEST", f"('{splits['val']}',)", *caps]
     budget_s = args.budget_min * 60
     if args.usdet_run:
         out, t0 = os.path.abspath(args.usdet_run), parse_start(args.usdet_start)
@@ -128,14 +166,16 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
         load_before = None
     else:
         t0 = time.time()
-        probe = measure(args.config, data, iters=args.probe_iters, warmup=5, infer_images=20)
+        probe = measure(args.config, data, iters=args.probe_iters, warmup=min(5, args.probe_iters), infer_images=20)
         probe_s = time.time() - t0
         ims_per_batch = int(probe["ims_per_batch"])
         with open(val_gt) as fh:
             val_images = len(json.load(fh)["images"])
         sched = fit_schedule(budget_s - probe_s, probe, val_images, args.evals)
+        if args.max_iter and sched["max_iter"] > args.max_iter:  # smoke runs: a few iterations, not the budget's
+            sched = {"max_iter": args.max_iter, "eval_period": max(1, args.max_iter // args.evals)}
         out = os.path.join(work, "usdet_train")
-        train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data, *caps,
+        train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data,
                      "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
                      "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
                      "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
@@ -154,6 +194,7 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
                    os.path.join(work, f"usdet_{split}.log"))
         preds[split] = os.path.join(ev, "inference", splits[split], "coco_instances_results.json")
     ims = iterations * ims_per_batch
+    ran = _config_of(out)
     chosen["weights"] = os.path.relpath(chosen["weights"], REPO)
     return {"config": args.config, "probe": probe, "probe_s": None if probe_s is None else round(probe_s, 1),
             "schedule": sched, "iterations_done": iterations, "stopped_at_budget": stopped,
@@ -161,7 +202,8 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
             "train_images_per_s": round(ims / train_s, 3),
             "infer_images_per_s_batch1": speed["infer_images_per_s"],
             "epochs": round(ims / n_train, 2), "images_seen": ims,
-            "chosen_in_budget": chosen, "loader_workers": 2, "load_before": load_before, "load_after": load_average(),
+            "chosen_in_budget": chosen, "loader_workers": int(ran.DATALOADER.NUM_WORKERS), "device": ran.MODEL.DEVICE,
+            "amp": bool(ran.SOLVER.AMP.ENABLED), "load_before": load_before, "load_after": load_average(),
             "predictions": preds}
 
 
@@ -187,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--imgsz", type=int, default=416, help="the peer's image size (usdet's input: short <= 320, long <= 512)")
     ap.add_argument("--batch", type=int, default=16, help="the peer's batch (default 16)")
     ap.add_argument("--max-images", type=int, default=0, help="smoke runs: first N images of each split")
+    ap.add_argument("--max-iter", type=int, default=0,
+                    help="smoke runs: at most N usdet iterations (a tiny budget is mostly process start-up)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--output", default=os.path.join(REPO, "output", "contest"))
     ap.add_argument("--result-name", default="contest")
@@ -194,54 +238,78 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-usdet", action="store_true", help="reuse usdet's predictions already in the result folder")
     ap.add_argument("--usdet-run", default="", help="score an earlier usdet training folder instead of training")
     ap.add_argument("--usdet-start", default="", help="with --usdet-run: when its budget started (ISO 8601 UTC)")
+    ap.add_argument("--device", default="cpu", help="both sides' torch device: cpu (default) or cuda[:N]")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader workers, both sides (default: usdet's recipe value; the peer 0, as on CPU it must)")
+    ap.add_argument("--peer-venv", default=peer_yolo.PEER_VENV, help="the peer's virtual environment "
+                    "(default benchmarks/.venv-peer; made on first use)")
+    ap.add_argument("--peer-wheels", default=None, help="make the peer's venv offline from these wheels "
+                    "(benchmarks/prepare_gpu_carry.sh's .carry/peer_whl) instead of PyPI")
+    ap.add_argument("--without-peer", default="", metavar="REASON",
+                    help="run usdet alone, recording REASON as why the peer was not run (no comparison)")
+    ap.add_argument("--results", default=RESULTS, help="folder of <result-name>.json and <result-name>/ "
+                    "(default benchmarks/results)")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="usdet config overrides, KEY VALUE pairs")
     args = ap.parse_args(argv)
     os.chdir(REPO)
     from usdet.evaluation.compare import compare_models
     from usdet.evaluation.operating_point import operating_point_from_files
     from usdet.evaluation.report import evaluate_predictions
+    from usdet.data.register import register_all_usdet_datasets
 
     work = os.path.abspath(args.output)
     os.makedirs(work, exist_ok=True)
-    keep = os.path.join(RESULTS, args.result_name)
+    keep = os.path.join(os.path.abspath(args.results), args.result_name)
     os.makedirs(keep, exist_ok=True)
     threads = os.cpu_count() or 1
     result: Dict[str, Any] = OrderedDict(budget_min=args.budget_min, conf=args.conf, max_det=args.max_det,
                                          threads=threads, selection="val AP (mAP50-95), both sides",
-                                         max_images_per_split=args.max_images or None)
+                                         max_images_per_split=args.max_images or None, device=args.device)
     with tempfile.TemporaryDirectory(prefix="usdet_contest_") as tmp:
         info = peer_yolo.coco_to_yolo(os.path.abspath(args.dataset_root), os.path.join(tmp, "yolo"),
                                       max_images=args.max_images)
         gts = {s: info["splits"][s]["gt"] for s in ("val", "test")}
-        splits = {"train": "busi_train", "val": "busi_val", "test": "busi_test"}
+        # usdet trains and is scored on --dataset-root: its folder becomes $USDET_DATASETS (for
+        # train_net's processes and this one's probe) and its name the dataset's (busi -> busi_train).
+        root = os.path.abspath(args.dataset_root)
+        name = os.path.basename(root)
+        splits = {s: f"{name}_{s}" for s in ("train", "val", "test")}
         if args.max_images > 0:
-            # A subset (smoke runs): its own $USDET_DATASETS/busi with the subset annotations and
+            # A subset (smoke runs): its own $USDET_DATASETS/<name> with the subset annotations and
             # the real images, so train_net's processes register it under the usual names.
-            sub = os.path.join(work, "datasets", "busi")
+            sub = root = os.path.join(work, "datasets", name)
             os.makedirs(os.path.join(sub, "annotations"), exist_ok=True)
             for s in ("train", "val", "test"):
                 gts[s] = os.path.join(sub, "annotations", f"{s}.json")
                 shutil.copyfile(info["splits"][s]["gt"], gts[s])
             if not os.path.lexists(os.path.join(sub, "images")):
                 os.symlink(os.path.join(os.path.abspath(args.dataset_root), "images"), os.path.join(sub, "images"))
-            os.environ["USDET_DATASETS"] = os.path.dirname(sub)
+        os.environ["USDET_DATASETS"] = os.path.dirname(root)
+        register_all_usdet_datasets(os.path.dirname(root))  # this process registered the default root on import
         if not args.skip_usdet:
             u = run_usdet(args, work, splits, info["splits"]["train"]["images"], gts["val"])
             for s in ("val", "test"):
                 shutil.copyfile(u["predictions"][s], os.path.join(keep, f"usdet_{s}.json"))
             u["predictions"] = {s: os.path.relpath(os.path.join(keep, f"usdet_{s}.json"), REPO) for s in ("val", "test")}
             result["usdet"] = u
-        if not args.skip_peer:
-            py = peer_yolo.peer_python()
+        if args.without_peer:
+            result["yolo"] = {"skipped": args.without_peer}
+        elif not args.skip_peer:
+            py = peer_yolo.peer_python(args.peer_venv, wheels=args.peer_wheels)
             load_before = load_average()
-            res = peer_yolo.run_peer(py, info, tmp, args.budget_min, "cpu", args.imgsz, args.batch, 0, 0,
-                                     os.path.join(work, "peer_log.txt"), threads=threads, conf=args.conf,
-                                     max_det=args.max_det, select="AP", predict_splits=("val", "test"))
+            # the peer gets usdet's device, loader workers and AMP setting (as usdet's run recorded them)
+            amp = bool(result.get("usdet", {}).get("amp", False))
+            workers = 0 if args.workers is None else args.workers
+            res = peer_yolo.run_peer(py, info, tmp, args.budget_min, peer_device(args.device), args.imgsz, args.batch,
+                                     workers, 0, os.path.join(work, "peer_log.txt"), threads=threads, conf=args.conf,
+                                     max_det=args.max_det, select="AP", predict_splits=("val", "test"), amp=amp)
             for s in ("val", "test"):
                 with open(os.path.join(keep, f"yolo_{s}.json"), "w") as fh:
                     json.dump(peer_yolo.to_coco_results(res, info, s), fh)
             n_train = info["splits"]["train"]["images"]
             result["yolo"] = {"peer": peer_yolo.ULTRALYTICS, "imgsz": args.imgsz, "batch": args.batch,
-                              "loader_workers": 0, "epochs": res["epochs"],
+                              "loader_workers": workers, "device": peer_device(args.device), "amp": amp,
+                              "epochs": res["epochs"],
                               "budget_wall_s": round(res["train_seconds"], 1),
                               "train_images_per_s": round((res["epochs"] or 0) * n_train / res["train_seconds"], 3),
                               "infer_images_per_s_batch1": round(res["infer_images_per_s"]["test"], 3),
@@ -249,7 +317,8 @@ def main(argv=None) -> int:
                               "predictions": {s: os.path.relpath(os.path.join(keep, f"yolo_{s}.json"), REPO)
                                               for s in ("val", "test")}}
     scores: Dict[str, Any] = {}
-    for side in ("usdet", "yolo"):
+    sides = ("usdet",) if args.without_peer else ("usdet", "yolo")
+    for side in sides:
         val_pred, test_pred = (os.path.join(keep, f"{side}_{s}.json") for s in ("val", "test"))
         op = operating_point_from_files(gts["val"], val_pred, 0.95)
         m = evaluate_predictions(gts["test"], test_pred, os.path.join(work, f"{side}_report"), bootstrap=args.bootstrap,
@@ -258,11 +327,12 @@ def main(argv=None) -> int:
                         "piou": m["piou"]["score"], "cpm": m["froc"]["cpm"], "image_auc": m["image_level"]["auc"],
                         "operating_point": m.get("operating_point")}
     result["test"] = scores
-    c = compare_models(gts["test"], OrderedDict([("yolo", os.path.join(keep, "yolo_test.json")),
-                                                 ("usdet", os.path.join(keep, "usdet_test.json"))]),
-                       os.path.join(work, "compare"), n_resamples=args.bootstrap)
-    result["usdet_minus_yolo"] = {k: v["delta"] for k, v in c["metrics"].items()}
-    write_result(args.result_name, result)
+    if not args.without_peer:
+        c = compare_models(gts["test"], OrderedDict([("yolo", os.path.join(keep, "yolo_test.json")),
+                                                     ("usdet", os.path.join(keep, "usdet_test.json"))]),
+                           os.path.join(work, "compare"), n_resamples=args.bootstrap)
+        result["usdet_minus_yolo"] = {k: v["delta"] for k, v in c["metrics"].items()}
+    write_result(args.result_name, result, results_dir=os.path.abspath(args.results))
     return 0
 
 

@@ -13,7 +13,8 @@
    files = background).
 3. ``yolov8n.yaml`` (architecture only: no downloaded weights, ``pretrained=False``) trains for
    ``--budget-min`` minutes of wall clock (Ultralytics' ``time`` argument), CPU unless
-   ``--device``; plots are off (they download a font) and ``YOLO_OFFLINE`` is set, AMP off.
+   ``--device``; plots are off (they download a font) and ``YOLO_OFFLINE`` is set, AMP off
+   (``benchmarks/contest.py`` turns it on for a GPU contest when usdet's recipe uses AMP).
    On CPU it gets ``--threads`` torch threads (default: all cores, as usdet's training gets;
    Ultralytics alone would use ``cpu_count - 1``, one core of two on a 2-core machine).
 4. Its last/best weights predict the test split one image at a time (``--conf`` 0.001, up to
@@ -47,22 +48,41 @@ OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "True",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
 
 
-def peer_python(venv: str = PEER_VENV) -> str:
-    """The peer venv's Python, creating the venv and installing Ultralytics on first use."""
+#: What the GPU machine (no registry; torch, OpenCV, matplotlib, ... already there) must be carried:
+#: benchmarks/prepare_gpu_carry.sh downloads these wheels. Not polars (its runtime is a 54 MB
+#: wheel, too large to carry): DRIVER reads results.csv without it.
+OFFLINE_WHEELS = (ULTRALYTICS, "ultralytics-thop==2.2.3")
+
+
+def peer_python(venv: str = PEER_VENV, wheels: "str | None" = None) -> str:
+    """The peer venv's Python, creating the venv and installing Ultralytics on first use.
+
+    ``wheels``: a folder of wheels (``OFFLINE_WHEELS``) installed without their dependencies and
+    without a registry, for machines that reach none (the GPU machine); else pip installs
+    ``ULTRALYTICS`` from PyPI with its dependencies.
+    """
     py = os.path.join(venv, "bin", "python")
     if os.path.isfile(os.path.join(venv, ".peer-ready")):
         return py
     import torch
 
     if not os.path.isfile(py):
-        subprocess.check_call([sys.executable, "-m", "venv", venv])
+        subprocess.check_call([sys.executable, "-m", "venv", *(["--without-pip"] if wheels else []), venv])
     site = subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    text=True).strip()
     # The machine's torch: the site-packages that holds the running interpreter's torch, appended
     # to the peer's path (the peer's own packages come first).
     with open(os.path.join(site, "_machine_torch.pth"), "w") as fh:
         fh.write(os.path.dirname(os.path.dirname(torch.__file__)) + "\n")
-    subprocess.check_call([py, "-m", "pip", "install", "-q", ULTRALYTICS])
+    if wheels:
+        files = sorted(os.path.join(wheels, f) for f in os.listdir(wheels) if f.endswith(".whl"))
+        if not any(os.path.basename(f).startswith("ultralytics-") for f in files):
+            raise SystemExit(f"{wheels}: no ultralytics wheel (make them with benchmarks/prepare_gpu_carry.sh)")
+        # this interpreter's pip writes into the peer's site-packages (the venv has no pip of its own)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                               "--upgrade", "--target", site, *files])
+    else:
+        subprocess.check_call([py, "-m", "pip", "install", "-q", ULTRALYTICS])
     env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(venv, "yolo_config"))
     subprocess.check_call([py, "-c", "import ultralytics, torch; print('peer:', ultralytics.__version__, torch.__version__)"],
                           env=env)
@@ -141,10 +161,33 @@ if args["threads"]:  # Ultralytics trains on cpu_count - 1 threads (1 of 2 cores
 if args.get("select") == "AP":  # best.pt by val mAP50-95 alone (Ultralytics: 0.9 mAP50-95 + 0.1 mAP50)
     import ultralytics.utils.metrics as um
     um.Metric.fitness = lambda self: float(self.mean_results()[3])
+import ultralytics.engine.trainer as ut
+if args.get("amp"):  # its AMP check loads downloaded yolo26n.pt weights: offline it would turn AMP off
+    ut.check_amp = lambda *a, **k: True
+try:
+    import polars  # noqa: F401
+except ImportError:  # the GPU carry has no polars: read results.csv (checkpoint metadata) with csv
+    import csv
+    def _read_results_csv(self):
+        try:
+            with open(self.csv, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError:
+            return {}
+        cols = {}
+        for row in rows:
+            for k, v in row.items():
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    pass
+                cols.setdefault(k.strip(), []).append(v)
+        return cols
+    ut.BaseTrainer.read_results_csv = _read_results_csv
 t0 = time.time()
 model = YOLO("yolov8n.yaml")
 model.train(data=args["yaml"], time=args["hours"], epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"],
-            device=args["device"], workers=args["workers"], pretrained=False, amp=False, plots=False,
+            device=args["device"], workers=args["workers"], pretrained=False, amp=bool(args.get("amp")), plots=False,
             project=args["project"], name="train", exist_ok=True, seed=args["seed"], deterministic=True,
             val=True, verbose=False)
 train_s = time.time() - t0
@@ -178,16 +221,16 @@ json.dump({"detections": detections, "infer_images_per_s": infer, "train_seconds
 
 def run_peer(py: str, info: Dict[str, Any], workdir: str, budget_min: float, device: str, imgsz: int, batch: int,
              workers: int, seed: int, log: str, threads: int = 0, conf: float = 0.001, max_det: int = 100,
-             select: str = "fitness", predict_splits=("test",)) -> Dict[str, Any]:
+             select: str = "fitness", predict_splits=("test",), amp: bool = False) -> Dict[str, Any]:
     """Train the peer for ``budget_min`` minutes and predict ``predict_splits`` (``conf``/``max_det`` caps).
 
     ``select`` "AP": best.pt by val mAP50-95 (usdet's BEST_CHECKPOINT.METRIC bbox/AP); "fitness":
-    Ultralytics' own 0.9 mAP50-95 + 0.1 mAP50.
+    Ultralytics' own 0.9 mAP50-95 + 0.1 mAP50. ``amp``: mixed precision on a GPU (as usdet's GPU recipe).
     """
     root = os.path.dirname(info["yaml"])
     args = {"yaml": info["yaml"], "hours": budget_min / 60.0, "epochs": 10_000, "imgsz": imgsz, "batch": batch,
             "device": device, "workers": workers, "threads": threads, "project": os.path.join(workdir, "runs"),
-            "seed": seed, "conf": conf, "max_det": max_det, "select": select,
+            "seed": seed, "conf": conf, "max_det": max_det, "select": select, "amp": amp,
             "predict": {s: os.path.join(root, "images", s) for s in predict_splits},
             "result": os.path.join(workdir, "peer_result.json")}
     env = dict(os.environ, **OFFLINE_ENV, YOLO_CONFIG_DIR=os.path.join(workdir, "yolo_config"))
