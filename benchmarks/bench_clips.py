@@ -4,7 +4,7 @@
 Needs a phantom-trained model; by default the one `make demo` trains (output/demo/train/model_best.pth
 with configs/demo/phantom_R18_FPN_demo.yaml):
 
-  python benchmarks/bench_clips.py [--config-file CFG --weights PTH] [--val-clips 6] [--test-clips 6]
+  python benchmarks/bench_clips.py [--config-file CFG --weights PTH] [--val-clips 20] [--test-clips 12]
       [--frames 240] [--throughput-frames 200] [--memory-frames 5000] [--device cpu]
 
 1. Synthetic clips (usdet/data/cine.py; val seeds 1000+, test seeds 2000+) written as frame folders
@@ -198,8 +198,8 @@ def main() -> int:
     ap.add_argument("--weights", default=os.path.join(REPO, "output", "demo", "train", "model_best.pth"),
                     help="a phantom-trained model (default: the one `make demo` trains)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--val-clips", type=int, default=6)
-    ap.add_argument("--test-clips", type=int, default=6)
+    ap.add_argument("--val-clips", type=int, default=20)
+    ap.add_argument("--test-clips", type=int, default=12)
     ap.add_argument("--frames", type=int, default=240, help="frames per val/test clip")
     ap.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"))
     ap.add_argument("--single-thresh", type=float, default=0.5, help="the single-frame rule's score (predict.py default)")

@@ -266,6 +266,54 @@ def test_k_of_n_rule_exactly():
     assert not t["reported"] and t["decision_score"] == pytest.approx(0.36)
 
 
+def test_track_decision_keeps_a_lesions_weak_frames_and_drops_a_half_believed_structure():
+    """CLIP.DECISION track: a track's best window decides every box of it; window: each box its own."""
+    lesion = [0.3, 0.4, 0.95, 0.95, 0.95, 0.95, 0.95, 0.4, 0.3]  # enters, is seen clearly, leaves
+    mimic = [0.55] * 9  # a structure the detector half-believes on every frame
+
+    def run(decision):
+        p = TrackParams(window=5, min_hits=3, hit_score=0.5, score_thresh=0.7, max_gap=2, decision=decision)
+        tr = IoUTracker(p)
+        for f in range(9):
+            tr.update(f, [[0, 0, 20, 20], [60, 60, 80, 80]], [lesion[f], mimic[f]])
+        return tr, tr.temporal_scores()
+
+    tr, temporal = run("track")
+    les, mim = (tr.table()[0], tr.table()[1])
+    assert les["decision_score"] == pytest.approx(0.95) and les["reported"] and les["confirmed_frame"] == 0
+    assert list(temporal[les["track_id"]].values()) == pytest.approx([0.95] * 9), "the weak entering/leaving frames count"
+    assert mim["decision_score"] == pytest.approx(0.55) and not mim["reported"]
+    # window decision: the entering frame's window (frames 0-4, slid inside the clip) is weaker
+    tr, temporal = run("window")
+    assert temporal[1][0] == pytest.approx((0.3 + 0.4 + 3 * 0.95) / 5)
+    assert temporal[1][4] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="CLIP.DECISION"):
+        TrackParams(decision="vote")
+
+
+def test_window_slides_inside_the_clip_at_its_ends():
+    """A lesion in view from a clip's first frame: frames before the clip are not misses."""
+    p = TrackParams(window=9, min_hits=7, hit_score=0.5, score_thresh=0.5, max_gap=2, decision="window")
+    tr = IoUTracker(p)
+    for f in range(20):
+        tr.update(f, [[0, 0, 20, 20]], [0.9])
+    temporal = tr.temporal_scores()[1]
+    # frame 0: window frames 0-8 (slid from -4..4, which held 5 hits: below MIN_HITS, score 0)
+    assert temporal[0] == pytest.approx(0.9) and temporal[19] == pytest.approx(0.9)
+    assert temporal[10] == pytest.approx(0.9)
+
+
+def test_cine_cut_mid_sweep_keeps_the_probe_pace():
+    """A clip ending mid-sweep shows the start of the same sweep as a longer clip: the probe does not
+    race across the strip in the few frames left (lesions would jump tens of pixels per frame)."""
+    kw = dict(size=(64, 80), sweep_frames=(40, 50))
+    long = list(SyntheticCine(seed=3, num_frames=130, **kw))
+    cut = SyntheticCine(seed=3, num_frames=95, **kw)
+    assert cut.sweeps[-1][1] < 40, "the short clip ends mid-sweep"
+    short = list(cut)
+    assert all(np.array_equal(a.image, b.image) and a.truth() == b.truth() for a, b in zip(short, long))
+
+
 def test_assignment_is_optimal_not_greedy():
     """Greedy matching would give detection 1 to track A (IoU 0.6) and leave B unmatched."""
     tr = IoUTracker(TrackParams(track_iou=0.2, window=2, min_hits=1))
@@ -339,6 +387,18 @@ def _ffprobe(path):
 
     r = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True)
     return r.stderr
+
+
+def test_margin_threshold_ships_the_middle_of_the_val_gap():
+    from usdet.evaluation.clips import ClipTable, fp_at_sensitivity, margin_threshold
+
+    t = ClipTable(inst_best={"temporal": np.array([0.9, 0.85, 0.8, 0.3])}, inst_lesion=[(0, 1), (0, 1), (0, 2), (0, 2)],
+                  free_scores={"temporal": np.array([0.6, 0.4, 0.0, 0.82])}, n_free=10, n_frames=14)
+    at = fp_at_sensitivity(t, "temporal", 0.75)  # 3 of 4 instances: threshold 0.8, one FP (0.82) above it
+    assert at["threshold"] == 0.8 and at["fp_boxes_on_lesion_free_frames"] == 1
+    thr, margin = margin_threshold(t, "temporal", 0.75)  # same FP count down to 0.6: ship 0.7
+    assert thr == pytest.approx(0.7) and margin == pytest.approx(0.2)
+    assert margin_threshold(t, "temporal", 1.0) is not None and margin_threshold(t, "temporal", 1.01) is None
 
 
 def test_predict_tool_on_video_dicom_and_frame_folder(tiny_model, tmp_path, capsys):
