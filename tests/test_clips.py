@@ -536,3 +536,14 @@ def test_shared_multiframe_dicom_end_to_end(tiny_model, tmp_path):
     assert clip["frames"] == 2 and clip["failure"] is None and clip["size"] == [1024, 768]
     # the header's 2D tissue region is the crop (MaxX1/MaxY1 inclusive in the header)
     assert clip["crop"]["crops"][0]["crop_boxes"] == [[80, 28, 945, 569]]
+
+
+def test_track_params_defaults_are_the_config_defaults():
+    """One set of defaults: the dataclass's are cfg.CLIP's (chosen by benchmarks/bench_clips.py)."""
+    from detectron2.config import get_cfg
+
+    from usdet.config import add_usdet_config
+
+    cfg = get_cfg()
+    add_usdet_config(cfg)
+    assert TrackParams.from_cfg(cfg) == TrackParams()

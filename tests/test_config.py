@@ -7,17 +7,14 @@ import sys
 
 import pytest
 
-from train_helpers import QUICK_CFG, REPO, TRAIN_NET, make_datasets_root, tail, train_net_env
+from train_helpers import QUICK_CFG, REPO, TRAIN_NET, make_datasets_root, tail, train_net_env, write_pixel_stats
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 
 @pytest.fixture
 def stats_file(tmp_path):
-    path = tmp_path / "pixel_stats.json"
-    path.write_text(json.dumps({"mean": [10.0, 20.0, 30.0], "std": [1.0, 2.0, 3.0], "split": "train",
-                                "num_images": 3}))
-    return str(path)
+    return write_pixel_stats(tmp_path / "pixel_stats.json", [10.0, 20.0, 30.0], [1.0, 2.0, 3.0])
 
 
 def test_usdet_keys_and_defaults():

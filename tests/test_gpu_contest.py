@@ -1,6 +1,5 @@
 """The GPU contest (issue 21 item 3): the GPU recipe is the light CPU family at GPU size, and
 benchmarks/gpu_busi.sh runs it through benchmarks/contest.py (tested on CPU at a tiny budget)."""
-import glob
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from train_helpers import REPO, load_benchmark, phantom_batches, tail
+from train_helpers import REPO, link_busi_subset, load_benchmark, phantom_batches, tail, write_pixel_stats
 
 GPU_CFG = os.path.join(REPO, "configs", "BUSI", "recipe_scratch_gpu.yaml")
 LITE_CPU_CFG = os.path.join(REPO, "configs", "BUSI", "recipe_lite_cpu.yaml")
@@ -19,10 +18,7 @@ SCRIPT = os.path.join(REPO, "benchmarks", "gpu_busi.sh")
 
 @pytest.fixture
 def stats_file(tmp_path):
-    path = tmp_path / "pixel_stats.json"
-    path.write_text(json.dumps({"mean": [60.0, 60.0, 60.0], "std": [40.0, 40.0, 40.0], "split": "train",
-                                "num_images": 3}))
-    return str(path)
+    return write_pixel_stats(tmp_path / "pixel_stats.json", [60.0] * 3, [40.0] * 3)
 
 
 def test_gpu_recipe_is_the_light_cpu_family_at_gpu_size(stats_file):
@@ -92,12 +88,7 @@ def test_gpu_script_smoke_run_trains_the_gpu_recipe_on_cpu(busi_root, tmp_path):
     off here (PEER=off: its venv is a PyPI install the test does not make); the script records why."""
     from usdet.data.busi import ConvertOptions, convert_busi
 
-    subset = tmp_path / "raw"
-    for cls, n in (("benign", 10), ("malignant", 8), ("normal", 6)):
-        (subset / cls).mkdir(parents=True)
-        for i in range(1, n + 1):
-            for f in glob.glob(os.path.join(busi_root, cls, f"{cls} ({i})*.png")):
-                os.symlink(f, subset / cls / os.path.basename(f))
+    subset = link_busi_subset(busi_root, tmp_path / "raw")
     # a dataset name other than busi: the contest must train usdet on --dataset-root, not on busi_*
     data = tmp_path / "datasets" / "busisub"
     convert_busi(str(subset), str(data), ConvertOptions(max_size=160, image_format="jpg", progress=False))

@@ -1,14 +1,13 @@
 """usdet Trainer on phantoms: loss falls, metrics and reports written, hooks, NaN guard."""
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from train_helpers import capture_log, make_datasets_root, quick_cfg
+from train_helpers import capture_log, link_busi_subset, make_datasets_root, quick_cfg
 
 
 @pytest.fixture(scope="module")
@@ -306,18 +305,12 @@ def test_ema_weights_are_evaluated_and_kept_as_best_and_flip_tta(datasets_root, 
 
 def test_end_to_end_on_a_busi_subset(busi_root, tmp_path, one_thread):
     """Real BUSI frames (a 24-image subset, converted by usdet at 160 px): loss falls, metrics written."""
-    import glob
 
     from usdet.data.busi import ConvertOptions, convert_busi
     from usdet.data.register import register_all_usdet_datasets
     from usdet.engine import Trainer
 
-    subset = tmp_path / "busi"
-    for cls, n in (("benign", 10), ("malignant", 8), ("normal", 6)):
-        (subset / cls).mkdir(parents=True)
-        for i in range(1, n + 1):
-            for f in glob.glob(os.path.join(busi_root, cls, f"{cls} ({i})*.png")):
-                os.symlink(f, subset / cls / os.path.basename(f))
+    subset = link_busi_subset(busi_root, tmp_path / "busi")
     root = tmp_path / "datasets"
     convert_busi(str(subset), str(root / "busisub"), ConvertOptions(max_size=160, image_format="jpg", progress=False))
     register_all_usdet_datasets(str(root))

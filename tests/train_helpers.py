@@ -156,6 +156,27 @@ def train_phantom_detector(iters: int = 150, size: int = 128, seed: int = 0):
     return cfg, model.eval()
 
 
+def link_busi_subset(busi_root: str, dest, counts=(("benign", 10), ("malignant", 8), ("normal", 6))):
+    """A small BUSI-layout folder of symlinks to the first images (and masks) of each class."""
+    import glob
+
+    for cls, n in counts:
+        os.makedirs(os.path.join(dest, cls), exist_ok=True)
+        for i in range(1, n + 1):
+            for f in glob.glob(os.path.join(busi_root, cls, f"{cls} ({i})*.png")):
+                os.symlink(f, os.path.join(dest, cls, os.path.basename(f)))
+    return dest
+
+
+def write_pixel_stats(path, mean, std) -> str:
+    """A pixel_stats.json as the converters write it (train split of 3 images)."""
+    import json
+
+    with open(path, "w") as fh:
+        json.dump({"mean": list(mean), "std": list(std), "split": "train", "num_images": 3}, fh)
+    return str(path)
+
+
 def tail(text: Optional[str], n: int = 3000) -> str:
     return (text or "")[-n:]
 

@@ -47,11 +47,11 @@ class TrackParams:
     min_score: float = 0.05  # detections below this are not tracked
     track_iou: float = 0.3  # a detection continues a track when IoU with its predicted box >= this
     max_gap: int = 5  # a track unseen for more frames than this ends
-    window: int = 10  # n of k-of-n
-    min_hits: int = 5  # k of k-of-n
-    hit_score: float = 0.3  # a frame counts as a hit when the track's detection scores >= this
-    score_thresh: float = 0.4  # the window's mean score a lesion needs
-    decision: str = "track"  # "track": a track's best window decides all its boxes; "window": each box its own
+    window: int = 5  # n of k-of-n
+    min_hits: int = 2  # k of k-of-n
+    hit_score: float = 0.2  # a frame counts as a hit when the track's detection scores >= this
+    score_thresh: float = 0.5  # the window's mean score a lesion needs
+    decision: str = "window"  # "window": each box by its own window; "track": a track's best window decides all its boxes
 
     def __post_init__(self):
         if self.decision not in DECISIONS:
