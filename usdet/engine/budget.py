@@ -137,7 +137,7 @@ class TimeBudgetHook(HookBase):
     def __init__(self, budget_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  on_last_iteration: Optional[Callable[[int], None]] = None):
         self.budget_s = max(float(budget_s), 0.0)
-        self._clock = clock
+        self.clock = clock  # public: tests swap in a fake clock
         self._on_last = on_last_iteration
         self._offset = 0.0  # seconds elapsed before this process (restored on --resume)
         self._start: Optional[float] = None
@@ -151,13 +151,13 @@ class TimeBudgetHook(HookBase):
         """Seconds of training so far (this process's clock, plus what a resumed checkpoint carried)."""
         if self._start is None:
             return self._offset
-        return self._offset + self._clock() - self._start
+        return self._offset + self.clock() - self._start
 
     def spent(self) -> bool:
         return self.budget_s > 0 and self.elapsed() >= self.budget_s
 
     def before_train(self) -> None:
-        self._start = self._clock()
+        self._start = self.clock()
         self.elapsed_s = self.step_end_s = self._offset
         if self.budget_s > 0:
             logger.info("Time budget %.1f min (SOLVER.TIME_BUDGET_MIN): %.1f min used so far; the LR schedule "
@@ -212,4 +212,7 @@ class StopAtBudgetHook(HookBase):
     def after_step(self) -> None:
         last = self._budget.last_iter
         if last is not None and self.trainer.iter >= last:
+            # What detectron2's loop leaves after its last iteration (iter == max_iter), so after_train
+            # (final evaluation, logged at that iteration as usual) sees a completed run.
+            self.trainer.iter = last + 1
             raise BudgetSpent(f"time budget spent at iteration {last}")

@@ -19,7 +19,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from usdet.engine.rng import preserve_rng
-from usdet.utils.io import atomic_write_json
+from usdet.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["BestModelHook", "EMAHook", "MissedEvaluationHook", "ValidationLossHook", "append_evaluation",
            "read_best_record", "read_evaluation_record", "read_evaluations"]

@@ -65,6 +65,9 @@ class Trainer(DefaultTrainer):
         self._step_gathered = False
         self._rng_per_rank: List[Dict[str, Any]] = []
         self._checkpoint_hook: Optional[hooks.PeriodicCheckpointer] = None
+        if float(cfg.SOLVER.TIME_BUDGET_MIN) < 0:
+            raise ValueError(f"SOLVER.TIME_BUDGET_MIN must be >= 0 minutes (0 = no budget), got "
+                             f"{cfg.SOLVER.TIME_BUDGET_MIN}")
         me = weakref.ref(self)  # hooks hold no strong reference to the trainer (detectron2's rule)
         self.budget_hook = TimeBudgetHook(float(cfg.SOLVER.TIME_BUDGET_MIN) * 60.0,
                                           on_last_iteration=lambda k: me()._last_iteration_at(k))
@@ -109,8 +112,6 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         """detectron2's schedule, or with ``SOLVER.TIME_BUDGET_MIN > 0`` the same shape on elapsed time."""
-        if float(cfg.SOLVER.TIME_BUDGET_MIN) < 0:
-            raise ValueError(f"SOLVER.TIME_BUDGET_MIN must be >= 0 (0 = no budget), got {cfg.SOLVER.TIME_BUDGET_MIN}")
         if float(cfg.SOLVER.TIME_BUDGET_MIN) > 0:
             return build_time_budget_scheduler(cfg, optimizer)
         return super().build_lr_scheduler(cfg, optimizer)
@@ -208,7 +209,7 @@ class Trainer(DefaultTrainer):
             return super().train()
         except BudgetSpent:
             logger.info("Training stopped by SOLVER.TIME_BUDGET_MIN after iteration %d (%.1f min of training)",
-                        self.iter, self.budget_hook.elapsed() / 60)
+                        self.iter - 1, self.budget_hook.elapsed() / 60)
             return None
 
     def sync_buffers(self) -> None:
