@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train_helpers import REPO, make_datasets_root, quick_cfg, tail
+from train_helpers import REPO, make_datasets_root, quick_cfg, tail, train_net_cmd, train_net_env
 
 BASE_LR = 0.01
 STEP_S = 10.0
@@ -211,6 +211,19 @@ def test_resume_continues_the_elapsed_time(budget_run, tmp_path, one_thread):
     assert [json.loads(x)["iteration"] for x in open(run / "evaluations.jsonl")] == [2, 5, 6]
 
 
+def test_resuming_a_run_whose_budget_is_spent_trains_nothing_more(budget_run, tmp_path, one_thread):
+    import shutil
+
+    out, _, _ = budget_run
+    run = tmp_path / "spent"
+    shutil.copytree(out, run)
+    (run / "last_checkpoint").write_text("model_final.pth")  # 70 s of a 60 s budget
+    trainer, steps = _train(str(run), resume=True)
+    assert steps == [] and trainer.max_iter == 7
+    # only the final evaluation runs again (of the same weights), replacing its own line
+    assert [json.loads(x)["iteration"] for x in open(run / "evaluations.jsonl")] == [2, 5, 6]
+
+
 def test_bad_budget_is_refused_with_the_key(datasets_root, tmp_path):
     from usdet.engine import Trainer
 
@@ -266,3 +279,29 @@ def test_every_rank_takes_rank_0s_clock_and_stops_at_the_same_iteration(tmp_path
     r0, r1 = (json.load(open(tmp_path / f"r{r}.json")) for r in (0, 1))
     # rank 0's clock (10 s per step) decides for both: iteration 6 starts at 60 s >= 55 s
     assert r0 == r1 == {"last": 6, "seen": [10.0 * k for k in range(7)]}
+
+
+def test_two_training_processes_stop_together_at_a_real_budget(datasets_root, tmp_path):
+    """tools/train_net.py --num-gpus 2 (gloo) with a 6-second budget and MAX_ITER 500: both ranks stop at the
+    same iteration, well before MAX_ITER, and the run ends (no rank left in a collective)."""
+    import re
+
+    out = tmp_path / "run"
+    cmd = train_net_cmd(str(out), "SOLVER.TIME_BUDGET_MIN", "0.1", "SOLVER.MAX_ITER", "500",
+                        "SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR", "SOLVER.WARMUP_ITERS", "2",
+                        "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0",
+                        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.PIOU.SCORE_THRESH", "0.0")
+    cmd[2:2] = ["--num-gpus", "2"]
+    r = subprocess.run(cmd, env=train_net_env(datasets_root), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, tail(r.stderr)
+    last = {}
+    for name in ("log.txt", "log.txt.rank1"):
+        found = re.findall(r"Time budget of 0.1 min spent \(.*?\) at iteration (\d+)", (out / name).read_text())
+        assert len(found) == 1, name
+        last[name] = int(found[0])
+    k = last["log.txt"]
+    assert last["log.txt.rank1"] == k and 0 < k < 499
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == k and final["trainer"]["hooks"]["TimeBudgetHook"]["elapsed_s"] >= 6.0
+    # the final evaluation ran (both ranks take part in it) and the best-model hook logged it
+    assert [json.loads(x)["iteration"] for x in open(out / "evaluations.jsonl")] == [k]

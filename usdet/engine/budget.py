@@ -146,6 +146,7 @@ class TimeBudgetHook(HookBase):
         self.elapsed_s = 0.0  # rank 0's elapsed time at the start of the current step, on every rank
         self.step_end_s = 0.0  # elapsed time when the latest training step finished (the weights' time)
         self.last_iter: Optional[int] = None  # set when the budget ends the run
+        self._spent_at_start = False
 
     def elapsed(self) -> float:
         """Seconds of training so far (this process's clock, plus what a resumed checkpoint carried)."""
@@ -159,6 +160,7 @@ class TimeBudgetHook(HookBase):
     def before_train(self) -> None:
         self._start = self.clock()
         self.elapsed_s = self.step_end_s = self._offset
+        self._spent_at_start = self.budget_s > 0 and self._offset >= self.budget_s  # a finished run resumed
         if self.budget_s > 0:
             logger.info("Time budget %.1f min (SOLVER.TIME_BUDGET_MIN): %.1f min used so far; the LR schedule "
                         "follows the elapsed fraction, SOLVER.MAX_ITER %d is an upper bound",
@@ -184,7 +186,8 @@ class TimeBudgetHook(HookBase):
         self.step_end_s = self.elapsed()
 
     def after_train(self) -> None:
-        if self.budget_s > 0 and self.last_iter is None and self.trainer.iter >= self.trainer.max_iter:
+        if (self.budget_s > 0 and self.last_iter is None and not self._spent_at_start
+                and self.trainer.iter >= self.trainer.max_iter):
             logger.warning("SOLVER.MAX_ITER %d reached after %.1f of %.1f budget minutes: the LR schedule stopped "
                            "at %.0f%% of its course; raise SOLVER.MAX_ITER to use the whole budget",
                            self.trainer.max_iter, self.elapsed() / 60, self.budget_s / 60,
