@@ -27,7 +27,7 @@ from detectron2.data.build import build_detection_train_loader, trivial_batch_co
 from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -210,6 +210,9 @@ class Trainer(DefaultTrainer):
         except BudgetSpent:
             logger.info("Training stopped by SOLVER.TIME_BUDGET_MIN after iteration %d (%.1f min of training)",
                         self.iter - 1, self.budget_hook.elapsed() / 60)
+            if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():  # as DefaultTrainer.train
+                verify_results(self.cfg, self._last_eval_results)
+                return self._last_eval_results
             return None
 
     def sync_buffers(self) -> None:
