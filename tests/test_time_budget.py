@@ -233,13 +233,17 @@ def test_bad_budget_is_refused_with_the_key(datasets_root, tmp_path):
 
 # ---------------------------------------------------------------------------- several processes
 WORKER = textwrap.dedent('''
-    import json, sys
+    import datetime, importlib.util, json, sys
     from types import SimpleNamespace
     import torch.distributed as dist
-    from usdet.engine.budget import TimeBudgetHook
 
-    rank, url, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+    rank, url, out, path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    spec = importlib.util.spec_from_file_location("budget", path)  # the module alone, not all of usdet.engine
+    budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget)
+    TimeBudgetHook = budget.TimeBudgetHook
+    # a collective the other rank never joins fails after 60 s instead of gloo's 30 minutes
+    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank, timeout=datetime.timedelta(seconds=60))
     # the two ranks' clocks disagree: rank 1's runs 3x as fast, from another origin
     now = {"t": 0.0 if rank == 0 else 777.0}
     step = 10.0 if rank == 0 else 30.0
@@ -266,11 +270,13 @@ def test_every_rank_takes_rank_0s_clock_and_stops_at_the_same_iteration(tmp_path
         s.bind(("127.0.0.1", 0))
         url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), url, str(tmp_path / f"r{r}.json")], env=env,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    module = os.path.join(REPO, "usdet", "engine", "budget.py")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), url, str(tmp_path / f"r{r}.json"), module],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
     for p in procs:
-        try:
-            _, err = p.communicate(timeout=120)
+        try:  # generous: importing torch in two processes on a loaded 2-core machine can take minutes
+            _, err = p.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
