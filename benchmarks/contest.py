@@ -3,7 +3,7 @@
 
   python benchmarks/contest.py --budget-min 69 [--config configs/BUSI/recipe_lite_cpu.yaml] \
       [--output output/contest] [--result-name contest] [--max-images 0] [--max-iter 0] [--skip-peer] [--skip-usdet] \
-      [--usdet-run DIR --usdet-start 2026-12-07T04:00:29Z] [--device cpu] [--workers N] \
+      [--usdet-run DIR [--usdet-start 2026-12-07T04:00:29Z]] [--device cpu] [--workers N] \
       [--peer-venv DIR] [--peer-wheels DIR] [--without-peer REASON] [--results DIR] [KEY VALUE ...]
 
 On a GPU (``--device cuda``, as ``benchmarks/gpu_busi.sh`` runs it) both sides train on it: usdet
@@ -11,22 +11,32 @@ with its recipe's AMP setting, the peer with the same (``amp``), both with ``--w
 workers. Trailing ``KEY VALUE`` pairs override usdet's config (e.g. a tiny input for smoke runs).
 
 One command, one machine, one after the other (never at once), each side given:
-- the same wall-clock budget, measured the same way: training *plus its own validation passes*
-  (Ultralytics' ``time`` includes its per-epoch val and stops training at the budget; usdet's
-  budget includes a 20-iteration speed probe, its periodic val evaluations and checkpoints:
-  ``SOLVER.MAX_ITER`` is fitted to the budget from the probe, a run still going at the budget's
-  end is stopped there, and only checkpoints written within the budget can be chosen);
+- the same wall-clock budget, measured the same way: training *plus its own validation passes*,
+  counted from the start of the training loop. Ultralytics' ``time`` includes its per-epoch val,
+  anneals its learning rate by elapsed time and stops training at the budget; usdet gets
+  ``SOLVER.TIME_BUDGET_MIN`` (usdet/engine/budget.py): its LR schedule follows the elapsed
+  fraction of the budget, its periodic val evaluations and checkpoints count, and it stops itself
+  at the budget with a final checkpoint and evaluation (as the peer validates after its last
+  epoch). ``SOLVER.MAX_ITER`` is only an upper bound. A safety deadline (budget + 15 %, at least
+  10 min, for start-up and the final evaluation) stops a run that overruns;
 - the same threads (all cores) and, where the peer allows, loader workers (Ultralytics forces 0
   workers on CPU; usdet keeps its recipe's 2, recorded);
 - the same test-time caps: score threshold ``--conf`` (0.001) and ``--max-det`` (100) boxes per
   image for both;
 - the checkpoint chosen on val by the same metric: val AP (mAP50-95) for both (usdet's
-  ``SOLVER.BEST_CHECKPOINT.METRIC bbox/AP``; Ultralytics' fitness patched to mAP50-95 alone);
+  ``SOLVER.BEST_CHECKPOINT.METRIC bbox/AP``, i.e. ``model_best.pth``; Ultralytics' fitness patched
+  to mAP50-95 alone). usdet's val curve (iteration, elapsed minutes, AP, AP50) and the chosen
+  checkpoint's training time come from the run's ``evaluations.jsonl``;
 - the same scorer: usdet's evaluator on both sides' predictions, paired by ``compare_models``,
   the image-level operating point chosen on val (sensitivity 0.95) and applied to test.
 Both sides' val and test predictions are written to ``benchmarks/results/<result-name>/`` (small)
 so the comparison can be re-scored without retraining. Inference throughput (batch 1) and
 training throughput (images/s) of both are measured in the same run.
+
+``--usdet-run DIR`` scores an earlier usdet training instead of training: with its
+``evaluations.jsonl`` as above; a run from before usdet wrote it (the 2026-12-07 contest, trained
+on an iteration schedule) needs ``--usdet-start T``, and then only its checkpoints written by
+T + budget take part.
 """
 from __future__ import annotations
 
@@ -49,17 +59,48 @@ PY = sys.executable
 
 
 
-def fit_schedule(budget_s: float, probe: Dict[str, Any], val_images: int, evals: int) -> Dict[str, int]:
-    """``MAX_ITER`` and ``EVAL_PERIOD`` so that training + ``evals`` val passes fill ``budget_s``.
+def usdet_curve(run_dir: str, metric: str = "bbox/AP") -> Dict[str, Any]:
+    """usdet's val curve and val-chosen checkpoint, from the run's ``evaluations.jsonl``.
 
-    ``probe`` is ``detector_speed.measure``'s row (seconds per iteration, batch-1 inference rate);
-    a val pass costs ``val_images / infer_images_per_s`` plus 20 % for loading and scoring.
+    The best-model hook writes one line per evaluation (iteration, training seconds when the
+    weights were made, metrics) and keeps ``model_best.pth`` by the same metric; under
+    ``SOLVER.TIME_BUDGET_MIN`` every evaluation lies within the budget (the trainer stops itself).
+    The chosen evaluation is the first with the best ``metric`` (the hook's rule: only a strictly
+    better value replaces the best), and ``best_metric.json`` must agree with it.
     """
-    eval_s = evals * 1.2 * val_images / float(probe["infer_images_per_s"])
-    max_iter = int(max(budget_s - eval_s, 0.0) / float(probe["seconds_per_iter"]))
-    if max_iter < 2 * evals:
-        raise SystemExit(f"a budget of {budget_s:.0f} s leaves {max_iter} iterations: too short for {evals} evaluations")
-    return {"max_iter": max_iter, "eval_period": max_iter // evals}
+    from usdet.engine.hooks import read_evaluations
+
+    recs = read_evaluations(run_dir)
+    if not recs:
+        raise SystemExit(f"{run_dir}: no evaluations.jsonl (or it is empty): not a usdet run that evaluated on val")
+
+    def minutes(r: Dict[str, Any], key: str) -> Optional[float]:
+        return None if r.get(key) is None else round(float(r[key]) / 60.0, 2)
+
+    curve = [{"iteration": int(r["iteration"]), "elapsed_min": minutes(r, "elapsed_s"),
+              "AP": r["metrics"].get("bbox/AP"), "AP50": r["metrics"].get("bbox/AP50")} for r in recs]
+    best: Optional[Dict[str, Any]] = None
+    for r in recs:
+        v = r["metrics"].get(metric)
+        if v is not None and (best is None or v > best["metrics"][metric]):
+            best = r
+    if best is None:
+        raise SystemExit(f"{run_dir}/evaluations.jsonl: no evaluation has {metric}")
+    record_path = os.path.join(run_dir, "best_metric.json")
+    try:
+        with open(record_path) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{record_path}: unreadable ({e}); the run kept no model_best.pth") from None
+    if record.get("metric") != metric or int(record.get("iteration", -1)) != int(best["iteration"]):
+        raise SystemExit(f"{record_path} names {record.get('metric')} at iteration {record.get('iteration')}, but "
+                         f"evaluations.jsonl's best {metric} is at iteration {best['iteration']}: train with "
+                         f"SOLVER.BEST_CHECKPOINT.METRIC {metric}")
+    chosen = {"weights": os.path.join(run_dir, "model_best.pth"), "iteration": int(best["iteration"]),
+              "metric": metric, "value": float(best["metrics"][metric]), "elapsed_min": minutes(best, "elapsed_s")}
+    last = recs[-1]
+    return {"val_curve": curve, "chosen": chosen, "final_iteration": int(last["iteration"]),
+            "budget_used_min": minutes(last, "eval_end_s")}
 
 
 def _records(run_dir: str) -> List[Dict[str, Any]]:
@@ -76,6 +117,9 @@ def _records(run_dir: str) -> List[Dict[str, Any]]:
 
 def in_budget_checkpoint(run_dir: str, deadline: float, metric: str = "bbox/AP") -> Dict[str, Any]:
     """The checkpoint with the best val ``metric`` among those written by ``deadline`` (epoch seconds).
+
+    For a run from before ``evaluations.jsonl`` and ``SOLVER.TIME_BUDGET_MIN`` (an iteration
+    schedule stopped from outside at its deadline, the 2026-12-07 contest).
 
     detectron2's PeriodicCheckpointer writes ``model_{iter:07d}.pth`` (``model_final.pth`` at the
     end) just before the EvalHook evaluates the same weights at the same iteration (the contest
@@ -102,13 +146,13 @@ def in_budget_checkpoint(run_dir: str, deadline: float, metric: str = "bbox/AP")
 
 
 def _schedule_of(run_dir: str) -> Dict[str, int]:
-    """MAX_ITER and EVAL_PERIOD of an earlier run, from the config.yaml detectron2 wrote."""
+    """The time budget, MAX_ITER and EVAL_PERIOD of a run, from the config.yaml detectron2 wrote."""
     from detectron2.config import CfgNode
 
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         cfg = CfgNode.load_cfg(fh)
-    return {"max_iter": int(cfg.SOLVER.MAX_ITER), "eval_period": int(cfg.TEST.EVAL_PERIOD),
-            "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH)}
+    return {"time_budget_min": float(cfg.SOLVER.get("TIME_BUDGET_MIN", 0.0)), "max_iter": int(cfg.SOLVER.MAX_ITER),
+            "eval_period": int(cfg.TEST.EVAL_PERIOD), "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH)}
 
 
 def _config_of(run_dir: str):
@@ -143,12 +187,16 @@ def peer_device(device: str) -> str:
     return device.split(":", 1)[1] if ":" in device else "0"
 
 
-def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str) -> Dict[str, Any]:
-    """Probe, train until the budget's end, evaluate the val-chosen in-budget checkpoint on val and test.
+def safety_deadline_s(budget_s: float) -> float:
+    """How long the contest lets usdet's process run: its own budget plus start-up and the final evaluation."""
+    return budget_s + max(600.0, 0.15 * budget_s)
 
-    With ``--usdet-run DIR --usdet-start T`` the training is an earlier one (e.g. a run whose
-    contest was interrupted): its budget started at T, and only its checkpoints written by
-    T + budget take part.
+
+def run_usdet(args, work: str, splits: Dict[str, str], n_train: int) -> Dict[str, Any]:
+    """Train under ``SOLVER.TIME_BUDGET_MIN``, evaluate the val-chosen checkpoint on val and test.
+
+    With ``--usdet-run DIR`` the training is an earlier one: scored from its ``evaluations.jsonl``,
+    or, for a run from before that file, from its checkpoints written by ``--usdet-start`` + budget.
     """
     from detector_speed import measure
 
@@ -156,36 +204,37 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
     caps += usdet_overrides(args)  # device, loader workers, normalization file, trailing KEY VALUE pairs
     data = ["DATASETS.TRAIN", f"('{splits['train']}',)", "DATASETS.TEST", f"('{splits['val']}',)", *caps]
     budget_s = args.budget_min * 60
+    load_before, stopped = None, False
     if args.usdet_run:
-        out, t0 = os.path.abspath(args.usdet_run), parse_start(args.usdet_start)
-        probe, probe_s, sched = None, None, _schedule_of(out)
-        ims_per_batch = sched.pop("ims_per_batch")
+        out = os.path.abspath(args.usdet_run)
+        if not os.path.isfile(os.path.join(out, "evaluations.jsonl")) and not args.usdet_start:
+            raise SystemExit(f"{out} has no evaluations.jsonl (a run from before the time budget): give --usdet-start")
+        t0 = parse_start(args.usdet_start) if args.usdet_start else None
         last_write = os.path.getmtime(os.path.join(out, "metrics.json"))
-        stopped = last_write > t0 + budget_s or not os.path.isfile(os.path.join(out, "model_final.pth"))
-        train_end = min(last_write, t0 + budget_s)
-        load_before = None
+        train_end = last_write if t0 is None else min(last_write, t0 + budget_s)
     else:
-        t0 = time.time()
-        probe = measure(args.config, data, iters=args.probe_iters, warmup=min(5, args.probe_iters), infer_images=20)
-        probe_s = time.time() - t0
-        ims_per_batch = int(probe["ims_per_batch"])
-        with open(val_gt) as fh:
-            val_images = len(json.load(fh)["images"])
-        sched = fit_schedule(budget_s - probe_s, probe, val_images, args.evals)
-        if args.max_iter and sched["max_iter"] > args.max_iter:  # smoke runs: a few iterations, not the budget's
-            sched = {"max_iter": args.max_iter, "eval_period": max(1, args.max_iter // args.evals)}
         out = os.path.join(work, "usdet_train")
         train_cmd = [PY, "tools/train_net.py", "--config-file", args.config, *data,
-                     "SOLVER.MAX_ITER", str(sched["max_iter"]), "TEST.EVAL_PERIOD", str(sched["eval_period"]),
-                     "SOLVER.CHECKPOINT_PERIOD", str(sched["eval_period"]),
+                     "SOLVER.TIME_BUDGET_MIN", repr(float(args.budget_min)),
+                     *(["SOLVER.MAX_ITER", str(args.max_iter)] if args.max_iter else []),  # smoke runs
                      "SOLVER.BEST_CHECKPOINT.METRIC", "bbox/AP", "OUTPUT_DIR", out]
         load_before = load_average()
-        _, stopped = run_until(train_cmd, os.path.join(work, "usdet_train.log"), deadline=t0 + budget_s)
+        t0 = time.time()
+        _, stopped = run_until(train_cmd, os.path.join(work, "usdet_train.log"), deadline=t0 + safety_deadline_s(budget_s))
         train_end = time.time()
-    chosen = in_budget_checkpoint(out, t0 + budget_s)
-    speed = probe or measure(args.config, data, iters=5, warmup=2, infer_images=20)  # after an earlier run
+    sched = _schedule_of(out)
+    ims_per_batch = sched.pop("ims_per_batch")
+    if os.path.isfile(os.path.join(out, "evaluations.jsonl")):
+        curve = usdet_curve(out)
+        chosen = curve.pop("chosen")
+    else:  # legacy: an iteration schedule stopped from outside at t0 + budget
+        curve, chosen = {}, in_budget_checkpoint(out, t0 + budget_s)
+    speed = measure(args.config, data, iters=5, warmup=2, infer_images=20)  # batch-1 inference, after training
     iterations = 1 + max((int(r["iteration"]) for r in _records(out) if "iteration" in r), default=-1)
-    train_s = train_end - t0 - (probe_s or 0.0)
+    iterations = min(iterations, curve.get("final_iteration", iterations - 1) + 1)  # the final eval logs at MAX_ITER
+    # The process's wall clock (start-up and final evaluation included, as the peer's train_seconds);
+    # for an earlier run scored without its start time, the trainer's own clock.
+    wall_s = train_end - t0 if t0 is not None else 60.0 * float(curve["budget_used_min"])
     preds = {}
     for split in ("val", "test"):
         ev = os.path.join(work, f"usdet_{split}")
@@ -196,13 +245,12 @@ def run_usdet(args, work: str, splits: Dict[str, str], n_train: int, val_gt: str
     ims = iterations * ims_per_batch
     ran = _config_of(out)
     chosen["weights"] = os.path.relpath(chosen["weights"], REPO)
-    return {"config": args.config, "probe": probe, "probe_s": None if probe_s is None else round(probe_s, 1),
-            "schedule": sched, "iterations_done": iterations, "stopped_at_budget": stopped,
-            "train_wall_s": round(train_s, 1), "budget_wall_s": round(train_end - t0, 1),
-            "train_images_per_s": round(ims / train_s, 3),
+    return {"config": args.config, "schedule": sched, "iterations_done": iterations,
+            "stopped_by_contest_deadline": stopped, "budget_used_min": curve.get("budget_used_min"),
+            "budget_wall_s": round(wall_s, 1), "train_images_per_s": round(ims / wall_s, 3),
             "infer_images_per_s_batch1": speed["infer_images_per_s"],
-            "epochs": round(ims / n_train, 2), "images_seen": ims,
-            "chosen_in_budget": chosen, "loader_workers": int(ran.DATALOADER.NUM_WORKERS), "device": ran.MODEL.DEVICE,
+            "epochs": round(ims / n_train, 2), "images_seen": ims, "val_curve": curve.get("val_curve"),
+            "chosen": chosen, "loader_workers": int(ran.DATALOADER.NUM_WORKERS), "device": ran.MODEL.DEVICE,
             "amp": bool(ran.SOLVER.AMP.ENABLED), "load_before": load_before, "load_after": load_average(),
             "predictions": preds}
 
@@ -224,8 +272,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset-root", default=os.path.join(REPO, "datasets", "busi"))
     ap.add_argument("--conf", type=float, default=0.001, help="test-time score threshold, both sides (default 0.001)")
     ap.add_argument("--max-det", type=int, default=100, help="test-time boxes per image, both sides (default 100)")
-    ap.add_argument("--evals", type=int, default=8, help="usdet's val evaluations within its budget (default 8)")
-    ap.add_argument("--probe-iters", type=int, default=20)
     ap.add_argument("--imgsz", type=int, default=416, help="the peer's image size (usdet's input: short <= 320, long <= 512)")
     ap.add_argument("--batch", type=int, default=16, help="the peer's batch (default 16)")
     ap.add_argument("--max-images", type=int, default=0, help="smoke runs: first N images of each split")
@@ -237,7 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peer", action="store_true", help="reuse the peer predictions already in the result folder")
     ap.add_argument("--skip-usdet", action="store_true", help="reuse usdet's predictions already in the result folder")
     ap.add_argument("--usdet-run", default="", help="score an earlier usdet training folder instead of training")
-    ap.add_argument("--usdet-start", default="", help="with --usdet-run: when its budget started (ISO 8601 UTC)")
+    ap.add_argument("--usdet-start", default="",
+                    help="with --usdet-run of a run without evaluations.jsonl: when its budget started (ISO 8601 UTC)")
     ap.add_argument("--device", default="cpu", help="both sides' torch device: cpu (default) or cuda[:N]")
     ap.add_argument("--workers", type=int, default=None,
                     help="loader workers, both sides (default: usdet's recipe value; the peer 0, as on CPU it must)")
@@ -287,7 +334,7 @@ def main(argv=None) -> int:
         os.environ["USDET_DATASETS"] = os.path.dirname(root)
         register_all_usdet_datasets(os.path.dirname(root))  # this process registered the default root on import
         if not args.skip_usdet:
-            u = run_usdet(args, work, splits, info["splits"]["train"]["images"], gts["val"])
+            u = run_usdet(args, work, splits, info["splits"]["train"]["images"])
             for s in ("val", "test"):
                 shutil.copyfile(u["predictions"][s], os.path.join(keep, f"usdet_{s}.json"))
             u["predictions"] = {s: os.path.relpath(os.path.join(keep, f"usdet_{s}.json"), REPO) for s in ("val", "test")}

@@ -54,7 +54,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 DEVICE=cuda
-CONTEST=(--evals 8 --probe-iters 20 --bootstrap 2000)
+CONTEST=(--bootstrap 2000)
 OVERRIDES=()
 if [ -n "$SMOKE" ]; then
   # The same code paths on CPU: 8 images per split, a 64-px input, 6 iterations, results under
@@ -63,7 +63,7 @@ if [ -n "$SMOKE" ]; then
   DEVICE=cpu; WORKERS=0; BUDGET_MIN=${BUDGET_MIN:-3}
   RESULT_NAME=${RESULT_NAME:-gpu_contest_smoke}; WORK_DIR=${WORK_DIR:-output/gpu_busi_smoke}
   RESULTS=${RESULTS:-$WORK_DIR/results}
-  CONTEST=(--evals 2 --probe-iters 2 --bootstrap 50 --max-images 8 --max-iter 6 --imgsz 64 --batch 4)
+  CONTEST=(--bootstrap 50 --max-images 8 --max-iter 6 --imgsz 64 --batch 4)
   OVERRIDES=(SOLVER.AMP.ENABLED False SOLVER.IMS_PER_BATCH 2 SOLVER.WARMUP_ITERS 2
              INPUT.MIN_SIZE_TRAIN "(64,)" INPUT.MAX_SIZE_TRAIN 96 INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 96)
 elif ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -1,4 +1,5 @@
-"""benchmarks/contest.py: usdet's schedule is fitted to the same wall-clock budget as the peer's."""
+"""benchmarks/contest.py: usdet trains under the same wall-clock budget as the peer and is scored from its
+own evaluation log (evaluations.jsonl); an earlier run without that log by its checkpoints' times."""
 import importlib.util
 import os
 
@@ -14,20 +15,48 @@ def _contest():
     return mod
 
 
-def test_fit_schedule_fills_the_budget_with_training_and_its_evaluations():
-    c = _contest()
-    probe = {"seconds_per_iter": 0.7, "infer_images_per_s": 12.0}
-    s = c.fit_schedule(4140.0, probe, val_images=118, evals=8)
-    eval_s = 8 * 1.2 * 118 / 12.0
-    assert s["max_iter"] == int((4140.0 - eval_s) / 0.7)
-    assert s["eval_period"] == s["max_iter"] // 8
-    # what it plans fits the budget and leaves less than one iteration unused
-    assert 0 <= 4140.0 - (s["max_iter"] * 0.7 + eval_s) < 0.7
-    # a slower model gets proportionally fewer iterations
-    assert c.fit_schedule(4140.0, dict(probe, seconds_per_iter=1.4), 118, 8)["max_iter"] == int((4140.0 - eval_s) / 1.4)
-    with pytest.raises(SystemExit, match="too short"):
-        c.fit_schedule(100.0, probe, val_images=118, evals=8)
+def _evaluations_run(run, aps, best_iteration):
+    """A usdet run folder as the trainer leaves it: evaluations.jsonl (iteration, training seconds,
+    metrics), best_metric.json naming ``best_iteration``, model_best.pth."""
+    import json
 
+    run.mkdir(parents=True)
+    lines = [json.dumps({"iteration": it, "elapsed_s": el, "eval_end_s": el + 20.0,
+                         "metrics": {"bbox/AP": ap, "bbox/AP50": None if ap is None else ap + 30, "piou/score": 0.5}})
+             for it, el, ap in aps]
+    (run / "evaluations.jsonl").write_text("\n".join(lines) + "\n")
+    best = max((a for a in aps if a[2] is not None), key=lambda a: a[2])
+    (run / "best_metric.json").write_text(json.dumps({"metric": "bbox/AP", "value": best[2], "iteration": best_iteration}))
+    (run / "model_best.pth").write_bytes(b"x")
+    return run
+
+
+def test_usdet_val_curve_and_chosen_checkpoint_come_from_evaluations_jsonl(tmp_path):
+    c = _contest()
+    # the trainer stopped itself at the budget: its last evaluation is the final one (iteration 4416)
+    aps = [(630, 600.0, 27.5), (1261, 1200.0, None), (3785, 3600.0, 54.2), (4416, 4141.2, 51.3)]
+    run = _evaluations_run(tmp_path / "run", aps, best_iteration=3785)
+    r = c.usdet_curve(str(run))
+    assert [p["iteration"] for p in r["val_curve"]] == [630, 1261, 3785, 4416]
+    assert [p["elapsed_min"] for p in r["val_curve"]] == [10.0, 20.0, 60.0, 69.02]
+    assert [p["AP"] for p in r["val_curve"]] == [27.5, None, 54.2, 51.3]
+    assert r["val_curve"][0]["AP50"] == 57.5
+    ch = r["chosen"]
+    assert (ch["iteration"], ch["value"], ch["elapsed_min"]) == (3785, 54.2, 60.0)
+    assert ch["weights"] == str(run / "model_best.pth")
+    assert r["final_iteration"] == 4416 and r["budget_used_min"] == round((4141.2 + 20) / 60, 2)
+    # model_best.pth chosen by another rule than the log's best: refused, saying why
+    other = _evaluations_run(tmp_path / "other", aps, best_iteration=4416)
+    with pytest.raises(SystemExit, match="iteration 4416.*iteration 3785"):
+        c.usdet_curve(str(other))
+    with pytest.raises(SystemExit, match="no evaluations.jsonl"):
+        c.usdet_curve(str(tmp_path))
+
+
+def test_safety_deadline_leaves_room_for_start_up_and_the_final_evaluation():
+    c = _contest()
+    assert c.safety_deadline_s(4140.0) == 4140.0 + 621.0
+    assert c.safety_deadline_s(60.0) == 660.0
 
 
 def _fake_run(tmp_path, evals, deadline):

@@ -104,7 +104,7 @@ def test_gpu_script_smoke_run_trains_the_gpu_recipe_on_cpu(busi_root, tmp_path):
     u = res["usdet"]
     assert u["config"] == "configs/BUSI/recipe_scratch_gpu.yaml" and u["device"] == "cpu" and not u["amp"]
     assert u["schedule"]["max_iter"] == 6 and u["iterations_done"] >= 6 and u["loader_workers"] == 0
-    assert os.path.isfile(os.path.join(REPO, u["chosen_in_budget"]["weights"]))
+    assert os.path.isfile(os.path.join(REPO, u["chosen"]["weights"]))
     assert res["yolo"] == {"skipped": "PEER=off: usdet alone by request"} and "usdet_minus_yolo" not in res
     assert set(res["test"]) == {"usdet"} and isinstance(res["test"]["usdet"]["AP50"], float)
     preds = json.loads((results / "gpu_contest_smoke" / "usdet_test.json").read_text())

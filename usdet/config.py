@@ -45,6 +45,15 @@ def add_usdet_config(cfg: CN) -> None:
     _C.SOLVER.BEST_CHECKPOINT.METRIC = "piou/score"
     _C.SOLVER.BEST_CHECKPOINT.MODE = "max"
 
+    # Wall-clock training budget in minutes (usdet/engine/budget.py); 0 = off (iterations rule).
+    # When > 0 the LR schedule's shape (SOLVER.LR_SCHEDULER_NAME; STEPS read as fractions
+    # STEPS/MAX_ITER) follows the elapsed fraction of the budget instead of iteration/MAX_ITER
+    # (warmup stays WARMUP_ITERS iterations), and the first step that starts with the budget spent
+    # is the last (final checkpoint + final evaluation). Elapsed = the training loop's wall clock,
+    # its periodic evaluations and checkpoints included; it is stored in every checkpoint, so
+    # --resume continues it. SOLVER.MAX_ITER stays an upper bound.
+    _C.SOLVER.TIME_BUDGET_MIN = 0.0
+
     # Input normalization, applied once (by the model, from MODEL.PIXEL_MEAN/STD):
     #   "imagenet": ImageNet mean/std (0-255), reordered to INPUT.FORMAT;
     #   "dataset":  mean/std of the training split from INPUT.NORMALIZATION_FILE (the converter's

@@ -19,15 +19,61 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from usdet.engine.rng import preserve_rng
-from usdet.utils.io import atomic_write_json
+from usdet.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["BestModelHook", "EMAHook", "MissedEvaluationHook", "ValidationLossHook", "read_best_record",
-           "read_evaluation_record"]
+__all__ = ["BestModelHook", "EMAHook", "MissedEvaluationHook", "ValidationLossHook", "append_evaluation",
+           "read_best_record", "read_evaluation_record", "read_evaluations"]
 
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "model_best"
 BEST_JSON = "best_metric.json"
+EVALUATIONS = "evaluations.jsonl"
+
+
+def read_evaluations(path: str) -> List[Dict[str, Any]]:
+    """The records of an ``evaluations.jsonl`` (a run folder or the file), oldest first; [] when absent.
+
+    A line that is not a JSON object with an ``iteration`` is skipped with a warning naming the
+    file and line (the file is rewritten whole on every append, so this only happens to a file
+    edited by hand).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, EVALUATIONS)
+    records: List[Dict[str, Any]] = []
+    try:
+        fh = open(path, "r", encoding="utf-8")
+    except FileNotFoundError:
+        return records
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                int(rec["iteration"])
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("%s line %d: not an evaluation record (%s); skipped", path, n, e)
+                continue
+            records.append(rec)
+    return records
+
+
+def append_evaluation(output_dir: str, record: Dict[str, Any]) -> None:
+    """Add one evaluation to ``OUTPUT_DIR/evaluations.jsonl`` (temp file + rename: never half-written).
+
+    Records at or after ``record["iteration"]`` are dropped first: after a ``--resume`` from an
+    earlier checkpoint they describe evaluations of a timeline that was rewound.
+    """
+    path = os.path.join(output_dir, EVALUATIONS)
+    keep = [r for r in read_evaluations(path) if int(r["iteration"]) < int(record["iteration"])]
+    lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in keep + [record]]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _finite_or_none(v: Any) -> Optional[float]:
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
 def read_best_record(output_dir: str) -> Optional[Dict[str, Any]]:
@@ -59,10 +105,16 @@ class BestModelHook(HookBase):
     model, the file holds weights only (no optimizer), and ``best_metric.json``
     (``{"metric", "value", "iteration"}``) is written atomically after every improvement.
     NaN results never count as an improvement.
+
+    Every evaluation it sees also adds one line to ``evaluations.jsonl`` (:func:`append_evaluation`):
+    ``{"iteration", "elapsed_s", "eval_end_s", "metrics"}``, where ``elapsed_s`` is the training
+    time (``TimeBudgetHook``: evaluations before it included) when the evaluated weights were made,
+    ``eval_end_s`` the time once this evaluation finished, and ``metrics`` the flattened
+    evaluation results (NaN as null). A fresh run (no ``--resume``) starts the file anew.
     """
 
     def __init__(self, eval_period: int, checkpointer, metric: str, mode: str = "max", output_dir: str = "",
-                 state_fn=None):
+                 state_fn=None, elapsed_fn=None):
         if mode not in ("max", "min"):
             raise ValueError(f"SOLVER.BEST_CHECKPOINT.MODE must be 'max' or 'min', got {mode!r}")
         self._period = int(eval_period)
@@ -72,6 +124,7 @@ class BestModelHook(HookBase):
         self._better = operator.gt if mode == "max" else operator.lt
         self._output_dir = output_dir or checkpointer.save_dir
         self._state_fn = state_fn  # the weights that were evaluated (EMA), default the model's
+        self._elapsed_fn = elapsed_fn  # () -> (seconds when the weights were made, seconds now)
         self.best_value: Optional[float] = None
         self.best_iter: Optional[int] = None
         self._warned_missing = False
@@ -80,6 +133,10 @@ class BestModelHook(HookBase):
         """Load the best-so-far of a resumed run; a fresh run (no ``--resume``) starts empty."""
         self.best_value = self.best_iter = None
         if not resumed:
+            try:  # a new run in this folder: its evaluation log starts empty
+                os.unlink(os.path.join(self._output_dir, EVALUATIONS))
+            except FileNotFoundError:
+                pass
             return
         rec = read_best_record(self._output_dir)
         if rec is None:
@@ -94,8 +151,23 @@ class BestModelHook(HookBase):
         # Re-sync the JSON with the file on disk (a kill may have fallen between the two writes).
         atomic_write_json(os.path.join(self._output_dir, BEST_JSON), rec)
 
+    def _record_evaluation(self, iteration: int, latest: Dict[str, Any]) -> None:
+        """One ``evaluations.jsonl`` line: the evaluation scalars EvalHook stored at this iteration."""
+        storage = self.trainer.storage
+        hints = storage.smoothing_hints()
+        metrics = {k: _finite_or_none(v) for k, (v, at) in sorted(latest.items())
+                   if at == storage.iter and "/" in k and hints.get(k) is False}
+        if not metrics:
+            return
+        made_s, now_s = self._elapsed_fn() if self._elapsed_fn else (None, None)
+        append_evaluation(self._output_dir, {
+            "iteration": int(iteration), "metrics": metrics,
+            "elapsed_s": None if made_s is None else round(float(made_s), 3),
+            "eval_end_s": None if now_s is None else round(float(now_s), 3)})
+
     def _check(self, iteration: int) -> None:
         latest = self.trainer.storage.latest()
+        self._record_evaluation(iteration, latest)
         if self.metric not in latest:
             if not self._warned_missing:
                 keys = sorted(k for k in latest if "/" in k)

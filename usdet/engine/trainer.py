@@ -9,7 +9,9 @@ What it adds, each by an override or a hook (no detectron2 internals are replace
   ``last_checkpoint`` only names periodic ones;
 - a NaN/Inf loss stops with a message naming the iteration, the last good checkpoint and the
   likely causes;
-- an optional validation loss; usdet's mapper and augmentations; lesion-free images train.
+- an optional validation loss; usdet's mapper and augmentations; lesion-free images train;
+- a wall-clock budget (``SOLVER.TIME_BUDGET_MIN``, usdet/engine/budget.py): the LR schedule runs
+  on elapsed time and training stops at the budget; the elapsed time survives ``--resume``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from detectron2.data.build import build_detection_train_loader, trivial_batch_co
 from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -33,6 +35,7 @@ from usdet.config import resolve_normalization
 from usdet.data.loader import ResumableTrainLoader, build_resumable_train_loader
 from usdet.data.mapper import UsdetDatasetMapper
 from usdet.data.mixing import check_train_weights, load_training_sources
+from usdet.engine.budget import BudgetSpent, StopAtBudgetHook, TimeBudgetHook, build_time_budget_scheduler
 from usdet.engine.checkpoint import UsdetCheckpointer
 from usdet.engine.launch import cpu_ddp
 from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, ValidationLossHook, ema_weights
@@ -61,6 +64,13 @@ class Trainer(DefaultTrainer):
         self._pending_eval: Optional[int] = None
         self._step_gathered = False
         self._rng_per_rank: List[Dict[str, Any]] = []
+        self._checkpoint_hook: Optional[hooks.PeriodicCheckpointer] = None
+        if float(cfg.SOLVER.TIME_BUDGET_MIN) < 0:
+            raise ValueError(f"SOLVER.TIME_BUDGET_MIN must be >= 0 minutes (0 = no budget), got "
+                             f"{cfg.SOLVER.TIME_BUDGET_MIN}")
+        me = weakref.ref(self)  # hooks hold no strong reference to the trainer (detectron2's rule)
+        self.budget_hook = TimeBudgetHook(float(cfg.SOLVER.TIME_BUDGET_MIN) * 60.0,
+                                          on_last_iteration=lambda k: me()._last_iteration_at(k))
         with cpu_ddp():  # detectron2 0.6 cannot wrap a CPU model in DDP (usdet.engine.launch)
             super().__init__(cfg)
         # Note when a step reached detectron2's metrics gather (all ranks meet there), for run_step.
@@ -98,6 +108,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=UsdetDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's schedule, or with ``SOLVER.TIME_BUDGET_MIN > 0`` the same shape on elapsed time."""
+        if float(cfg.SOLVER.TIME_BUDGET_MIN) > 0:
+            return build_time_budget_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -144,12 +161,17 @@ class Trainer(DefaultTrainer):
             ckpt_pos = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer)),
                             next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)))
             ret.insert(ckpt_pos, self._ema_hook)
+        self._checkpoint_hook = next((h for h in ret if isinstance(h, hooks.PeriodicCheckpointer)), None)
+        # The wall clock first (it starts before anything else runs and sets each step's LR under a
+        # time budget), so the missed evaluation of a --resume counts in the budget too.
+        ret.insert(0, self.budget_hook)
         eval_pos = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         ret[eval_pos] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate)
-        max_iter, eval_period, val_period = cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.TEST.VAL_LOSS_PERIOD
+        eval_period, val_period = cfg.TEST.EVAL_PERIOD, cfg.TEST.VAL_LOSS_PERIOD
 
+        # self.max_iter, not the config's: a time budget can end the run earlier.
         def eval_due(k: int) -> bool:  # EvalHook.after_step's rule (the final one runs in after_train)
-            return eval_period > 0 and (k + 1) % eval_period == 0 and k + 1 != max_iter
+            return eval_period > 0 and (k + 1) % eval_period == 0 and k + 1 != self.max_iter
 
         # What runs at evaluation time, in hook order, for the missed-evaluation hook.
         actions: List[tuple] = []
@@ -158,19 +180,40 @@ class Trainer(DefaultTrainer):
             loader = self.build_val_loss_loader(cfg)
             val_hook = ValidationLossHook(val_period, lambda: loader, seed=max(cfg.SEED, 0), before=self.sync_buffers)
             extra_before.append(val_hook)
-            actions.append((lambda k: (k + 1) % val_period == 0 or k + 1 == max_iter, lambda k: val_hook._do()))
+            actions.append((lambda k: (k + 1) % val_period == 0 or k + 1 == self.max_iter, lambda k: val_hook._do()))
         actions.append((eval_due, lambda k: ret[eval_pos]._do_eval()))
         extra_after: List[Any] = []
         if cfg.SOLVER.BEST_CHECKPOINT.ENABLED and comm.is_main_process() and len(cfg.DATASETS.TEST):
+            clock = self.budget_hook
             self._best_hook = BestModelHook(eval_period, self.checkpointer,
                                             cfg.SOLVER.BEST_CHECKPOINT.METRIC, cfg.SOLVER.BEST_CHECKPOINT.MODE,
                                             cfg.OUTPUT_DIR,
-                                            state_fn=self._ema_hook.ema_state_dict if self._ema_hook else None)
+                                            state_fn=self._ema_hook.ema_state_dict if self._ema_hook else None,
+                                            elapsed_fn=lambda: (clock.step_end_s, clock.elapsed()))
             extra_after.append(self._best_hook)
             actions.append((eval_due, self._best_hook._check))
         self._missed_eval_hook = MissedEvaluationHook(cfg.OUTPUT_DIR, actions)
         return (ret[:eval_pos] + extra_before + [ret[eval_pos]] + extra_after + ret[eval_pos + 1:]
-                + [self._missed_eval_hook])
+                + [self._missed_eval_hook, StopAtBudgetHook(self.budget_hook)])
+
+    def _last_iteration_at(self, k: int) -> None:
+        """The time budget makes iteration ``k`` the last: detectron2's hooks then treat it as
+        ``MAX_ITER - 1`` (model_final.pth, the final evaluation in after_train, the best-model check)."""
+        self.max_iter = k + 1
+        if self._checkpoint_hook is not None:
+            self._checkpoint_hook.max_iter = k + 1
+
+    def train(self):
+        """detectron2's training loop; a spent time budget ends it like reaching ``MAX_ITER``."""
+        try:
+            return super().train()
+        except BudgetSpent:
+            logger.info("Training stopped by SOLVER.TIME_BUDGET_MIN after iteration %d (%.1f min of training)",
+                        self.iter - 1, self.budget_hook.elapsed() / 60)
+            if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():  # as DefaultTrainer.train
+                verify_results(self.cfg, self._last_eval_results)
+                return self._last_eval_results
+            return None
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics) and averaged weights.
@@ -212,6 +255,16 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             loader.set_start_iter(self.start_iter)
+        budget = self.budget_hook
+        if resumed and budget.budget_s > 0:
+            if not budget.restored:
+                logger.warning("The checkpoint carries no elapsed training time (written before usdet measured it): "
+                               "the %.1f-minute budget starts from 0 at iteration %d", budget.budget_s / 60,
+                               self.start_iter)
+            elif budget.spent():  # a run that ended at its budget: nothing left to train
+                logger.info("The time budget was already spent (%.1f of %.1f min): no training, final evaluation only",
+                            budget.elapsed() / 60, budget.budget_s / 60)
+                self.max_iter = self.start_iter
         if self._best_hook is not None:
             self._best_hook.restore(resumed)
         if resumed and self._missed_eval_hook is not None:
