@@ -3,7 +3,9 @@
 Each model goes through the engine's own ``--eval-only`` path
 (:func:`usdet.engine.trainer.evaluate_checkpoint`, the same setup as ``tools/train_net.py
 --eval-only``) with ``DATASETS.TEST`` set to the requested datasets, so every cell of the table
-has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. With a
+has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. One config
+serves every model, but each model normalizes its input with the PIXEL_MEAN/STD its checkpoint
+records (a ``busi`` and a ``mixed`` model each with its own training statistics); the table says which. With a
 validation dataset the image-level operating point is chosen on it per model
 (:mod:`usdet.evaluation.operating_point`) and applied to every dataset.
 """
@@ -18,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from detectron2.data import MetadataCatalog
 
 from usdet.engine.setup import check_datasets, setup
-from usdet.engine.trainer import evaluate_checkpoint
+from usdet.engine.trainer import EVALUATED_WEIGHTS, evaluate_checkpoint
 from usdet.evaluation.formatting import fmt_estimate as _cell, markdown_table
 from usdet.evaluation.inputs import load_detection_data
 from usdet.evaluation.operating_point import apply_threshold, choose_threshold
@@ -82,6 +84,8 @@ def cross_evaluate(
     result["models"] = {k: v for k, v in weights.items()}
     result["datasets"] = list(datasets)
     result["val_dataset"] = val_dataset
+    # each model's own PIXEL_MEAN/STD (its checkpoint's record where it has one), as evaluated
+    result["normalization"] = OrderedDict()
     rows: List[Dict[str, Any]] = []
     for name, w in weights.items():
         run_dir = os.path.join(output_dir, name)
@@ -91,6 +95,8 @@ def cross_evaluate(
         cfg = setup(args)
         check_datasets(cfg, eval_only=True)
         evaluate_checkpoint(cfg)
+        with open(os.path.join(run_dir, "inference", EVALUATED_WEIGHTS), encoding="utf-8") as fh:
+            result["normalization"][name] = json.load(fh)["normalization"]
         op = None
         if val_dataset:
             gt = MetadataCatalog.get(val_dataset).get("json_file")
@@ -145,6 +151,14 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
         out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
                    f"{r['rows'][0]['operating_point']['target_sensitivity']:g} on `{r['val_dataset']}`; "
                    "sensitivity and specificity at it with Wilson 95% intervals.\n")
+    norms = r.get("normalization") or {}
+    if norms:
+        out.append("\nInput normalization per model (0-255, the config's channel order; each checkpoint's own where it "
+                   "records one):\n\n")
+        for name, n in norms.items():
+            out.append(f"- {name}: " + ("unknown (the model has no pixel_mean)\n" if not n else
+                       f"PIXEL_MEAN {[round(v, 4) for v in n['pixel_mean']]} PIXEL_STD "
+                       f"{[round(v, 4) for v in n['pixel_std']]} (the {n['source']}'s)\n"))
     rows = []
     for row in r["rows"]:
         cells = [row["model"], row["dataset"], str(row["num_images"]), str(row["num_lesion_images"])]
