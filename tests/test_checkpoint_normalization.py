@@ -88,16 +88,16 @@ def test_predict_under_another_config_uses_the_checkpoint_normalization(runs):
     own, own_out = _predict(weights, *norm_opts(OWN_A))
     with capture_log(CKPT_LOG) as log:
         other, other_out = _predict(weights)  # the quick config: ImageNet mean/std
+    assert sum(len(x) for x in own_out) > 0
+    for x, y in zip(own_out, other_out):  # the old code normalized with the ImageNet values here
+        assert len(x) == len(y)
+        np.testing.assert_allclose(x.pred_boxes.tensor.numpy(), y.pred_boxes.tensor.numpy(), atol=1e-4)
+        np.testing.assert_allclose(x.scores.numpy(), y.scores.numpy(), atol=1e-5)
     assert other.normalization["source"] == "checkpoint"
     np.testing.assert_allclose(other.normalization["pixel_mean"], OWN_A[0], atol=1e-4)
     lines = [m for m in log.messages if "was trained with PIXEL_MEAN" in m]
     assert len(lines) == 1 and "the checkpoint's are used" in lines[0] and "model_final.pth" in lines[0], log.text
     assert "PIXEL_MEAN" in other.weights_note and "(the checkpoint's)" in other.weights_note
-    assert sum(len(x) for x in own_out) > 0
-    for x, y in zip(own_out, other_out):
-        assert len(x) == len(y)
-        np.testing.assert_allclose(x.pred_boxes.tensor.numpy(), y.pred_boxes.tensor.numpy(), atol=1e-4)
-        np.testing.assert_allclose(x.scores.numpy(), y.scores.numpy(), atol=1e-5)
     # the override forces the config's normalization: other inputs, other boxes (so the above bites)
     forced, forced_out = _predict(weights, "INPUT.NORMALIZATION_FROM_CHECKPOINT", "False")
     assert forced.normalization["source"] == "config"
@@ -127,14 +127,14 @@ def test_cross_eval_uses_each_models_own_normalization(runs, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "cross_eval.json").read_text())
     for name, norm in (("a", OWN_A), ("b", OWN_B)):
-        assert r["normalization"][name]["source"] == "checkpoint"
-        np.testing.assert_allclose(r["normalization"][name]["pixel_mean"], norm[0], atol=1e-4)
-        np.testing.assert_allclose(r["normalization"][name]["pixel_std"], norm[1], atol=1e-4)
         own = tmp_path / f"own_{name}"
         evaluate_checkpoint(quick_cfg(own, "MODEL.WEIGHTS", str(weights[name]), *ALL_BOXES, *norm_opts(norm)))
         got = _coco(out / name / "inference" / "ph1_val" / "coco_instances_results.json")
         want = _coco(own / "inference" / "ph1_val" / "coco_instances_results.json")
         assert len(want) > 0 and got == want, name
+        assert r["normalization"][name]["source"] == "checkpoint"
+        np.testing.assert_allclose(r["normalization"][name]["pixel_mean"], norm[0], atol=1e-4)
+        np.testing.assert_allclose(r["normalization"][name]["pixel_std"], norm[1], atol=1e-4)
     md = (out / "cross_eval.md").read_text()
     assert "- a: PIXEL_MEAN [90.0, 100.0, 110.0] PIXEL_STD [40.0, 50.0, 60.0] (the checkpoint's)" in md
 
@@ -154,17 +154,6 @@ def test_export_records_and_bakes_in_the_checkpoint_normalization(runs, tmp_path
 
 
 # ------------------------------------------------------------------ the checkpointer alone (no training)
-@pytest.fixture(scope="module")
-def built():
-    from detectron2.modeling import build_model
-
-    from usdet.engine.predictor import build_predictor_cfg
-
-    torch.manual_seed(0)
-    cfg = build_predictor_cfg(QUICK_CFG, "", "cpu", norm_opts(OWN_A))
-    return cfg, build_model(cfg).state_dict()
-
-
 def _model(*opts):
     from detectron2.modeling import build_model
 
@@ -174,11 +163,11 @@ def _model(*opts):
     return cfg, build_model(cfg)
 
 
-def test_a_checkpoint_without_the_record_keeps_the_config_normalization(built, tmp_path):
+def test_a_checkpoint_without_the_record_keeps_the_config_normalization(tmp_path):
     from usdet.engine.checkpoint import UsdetCheckpointer, model_normalization
 
     path = str(tmp_path / "old.pth")
-    torch.save({"model": built[1]}, path)  # what usdet wrote before: weights only
+    torch.save({"model": _model(*norm_opts(OWN_A))[1].state_dict()}, path)  # what usdet wrote before: weights only
     cfg, model = _model()
     with capture_log(CKPT_LOG) as log:
         ckpt = UsdetCheckpointer.for_inference(model, cfg)
@@ -188,10 +177,10 @@ def test_a_checkpoint_without_the_record_keeps_the_config_normalization(built, t
     assert "PIXEL_MEAN" not in log.text
 
 
-def test_training_keeps_its_config_normalization_and_says_so(built, tmp_path):
+def test_training_keeps_its_config_normalization_and_says_so(tmp_path):
     from usdet.engine.checkpoint import UsdetCheckpointer, model_normalization
 
-    src_cfg, src = _model(*norm_opts(OWN_A))
+    _, src = _model(*norm_opts(OWN_A))
     UsdetCheckpointer(src, str(tmp_path)).save_model_only("a")
     cfg, model = _model()
     with capture_log(CKPT_LOG) as log:
