@@ -198,3 +198,21 @@ def test_another_channel_order_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"bgr\.pth was trained with .*\(BGR input\), but INPUT\.FORMAT is RGB.*"
                                          r"Set INPUT\.FORMAT BGR"):
         UsdetCheckpointer.for_inference(model, cfg).load(str(tmp_path / "bgr.pth"), checkpointables=[])
+
+
+def test_library_takes_a_config_not_a_command_line():
+    """Issue 23, one place for each job: cross_eval and crossval take a config and overrides; they no
+    longer fake an argparse Namespace or load tools/train_net.py from its file."""
+    import inspect
+
+    from usdet.experiments import cross_eval, crossval
+
+    assert list(inspect.signature(cross_eval.cross_evaluate).parameters)[0] == "cfg"
+    for mod in (cross_eval, crossval):
+        src = inspect.getsource(mod)
+        assert "SimpleNamespace" not in src and "spec_from_file_location" not in src, mod.__name__
+    o = crossval.fold_overrides("/out", 1, ["SEED", "3"], bootstrap=7, weights="w.pth")
+    assert o["test"] == ["TEST.BOOTSTRAP", "7", "SEED", "3", "MODEL.WEIGHTS", "w.pth", "DATASETS.TEST",
+                         "('fold1_test',)", "OUTPUT_DIR", "/out/fold1"]
+    assert crossval.fold_commands("c.yaml", "/out", 1, ["SEED", "3"])["train"][-9:] == ["--resume", *crossval.fold_overrides(
+        "/out", 1, ["SEED", "3"])["train"]]

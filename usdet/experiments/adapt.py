@@ -381,14 +381,16 @@ def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str,
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    from usdet.engine.setup import build_config
     from usdet.evaluation.compare import compare_models
     from usdet.experiments.cross_eval import cross_evaluate
 
     if val_dataset not in DatasetCatalog.list():
         raise AdaptError(f"--val-dataset {val_dataset!r} is not registered (usdet registers <dataset>_<split> "
                          "under $USDET_DATASETS)")
-    r = cross_evaluate(config_file, OrderedDict([("before", weights), ("after", adapted)]), [val_dataset], out_dir,
-                       opts=opts, bootstrap=0, plots=False)
+    cfg = build_config(config_file, ["TEST.BOOTSTRAP", "0", *opts])
+    r = cross_evaluate(cfg, OrderedDict([("before", weights), ("after", adapted)]), [val_dataset], out_dir,
+                       plots=False, config_file=config_file)
     preds = OrderedDict((row["model"], os.path.join(out_dir, row["predictions"])) for row in r["rows"])
     c = compare_models(MetadataCatalog.get(val_dataset).get("json_file"), preds, os.path.join(out_dir, "comparison"),
                        n_resamples=max(int(bootstrap), 100), plots=False)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
-from usdet.engine.setup import check_datasets, setup
+from usdet.engine.setup import check_datasets, default_run_setup
 from usdet.engine.trainer import EVALUATED_WEIGHTS, evaluate_checkpoint
 from usdet.evaluation.formatting import fmt_estimate as _cell, markdown_table
 from usdet.evaluation.inputs import load_detection_data
@@ -55,21 +55,22 @@ def _predictions_dir(run_dir: str, dataset: str) -> str:
 
 
 def cross_evaluate(
-    config_file: str,
+    cfg: CfgNode,
     weights: Mapping[str, str],
     datasets: Sequence[str],
     output_dir: str,
     *,
-    opts: Sequence[str] = (),
     val_dataset: Optional[str] = None,
     target_sensitivity: float = 0.95,
-    bootstrap: int = 1000,
     plots: bool = True,
+    config_file: str = "",
 ) -> Dict[str, Any]:
     """Evaluate each ``{name: weights file}`` on each registered dataset; write
     ``cross_eval.json``, ``cross_eval.md`` and ``cross_eval.png`` into ``output_dir``.
 
-    ``bootstrap`` sets ``TEST.BOOTSTRAP`` (resamples of each report's CIs) unless ``opts`` does.
+    ``cfg`` (e.g. ``usdet.engine.setup.build_config``) is every model's config; ``MODEL.WEIGHTS``,
+    ``OUTPUT_DIR`` and ``DATASETS.TEST`` are set per model, ``TEST.BOOTSTRAP`` sets the resamples
+    of each report's CIs. ``config_file`` only names the config in the report.
     """
     if not weights:
         raise ValueError("no model given (--weights)")
@@ -80,7 +81,7 @@ def cross_evaluate(
             raise FileNotFoundError(f"{w}: weights file of model {name!r} not found")
     evaluated = list(dict.fromkeys(list(datasets) + ([val_dataset] if val_dataset else [])))
     result: "OrderedDict[str, Any]" = OrderedDict()
-    result["config_file"] = config_file
+    result["config_file"] = config_file or None
     result["models"] = {k: v for k, v in weights.items()}
     result["datasets"] = list(datasets)
     result["val_dataset"] = val_dataset
@@ -89,12 +90,13 @@ def cross_evaluate(
     rows: List[Dict[str, Any]] = []
     for name, w in weights.items():
         run_dir = os.path.join(output_dir, name)
-        args = SimpleNamespace(config_file=config_file, eval_only=True, resume=False,
-                               opts=["TEST.BOOTSTRAP", str(int(bootstrap)), *opts, "MODEL.WEIGHTS", w, "OUTPUT_DIR", run_dir,
-                                     "DATASETS.TEST", repr(tuple(evaluated))])
-        cfg = setup(args)
-        check_datasets(cfg, eval_only=True)
-        evaluate_checkpoint(cfg)
+        run_cfg = cfg.clone()
+        run_cfg.defrost()
+        run_cfg.MODEL.WEIGHTS, run_cfg.OUTPUT_DIR, run_cfg.DATASETS.TEST = w, run_dir, tuple(evaluated)
+        run_cfg.freeze()
+        default_run_setup(run_cfg, eval_only=True)  # log.txt and config_eval.yaml in run_dir, seeding
+        check_datasets(run_cfg, eval_only=True)
+        evaluate_checkpoint(run_cfg)
         with open(os.path.join(run_dir, "inference", EVALUATED_WEIGHTS), encoding="utf-8") as fh:
             result["normalization"][name] = json.load(fh)["normalization"]
         op = None
@@ -145,7 +147,8 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
     header = ["model", "dataset", "images", "lesion images"] + labels
     if with_op:
         header += ["threshold", "sensitivity", "specificity"]
-    out = [f"# Cross-dataset evaluation\n\nConfig `{r['config_file']}`. AP in percent; 95% bootstrap intervals "
+    config = f"Config `{r['config_file']}`" if r.get("config_file") else "One config for every model"
+    out = [f"# Cross-dataset evaluation\n\n{config}. AP in percent; 95% bootstrap intervals "
            "over images in brackets (AP has none). Each cell's full report: `<model>/inference/<dataset>/report.md`.\n"]
     if with_op:
         out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
