@@ -8,8 +8,9 @@
 Each model runs the engine's --eval-only path on every dataset (full report per cell under
 DIR/<model>/inference/<dataset>/); DIR/cross_eval.{json,md,png} hold the models x datasets table
 with bootstrap CIs. With --val-dataset, the image-level threshold reaching the target sensitivity
-on it is applied to every dataset (sensitivity, specificity). Trailing KEY VALUE pairs override
-the config (e.g. MODEL.DEVICE cpu).
+on it is applied to every dataset (sensitivity, specificity). KEY VALUE pairs override the config
+(e.g. MODEL.DEVICE cpu). Each model normalizes its input with the PIXEL_MEAN/STD its checkpoint
+records (usdet checkpoints do), whatever the config says; cross_eval.md lists them.
 """
 import argparse
 import os

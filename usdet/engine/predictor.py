@@ -37,11 +37,11 @@ CropBox = Tuple[int, int, int, int]
 def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, str, Optional[Dict[str, Any]]]:
     """Load ``cfg.MODEL.WEIGHTS`` into ``model`` the way ``--eval-only`` does; say which weights.
 
-    Returns ``(weights_used, note, normalization)``: ``weights_used`` is ``"ema"`` when ``MODEL.EMA.ENABLED`` and the checkpoint
-    carries EMA weights (loaded in place of the training weights), or when it is a
-    ``model_best.pth`` of such a run (the best-model hook saved the averaged weights);
-    ``"model"`` otherwise; ``normalization`` is the PIXEL_MEAN/STD the model now normalizes with
-    and their ``source``: the checkpoint's record where it has one
+    Returns ``(weights_used, note, normalization)``. ``weights_used`` is ``"ema"`` when
+    ``MODEL.EMA.ENABLED`` and the checkpoint carries EMA weights (loaded in place of the training
+    weights), or when it is a ``model_best.pth`` of such a run (the best-model hook saved the
+    averaged weights); ``"model"`` otherwise. ``normalization`` is the PIXEL_MEAN/STD the model
+    now normalizes with and their ``source``: the checkpoint's record where it has one
     (``UsdetCheckpointer.for_inference``), else the config. A missing or unreadable file raises
     ``FileNotFoundError`` / ``RuntimeError`` naming the file.
     """

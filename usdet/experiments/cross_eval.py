@@ -5,8 +5,8 @@ Each model goes through the engine's own ``--eval-only`` path
 --eval-only``) with ``DATASETS.TEST`` set to the requested datasets, so every cell of the table
 has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. One config
 serves every model, but each model normalizes its input with the PIXEL_MEAN/STD its checkpoint
-records (a ``busi`` and a ``mixed`` model each with its own training statistics); the table says which. With a
-validation dataset the image-level operating point is chosen on it per model
+records (a ``busi`` and a ``mixed`` model each with its own training statistics); the table says
+which. With a validation dataset the image-level operating point is chosen on it per model
 (:mod:`usdet.evaluation.operating_point`) and applied to every dataset.
 """
 from __future__ import annotations
