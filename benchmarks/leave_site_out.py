@@ -184,6 +184,7 @@ class Protocol:
 
     def evaluate(self, key: str, model: str, weights: Dict[str, str], datasets: Sequence[str]) -> Dict[str, Any]:
         """cross_eval of ``{name: weights}`` (config of ``model``) on ``datasets``; rows by (name, dataset)."""
+        from usdet.engine.setup import build_config
         from usdet.experiments.cross_eval import cross_evaluate
         from usdet.utils.io import atomic_write_json
 
@@ -192,7 +193,8 @@ class Protocol:
         if not os.path.isfile(wall_path):
             _log(f"evaluating {', '.join(weights)} on {', '.join(datasets)}")
             t0, load0 = time.time(), _load()
-            cross_evaluate(self.config_of(model), weights, list(datasets), out, bootstrap=self.bootstrap, plots=False)
+            cfg = build_config(self.config_of(model), ["TEST.BOOTSTRAP", str(self.bootstrap)])
+            cross_evaluate(cfg, weights, list(datasets), out, plots=False, config_file=self.config_of(model))
             atomic_write_json(wall_path, {"eval_wall_s": round(time.time() - t0, 1), "load_avg_1min_start": load0,
                                           "load_avg_1min_end": _load()})
         r = _read(os.path.join(out, "cross_eval.json"))

@@ -78,10 +78,12 @@ def adapted(site):
 
 
 def test_adaptation_restores_ap_on_shifted_site(site, adapted, tmp_path):
+    from usdet.engine.setup import build_config
     from usdet.experiments.cross_eval import cross_evaluate
 
-    r = cross_evaluate(QUICK_CFG, {"source": site["weights"], **adapted}, ["ph_test", "phs_test"], str(tmp_path),
-                       opts=["MODEL.DEVICE", "cpu"], bootstrap=0, plots=False)
+    cfg = build_config(QUICK_CFG, ["MODEL.DEVICE", "cpu", "TEST.BOOTSTRAP", "0"])
+    r = cross_evaluate(cfg, {"source": site["weights"], **adapted}, ["ph_test", "phs_test"], str(tmp_path),
+                       plots=False)
     ap = {(row["model"], row["dataset"]): _ap50(row) for row in r["rows"]}
     clean, shifted = ap[("source", "ph_test")], ap[("source", "phs_test")]
     assert clean >= 35.0, ap  # the phantom model works on its own site

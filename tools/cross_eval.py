@@ -8,12 +8,12 @@
 Each model runs the engine's --eval-only path on every dataset (full report per cell under
 DIR/<model>/inference/<dataset>/); DIR/cross_eval.{json,md,png} hold the models x datasets table
 with bootstrap CIs. With --val-dataset, the image-level threshold reaching the target sensitivity
-on it is applied to every dataset (sensitivity, specificity). Trailing KEY VALUE pairs override
-the config (e.g. MODEL.DEVICE cpu).
+on it is applied to every dataset (sensitivity, specificity). KEY VALUE pairs override the config
+(e.g. MODEL.DEVICE cpu). Each model normalizes its input with the PIXEL_MEAN/STD its checkpoint
+records (usdet checkpoints do), whatever the config says; cross_eval.md lists them.
 """
 import argparse
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,29 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image-level sensitivity the threshold must reach on --val-dataset (default 0.95)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CIs (default 1000)")
     ap.add_argument("--no-plots", action="store_true", help="skip cross_eval.png")
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    ap.add_argument("opts", nargs=argparse.REMAINDER,
+                    help="KEY VALUE config overrides, anywhere on the line (after --datasets too), or after --")
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    # "--datasets a b MODEL.DEVICE cpu": the overrides were taken as dataset names; give them back
-    for i, name in enumerate(args.datasets):
-        if re.match(r"^[A-Z][A-Z0-9_]*\.[A-Z]", name):
-            args.opts = args.datasets[i:] + args.opts
-            args.datasets = args.datasets[:i]
-            break
+    from usdet.utils.overrides import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), sys.argv[1:] if argv is None else argv)
     from usdet.data.register import ensure_usdet_datasets
 
     ensure_usdet_datasets()  # registers $USDET_DATASETS/<dataset>_<split>
+    from usdet.engine.setup import build_config
     from usdet.evaluation.compare import parse_model_args
     from usdet.experiments.cross_eval import cross_evaluate
 
     try:
         weights = parse_model_args(args.weights)
-        r = cross_evaluate(args.config_file, weights, args.datasets, args.output, opts=args.opts,
-                           val_dataset=args.val_dataset, target_sensitivity=args.target_sensitivity,
-                           bootstrap=args.bootstrap, plots=not args.no_plots)
+        cfg = build_config(args.config_file, ["TEST.BOOTSTRAP", str(args.bootstrap), *args.opts])
+        r = cross_evaluate(cfg, weights, args.datasets, args.output, val_dataset=args.val_dataset,
+                           target_sensitivity=args.target_sensitivity, plots=not args.no_plots,
+                           config_file=args.config_file)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

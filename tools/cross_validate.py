@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--print-commands", action="store_true",
                     help="write the folds and print each fold's train/test commands instead of running them")
     ap.add_argument("--in-process", action="store_true",
-                    help="run train_net in this process instead of one subprocess per run (no start-up cost)")
+                    help="run each fold's training and test in this process (the same config through the "
+                         "engine) instead of one train_net subprocess per run (no start-up cost)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return ap

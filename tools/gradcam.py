@@ -42,16 +42,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     from usdet.data.sources import list_sources
-    from usdet.engine.predictor import build_predictor_cfg, thing_classes_for
+    from usdet.engine.predictor import build_predictor_cfg, load_inference_weights, thing_classes_for
     from usdet.visualization.gradcam import DetectorCAM, write_cams
 
     cfg = build_predictor_cfg(args.config_file, args.weights, args.device, args.opts)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_inference_weights(model, cfg)  # the weights and normalization predict.py uses
     try:
         cam = DetectorCAM(model, cfg, args.method, args.layer, ablation_batch_size=args.ablation_batch_size,
                           ratio_channels_to_ablate=args.ablation_ratio)

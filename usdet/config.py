@@ -68,6 +68,11 @@ def add_usdet_config(cfg: CN) -> None:
     _C.INPUT.NORMALIZATION = "imagenet"
     _C.INPUT.NORMALIZATION_FILE = ""
     _C.INPUT.NORMALIZATION_RESOLVED = False
+    # A checkpoint written by usdet records the PIXEL_MEAN/STD its weights were trained with
+    # (usdet_normalization); evaluation, prediction, export, Grad-CAM and cross_eval use those,
+    # with one warning line where this config's differ. False forces this config's (e.g. to try
+    # another site's statistics on a trained model). Training always uses the config's.
+    _C.INPUT.NORMALIZATION_FROM_CHECKPOINT = True
 
     # Ultrasound augmentation (usdet/data/augment.py). Flips come from here (detectron2's
     # INPUT.RANDOM_FLIP is not used by usdet's mapper); photometric ones are off by default.

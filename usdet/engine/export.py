@@ -143,7 +143,7 @@ def export_model(cfg: CfgNode, fmt: str, output_dir: str, config_file: str = "")
         cfg.MODEL.DEVICE = "cpu"
         cfg.freeze()
     model = build_model(cfg)
-    weights_used, weights_note = load_inference_weights(model, cfg)
+    weights_used, weights_note, norm = load_inference_weights(model, cfg)
     model.eval()
     trace_img, check_img = _sample_inputs(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT)
     # A fresh nn.Module is in training mode and the ONNX exporter restores the adapter's mode
@@ -191,6 +191,10 @@ def export_model(cfg: CfgNode, fmt: str, output_dir: str, config_file: str = "")
                        "max_size": int(cfg.INPUT.MAX_SIZE_TEST), "interp": "bilinear (PIL)"},
             "note": "crop the frame, resize it by `resize` (short edge to short_edge, long edge at most "
                     "max_size), pass uint8 channels in `format` order; normalization and padding are inside",
+            # what the graph subtracts and divides by: the checkpoint's recorded values where it has them
+            "normalization": None if norm is None else {
+                "pixel_mean": [round(v, 4) for v in norm["pixel_mean"]],
+                "pixel_std": [round(v, 4) for v in norm["pixel_std"]], "source": norm["source"]},
         },
         "outputs": {"boxes": "float32 N x 4, x0 y0 x1 y1 in the input image's pixels",
                     "scores": "float32 N", "classes": "int64 N, index into class_names"},

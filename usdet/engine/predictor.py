@@ -34,14 +34,16 @@ logger = logging.getLogger(__name__)
 CropBox = Tuple[int, int, int, int]
 
 
-def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, str]:
+def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, str, Optional[Dict[str, Any]]]:
     """Load ``cfg.MODEL.WEIGHTS`` into ``model`` the way ``--eval-only`` does; say which weights.
 
-    Returns ``(weights_used, note)``: ``"ema"`` when ``MODEL.EMA.ENABLED`` and the checkpoint
-    carries EMA weights (loaded in place of the training weights), or when it is a
-    ``model_best.pth`` of such a run (the best-model hook saved the averaged weights);
-    ``"model"`` otherwise. A missing or unreadable file raises ``FileNotFoundError`` /
-    ``RuntimeError`` with a one-line message naming the file.
+    Returns ``(weights_used, note, normalization)``. ``weights_used`` is ``"ema"`` when
+    ``MODEL.EMA.ENABLED`` and the checkpoint carries EMA weights (loaded in place of the training
+    weights), or when it is a ``model_best.pth`` of such a run (the best-model hook saved the
+    averaged weights); ``"model"`` otherwise. ``normalization`` is the PIXEL_MEAN/STD the model
+    now normalizes with and their ``source``: the checkpoint's record where it has one
+    (``UsdetCheckpointer.for_inference``), else the config. A missing or unreadable file raises
+    ``FileNotFoundError`` / ``RuntimeError`` naming the file.
     """
     from usdet.engine.checkpoint import UsdetCheckpointer
 
@@ -50,7 +52,7 @@ def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, s
         raise FileNotFoundError("no weights given (MODEL.WEIGHTS / --weights is empty)")
     if "://" not in path and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: weights file not found")
-    ckpt = UsdetCheckpointer(model, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    ckpt = UsdetCheckpointer.for_inference(model, cfg)
     extra = ckpt.load(path, checkpointables=[])
     extra = extra if isinstance(extra, dict) else {}
     ema = ema_weights(extra)
@@ -67,8 +69,12 @@ def load_inference_weights(model: torch.nn.Module, cfg: CfgNode) -> Tuple[str, s
     if isinstance(adapted, dict):
         note += (f", adapted to a site without labels ({adapted.get('method')} on {adapted.get('num_images')} "
                  f"frame(s); verdict: {adapted.get('verdict')})")
+    norm = ckpt.normalization
+    if norm is not None:
+        note += (f", normalized with PIXEL_MEAN {[round(v, 4) for v in norm['pixel_mean']]} PIXEL_STD "
+                 f"{[round(v, 4) for v in norm['pixel_std']]} (the {norm['source']}'s)")
     logger.info("Predicting with the %s", note)
-    return used, note
+    return used, note, norm
 
 
 class FramePredictor:
@@ -92,6 +98,7 @@ class FramePredictor:
         self.batch_size = int(batch_size)
         self.weights_used = "model"
         self.weights_note = ""
+        self.normalization: Optional[Dict[str, Any]] = None  # PIXEL_MEAN/STD the model uses, and their source
         self.tta = False
 
     def preprocess(self, image_rgb: np.ndarray) -> dict:
@@ -133,7 +140,7 @@ class BatchPredictor(FramePredictor):
         self.cfg = cfg.clone()
         if model is None:
             model = build_model(self.cfg)
-            self.weights_used, self.weights_note = load_inference_weights(model, self.cfg)
+            self.weights_used, self.weights_note, self.normalization = load_inference_weights(model, self.cfg)
         self.model = model.eval()
         self.device = next(self.model.parameters()).device
         self._tta_model = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog
@@ -107,10 +107,13 @@ def _environment_info() -> str:
         return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()} ({e})"
 
 
-def default_run_setup(cfg: CfgNode, args) -> None:
+def default_run_setup(cfg: CfgNode, args=None, *, eval_only: Optional[bool] = None) -> None:
     """What detectron2's ``default_setup`` does (loggers, environment and config in the log,
     ``OUTPUT_DIR/config.yaml``, seeding, cudnn), tolerant of a detectron2 without compiled ops.
-    ``--eval-only`` writes ``config_eval.yaml`` instead, keeping the training run's record."""
+    An evaluation (``eval_only``, default ``args.eval_only``) writes ``config_eval.yaml`` instead,
+    keeping the training run's record. ``args``: the tool's command line, logged when given."""
+    if eval_only is None:
+        eval_only = bool(getattr(args, "eval_only", False))
     output_dir = cfg.OUTPUT_DIR
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
@@ -120,15 +123,16 @@ def default_run_setup(cfg: CfgNode, args) -> None:
     logger = setup_logger(output_dir, distributed_rank=rank)
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
     logger.info("Environment info:\n%s", _environment_info())
-    logger.info("Command line arguments: %s", args)
+    if args is not None:
+        logger.info("Command line arguments: %s", args)
     if comm.is_main_process() and output_dir:
         # --eval-only into a training folder must not replace the training run's config.yaml.
-        path = os.path.join(output_dir, "config_eval.yaml" if getattr(args, "eval_only", False) else "config.yaml")
+        path = os.path.join(output_dir, "config_eval.yaml" if eval_only else "config.yaml")
         logger.info("Running with full config:\n%s", cfg.dump())
         atomic_write_text(path, cfg.dump())
         logger.info("Full config saved to %s", path)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
-    if not getattr(args, "eval_only", False):
+    if not eval_only:
         import torch
 
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)

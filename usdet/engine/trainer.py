@@ -42,10 +42,14 @@ from usdet.engine.hooks import BestModelHook, EMAHook, MissedEvaluationHook, Val
 from usdet.engine.rng import capture_rng, preserve_rng, reseed_all, restore_rng
 from usdet.evaluation.evaluator import CleanCOCOEvaluator, PenalizedIoUEvaluator
 from usdet.evaluation.report import evaluate_predictions
+from usdet.utils.io import atomic_write_json
 
-__all__ = ["Trainer", "TrainingDivergedError", "evaluate_checkpoint"]
+__all__ = ["EVALUATED_WEIGHTS", "Trainer", "TrainingDivergedError", "evaluate_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+#: ``OUTPUT_DIR/inference/<this>``: the weights ``evaluate_checkpoint`` evaluated, and their normalization
+EVALUATED_WEIGHTS = "evaluated_weights.json"
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -150,9 +154,11 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         # DefaultTrainer made a plain DetectionCheckpointer just before calling us; replace it
-        # before the PeriodicCheckpointer hook captures it.
+        # before the PeriodicCheckpointer hook captures it. Every file it writes records the model's
+        # normalization; a run trains with its config's, whatever the weights it starts from say.
         self.checkpointer = UsdetCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
-                                              num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+                                              num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                              normalization_from_checkpoint=False)
         ret = super().build_hooks()
         self._ema_hook = None
         if cfg.MODEL.EMA.ENABLED:
@@ -393,22 +399,28 @@ def layout_change_message(saved: Dict[str, Any], world_size: int, ims_per_batch:
 def evaluate_checkpoint(cfg, resume: bool = False) -> Dict[str, Any]:
     """``--eval-only``: load weights, evaluate ``DATASETS.TEST`` and write the full report per dataset.
 
-    Weights: ``MODEL.WEIGHTS``, or with ``resume`` the run's ``last_checkpoint``. The report
+    Weights: ``MODEL.WEIGHTS``, or with ``resume`` the run's ``last_checkpoint``, with the
+    normalization the checkpoint records (``UsdetCheckpointer.for_inference``). The report
     (``usdet.evaluation.report.evaluate_predictions``: metrics.json, report.md, plots) goes to
-    ``OUTPUT_DIR/inference/<dataset>/`` beside the COCO evaluator's ``coco_instances_results.json``.
+    ``OUTPUT_DIR/inference/<dataset>/`` beside the COCO evaluator's ``coco_instances_results.json``;
+    ``OUTPUT_DIR/inference/evaluated_weights.json`` says which weights and normalization were used.
     """
     model = Trainer.build_model(cfg)
-    ckpt = UsdetCheckpointer(model, save_dir=cfg.OUTPUT_DIR, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    ckpt = UsdetCheckpointer.for_inference(model, cfg, save_dir=cfg.OUTPUT_DIR)
     weights = ckpt.get_checkpoint_file() if resume and ckpt.has_checkpoint() else cfg.MODEL.WEIGHTS
     if not weights:
         logger.warning("--eval-only with no MODEL.WEIGHTS (and nothing to --resume): evaluating random weights")
     extra = ckpt.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     ema = ema_weights(extra)
+    used = "model"
     if cfg.MODEL.EMA.ENABLED and ema is not None:
         model.load_state_dict(ema)
+        used = "ema"
         logger.info("Evaluating the EMA weights stored in %s", weights)
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "inference", EVALUATED_WEIGHTS),
+                          {"weights": weights, "weights_used": used, "normalization": ckpt.normalization})
         write_reports(cfg, weights)
     return results
 

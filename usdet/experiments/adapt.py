@@ -11,9 +11,10 @@ BatchNorm model keeps of its training site's statistics:
   the training site's did (``MODEL.PIXEL_MEAN/STD``);
 - ``pixel-stats+adabn``: both, the normalization first.
 
-The result is an ordinary checkpoint (``{"model": weights, "usdet_adaptation": record}``) that
+The result is an ordinary checkpoint (``{"model": weights, "usdet_normalization": the pixel
+normalization it expects, "usdet_adaptation": record}``) that
 ``train_net.py --eval-only``, ``predict.py``, ``cross_eval.py`` and ``export_model.py`` load
-through ``UsdetCheckpointer``, which also applies an adapted pixel normalization. The record says
+through ``UsdetCheckpointer``, which applies the recorded (adapted) pixel normalization. The record says
 what was adapted, on how many frames, from which folder (as given), with which parameters; it
 holds no image file name. Without labels nothing here can tell whether the adaptation helps:
 ``adapt_site`` always says so, and with a labelled val set (``val_dataset``) it evaluates the
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from usdet.engine.checkpoint import set_pixel_normalization
+from usdet.engine.checkpoint import ADAPTATION_KEY, NORMALIZATION_KEY, config_with_normalization, \
+    model_normalization, set_pixel_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ __all__ = ["METHODS", "SCOPES", "ADAPTATION_KEY", "AdaptError", "adapt_site", "a
 
 METHODS = ("adabn", "pixel-stats", "pixel-stats+adabn")
 SCOPES = ("backbone", "backbone+fpn", "all")
-#: the checkpoint key of the adaptation record (read back by ``UsdetCheckpointer``)
-ADAPTATION_KEY = "usdet_adaptation"
 CANNOT_TELL = ("Adaptation used no labels, so nothing here shows whether it helps: on a site it can lower "
                "detection (a probe on one hidden site lost 16 AP50 points). Check the adapted model on "
                "labelled images of that site (e.g. --val-dataset NAME) before using it.")
@@ -281,7 +281,9 @@ def adapt_site(
     t0 = time.time()
     cfg = build_predictor_cfg(config_file, weights, device, opts)
     model = build_model(cfg)
-    weights_used, weights_note = load_inference_weights(model, cfg)
+    weights_used, weights_note, _ = load_inference_weights(model, cfg)
+    # the normalization the weights were trained with (their checkpoint's record), not the config's
+    cfg = config_with_normalization(cfg, model)
     model.eval()
     source_stats = _read_stats_file(source_pixel_stats) if source_pixel_stats else None
     if "pixel-stats" in method and source_stats is None and str(cfg.INPUT.NORMALIZATION).lower() != "dataset":
@@ -346,9 +348,15 @@ def adapt_site(
     record["warning"] = CANNOT_TELL
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # weights + the normalization they now expect (read back by UsdetCheckpointer) + the record
+    norm = model_normalization(model)
+
+    def checkpoint() -> Dict[str, Any]:
+        return {"model": state, NORMALIZATION_KEY: norm, ADAPTATION_KEY: dict(record)}
+
     if val_dataset:
         tmp = output + ".unverified.pth"
-        atomic_write(tmp, lambda fh: torch.save({"model": state, ADAPTATION_KEY: dict(record)}, fh), "wb")
+        atomic_write(tmp, lambda fh: torch.save(checkpoint(), fh), "wb")
         try:
             check = check_on_val(config_file, weights, tmp, val_dataset, os.path.splitext(output)[0] + "_val",
                                  opts=list(opts) + (["MODEL.DEVICE", device] if device else []), bootstrap=bootstrap)
@@ -359,7 +367,7 @@ def adapt_site(
         record.pop("warning")
     record["written"] = not (require_gain and record["verdict"] != "gain")
     if record["written"]:
-        atomic_write(output, lambda fh: torch.save({"model": state, ADAPTATION_KEY: dict(record)}, fh), "wb")
+        atomic_write(output, lambda fh: torch.save(checkpoint(), fh), "wb")
     return record
 
 
@@ -373,14 +381,16 @@ def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str,
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    from usdet.engine.setup import build_config
     from usdet.evaluation.compare import compare_models
     from usdet.experiments.cross_eval import cross_evaluate
 
     if val_dataset not in DatasetCatalog.list():
         raise AdaptError(f"--val-dataset {val_dataset!r} is not registered (usdet registers <dataset>_<split> "
                          "under $USDET_DATASETS)")
-    r = cross_evaluate(config_file, OrderedDict([("before", weights), ("after", adapted)]), [val_dataset], out_dir,
-                       opts=opts, bootstrap=0, plots=False)
+    cfg = build_config(config_file, ["TEST.BOOTSTRAP", "0", *opts])
+    r = cross_evaluate(cfg, OrderedDict([("before", weights), ("after", adapted)]), [val_dataset], out_dir,
+                       plots=False, config_file=config_file)
     preds = OrderedDict((row["model"], os.path.join(out_dir, row["predictions"])) for row in r["rows"])
     c = compare_models(MetadataCatalog.get(val_dataset).get("json_file"), preds, os.path.join(out_dir, "comparison"),
                        n_resamples=max(int(bootstrap), 100), plots=False)

@@ -3,8 +3,10 @@
 Each model goes through the engine's own ``--eval-only`` path
 (:func:`usdet.engine.trainer.evaluate_checkpoint`, the same setup as ``tools/train_net.py
 --eval-only``) with ``DATASETS.TEST`` set to the requested datasets, so every cell of the table
-has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. With a
-validation dataset the image-level operating point is chosen on it per model
+has the full report (``<output>/<model>/inference/<dataset>/report.md``) behind it. One config
+serves every model, but each model normalizes its input with the PIXEL_MEAN/STD its checkpoint
+records (a ``busi`` and a ``mixed`` model each with its own training statistics); the table says
+which. With a validation dataset the image-level operating point is chosen on it per model
 (:mod:`usdet.evaluation.operating_point`) and applied to every dataset.
 """
 from __future__ import annotations
@@ -12,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
-from usdet.engine.setup import check_datasets, setup
-from usdet.engine.trainer import evaluate_checkpoint
+from usdet.engine.setup import check_datasets, default_run_setup
+from usdet.engine.trainer import EVALUATED_WEIGHTS, evaluate_checkpoint
 from usdet.evaluation.formatting import fmt_estimate as _cell, markdown_table
 from usdet.evaluation.inputs import load_detection_data
 from usdet.evaluation.operating_point import apply_threshold, choose_threshold
@@ -53,21 +55,22 @@ def _predictions_dir(run_dir: str, dataset: str) -> str:
 
 
 def cross_evaluate(
-    config_file: str,
+    cfg: CfgNode,
     weights: Mapping[str, str],
     datasets: Sequence[str],
     output_dir: str,
     *,
-    opts: Sequence[str] = (),
     val_dataset: Optional[str] = None,
     target_sensitivity: float = 0.95,
-    bootstrap: int = 1000,
     plots: bool = True,
+    config_file: str = "",
 ) -> Dict[str, Any]:
     """Evaluate each ``{name: weights file}`` on each registered dataset; write
     ``cross_eval.json``, ``cross_eval.md`` and ``cross_eval.png`` into ``output_dir``.
 
-    ``bootstrap`` sets ``TEST.BOOTSTRAP`` (resamples of each report's CIs) unless ``opts`` does.
+    ``cfg`` (e.g. ``usdet.engine.setup.build_config``) is every model's config; ``MODEL.WEIGHTS``,
+    ``OUTPUT_DIR`` and ``DATASETS.TEST`` are set per model, ``TEST.BOOTSTRAP`` sets the resamples
+    of each report's CIs. ``config_file`` only names the config in the report.
     """
     if not weights:
         raise ValueError("no model given (--weights)")
@@ -78,19 +81,24 @@ def cross_evaluate(
             raise FileNotFoundError(f"{w}: weights file of model {name!r} not found")
     evaluated = list(dict.fromkeys(list(datasets) + ([val_dataset] if val_dataset else [])))
     result: "OrderedDict[str, Any]" = OrderedDict()
-    result["config_file"] = config_file
+    result["config_file"] = config_file or None
     result["models"] = {k: v for k, v in weights.items()}
     result["datasets"] = list(datasets)
     result["val_dataset"] = val_dataset
+    # each model's own PIXEL_MEAN/STD (its checkpoint's record where it has one), as evaluated
+    result["normalization"] = OrderedDict()
     rows: List[Dict[str, Any]] = []
     for name, w in weights.items():
         run_dir = os.path.join(output_dir, name)
-        args = SimpleNamespace(config_file=config_file, eval_only=True, resume=False,
-                               opts=["TEST.BOOTSTRAP", str(int(bootstrap)), *opts, "MODEL.WEIGHTS", w, "OUTPUT_DIR", run_dir,
-                                     "DATASETS.TEST", repr(tuple(evaluated))])
-        cfg = setup(args)
-        check_datasets(cfg, eval_only=True)
-        evaluate_checkpoint(cfg)
+        run_cfg = cfg.clone()
+        run_cfg.defrost()
+        run_cfg.MODEL.WEIGHTS, run_cfg.OUTPUT_DIR, run_cfg.DATASETS.TEST = w, run_dir, tuple(evaluated)
+        run_cfg.freeze()
+        default_run_setup(run_cfg, eval_only=True)  # log.txt and config_eval.yaml in run_dir, seeding
+        check_datasets(run_cfg, eval_only=True)
+        evaluate_checkpoint(run_cfg)
+        with open(os.path.join(run_dir, "inference", EVALUATED_WEIGHTS), encoding="utf-8") as fh:
+            result["normalization"][name] = json.load(fh)["normalization"]
         op = None
         if val_dataset:
             gt = MetadataCatalog.get(val_dataset).get("json_file")
@@ -139,12 +147,21 @@ def render_cross_eval(r: Dict[str, Any]) -> str:
     header = ["model", "dataset", "images", "lesion images"] + labels
     if with_op:
         header += ["threshold", "sensitivity", "specificity"]
-    out = [f"# Cross-dataset evaluation\n\nConfig `{r['config_file']}`. AP in percent; 95% bootstrap intervals "
+    config = f"Config `{r['config_file']}`" if r.get("config_file") else "One config for every model"
+    out = [f"# Cross-dataset evaluation\n\n{config}. AP in percent; 95% bootstrap intervals "
            "over images in brackets (AP has none). Each cell's full report: `<model>/inference/<dataset>/report.md`.\n"]
     if with_op:
         out.append(f"Operating point per model: highest score threshold reaching image-level sensitivity "
                    f"{r['rows'][0]['operating_point']['target_sensitivity']:g} on `{r['val_dataset']}`; "
                    "sensitivity and specificity at it with Wilson 95% intervals.\n")
+    norms = r.get("normalization") or {}
+    if norms:
+        out.append("\nInput normalization per model (0-255, the config's channel order; each checkpoint's own where it "
+                   "records one):\n\n")
+        for name, n in norms.items():
+            out.append(f"- {name}: " + ("unknown (the model has no pixel_mean)\n" if not n else
+                       f"PIXEL_MEAN {[round(v, 4) for v in n['pixel_mean']]} PIXEL_STD "
+                       f"{[round(v, 4) for v in n['pixel_std']]} (the {n['source']}'s)\n"))
     rows = []
     for row in r["rows"]:
         cells = [row["model"], row["dataset"], str(row["num_images"]), str(row["num_lesion_images"])]

@@ -31,8 +31,8 @@ from usdet.evaluation.formatting import fmt_estimate, fmt_value as _fmt
 from usdet.evaluation.report import evaluate_predictions
 from usdet.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["FOLD_METRICS", "read_converted_dataset", "write_folds", "fold_commands", "run_cross_validation",
-           "summarize_folds", "print_commands"]
+__all__ = ["FOLD_METRICS", "read_converted_dataset", "write_folds", "fold_commands", "fold_overrides",
+           "run_cross_validation", "summarize_folds", "print_commands"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -150,19 +150,25 @@ def _fold_weights(run_dir: str) -> str:
     return best if os.path.isfile(best) else os.path.join(run_dir, "model_final.pth")
 
 
-def fold_commands(config_file: str, output_dir: str, k: int, opts: Sequence[str] = (), bootstrap: int = 1000,
-                  weights: Optional[str] = None) -> Dict[str, List[str]]:
-    """The ``train`` and ``test`` (``--eval-only`` of ``weights``, default the fold's best checkpoint)
-    train_net command lines of fold ``k``."""
+def fold_overrides(output_dir: str, k: int, opts: Sequence[str] = (), bootstrap: int = 1000,
+                   weights: Optional[str] = None) -> Dict[str, List[str]]:
+    """The ``KEY VALUE`` config overrides of fold ``k``'s ``train`` run and its ``test`` evaluation
+    (of ``weights``, default the fold's best checkpoint); ``opts`` come first, the fold's keys win."""
     n = _fold_names(k)
     run_dir = os.path.join(output_dir, f"fold{k}")
-    base = [sys.executable, TRAIN_NET, "--config-file", config_file]
-    train = base + ["--resume", *opts, "DATASETS.TRAIN", f"('{n['train']}',)", "DATASETS.TEST", f"('{n['val']}',)",
-                    "OUTPUT_DIR", run_dir]
-    test = base + ["--eval-only", "TEST.BOOTSTRAP", str(int(bootstrap)), *opts,
-                   "MODEL.WEIGHTS", weights or _fold_weights(run_dir), "DATASETS.TEST",
-                   f"('{n['test']}',)", "OUTPUT_DIR", run_dir]
+    train = [*opts, "DATASETS.TRAIN", f"('{n['train']}',)", "DATASETS.TEST", f"('{n['val']}',)", "OUTPUT_DIR", run_dir]
+    test = ["TEST.BOOTSTRAP", str(int(bootstrap)), *opts, "MODEL.WEIGHTS", weights or _fold_weights(run_dir),
+            "DATASETS.TEST", f"('{n['test']}',)", "OUTPUT_DIR", run_dir]
     return {"train": train, "test": test}
+
+
+def fold_commands(config_file: str, output_dir: str, k: int, opts: Sequence[str] = (), bootstrap: int = 1000,
+                  weights: Optional[str] = None) -> Dict[str, List[str]]:
+    """The ``train`` (``--resume``) and ``test`` (``--eval-only``) ``tools/train_net.py`` command lines of
+    fold ``k``: what the subprocesses and ``--print-commands`` run (:func:`fold_overrides`)."""
+    o = fold_overrides(output_dir, k, opts, bootstrap, weights)
+    base = [sys.executable, TRAIN_NET, "--config-file", config_file]
+    return {"train": base + ["--resume", *o["train"]], "test": base + ["--eval-only", *o["test"]]}
 
 
 def _env(output_dir: str) -> Dict[str, str]:
@@ -194,19 +200,26 @@ def print_commands(config_file: str, output_dir: str, folds: int, opts: Sequence
     return "\n".join(lines) + "\n"
 
 
-def _run_in_process(cmd: List[str], output_dir: str) -> None:
-    """``cmd`` (a train_net command) through ``tools/train_net.py``'s own entry in this process."""
-    import importlib.util
+def _run_in_process(config_file: str, overrides: Sequence[str], step: str, output_dir: str) -> None:
+    """Fold ``step`` (``train`` or ``test``) through the engine in this process, as train_net would run it."""
+    from usdet.engine.setup import build_config, check_datasets, default_run_setup
+    from usdet.engine.trainer import Trainer, TrainingDivergedError, evaluate_checkpoint
 
     register_all_usdet_datasets(os.path.join(output_dir, "folds"))
-    spec = importlib.util.spec_from_file_location("usdet_train_net", TRAIN_NET)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    test = step == "test"
+    cfg = build_config(config_file, overrides)
+    cfg.freeze()
+    default_run_setup(cfg, eval_only=test)
+    check_datasets(cfg, eval_only=test)
+    if test:
+        evaluate_checkpoint(cfg)
+        return
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
     try:
-        tool.cli(cmd[2:])
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise RuntimeError(f"train_net failed: {e.code}") from None
+        trainer.train()
+    except TrainingDivergedError as e:
+        raise RuntimeError(f"fold training in {cfg.OUTPUT_DIR} diverged: {e}") from None
 
 
 def _run(cmd: List[str], env: Dict[str, str], log: str) -> None:
@@ -237,7 +250,7 @@ def run_cross_validation(
     """Write the folds, run every unfinished fold (train, test), then :func:`summarize_folds`.
 
     Each run is a ``tools/train_net.py`` subprocess (its output in ``fold<k>/train_net_output.txt``);
-    ``in_process`` calls the same tool's entry in this process instead (no start-up per run).
+    ``in_process`` runs the same config through the engine in this process instead (no start-up per run).
     """
     from tqdm import tqdm
 
@@ -251,11 +264,10 @@ def run_cross_validation(
         run_dir = os.path.join(output_dir, f"fold{k}")
         cmds = [] if os.path.isfile(os.path.join(run_dir, "model_final.pth")) else ["train"]
         for step in cmds + ["test"]:
-            cmd = fold_commands(config_file, output_dir, k, opts, bootstrap)[step]
             if in_process:
-                _run_in_process(cmd, output_dir)
+                _run_in_process(config_file, fold_overrides(output_dir, k, opts, bootstrap)[step], step, output_dir)
             else:
-                _run(cmd, env, log)
+                _run(fold_commands(config_file, output_dir, k, opts, bootstrap)[step], env, log)
     return summarize_folds(output_dir, folds, bootstrap=bootstrap, seed=seed, plots=plots)
 
 
