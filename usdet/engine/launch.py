@@ -9,21 +9,26 @@ machine_rank * processes_per_machine + local_rank, one local group per machine),
 mean on GPUs. Done here at run time rather than in tools/install_detectron2.py's install-time
 patch so that it works with any installed detectron2 (a user's own upstream build included)
 without reinstalling it; upstream detectron2 later added a similar CPU path to its launch.
+
+Each CPU process gets its share of the cores as torch threads (``cores // N``, at least 1): left
+alone, every one of N processes would start a thread per core, oversubscribing the machine N
+times (benchmarks/cpu_processes.py measures it). An explicit ``OMP_NUM_THREADS`` is kept.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["launch", "cpu_ddp_model", "cpu_ddp"]
+__all__ = ["launch", "cpu_ddp_model", "cpu_ddp", "threads_per_process", "available_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_process(processes: int, cores: Optional[int] = None,
+                        environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """Torch threads for each of ``processes`` on one machine: the cores shared out, at least 1;
+    ``None`` where ``OMP_NUM_THREADS`` is set (the user's choice, which torch already follows)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return max(1, (available_cores() if cores is None else cores) // max(1, processes))
+
+
 def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, per_machine: int, machine_rank: int,
-                dist_url: str, args: Sequence[Any], timeout: timedelta) -> None:
+                dist_url: str, args: Sequence[Any], timeout: timedelta, threads: Optional[int] = None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     rank = machine_rank * per_machine + local_rank
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
     # detectron2's comm.get_local_rank/size read its local group: one group per machine, created
@@ -71,12 +96,14 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
             raise SystemExit("usdet launch: --dist-url auto works on one machine only; give every machine "
                              "tcp://HOST_OF_MACHINE_0:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    logger.info("No CUDA: starting %d CPU process(es) on this machine (rank %d of %d machines), gloo backend, %s",
-                num_gpus_per_machine, machine_rank, num_machines, dist_url)
+    threads = threads_per_process(num_gpus_per_machine)
+    logger.info("No CUDA: starting %d CPU process(es) on this machine (rank %d of %d machines), gloo backend, %s; "
+                "%s torch thread(s) each", num_gpus_per_machine, machine_rank, num_machines, dist_url,
+                threads if threads else f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     try:
         mp.start_processes(_cpu_worker, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
                            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args),
-                                 timeout))
+                                 timeout, threads))
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         # torch stopped the other processes of this machine; each printed its own message above.
         raise SystemExit(f"usdet: a training process failed, all processes on this machine were stopped "
