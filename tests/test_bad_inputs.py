@@ -57,18 +57,9 @@ def write_bomb_png(path: str, w: int = 20000, h: int = 20000) -> None:
 
 
 def write_dicom_without_pixels(path: str) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+    from usdet.data.dicom import write_ultrasound_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "US", "PX"
-    ds.save_as(path, enforce_file_format=True)
+    write_ultrasound_dicom(path, None, PatientID="PX")
 
 
 def _png(arr: np.ndarray) -> bytes:

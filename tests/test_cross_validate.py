@@ -73,12 +73,40 @@ def test_three_folds_pooled_and_resume(dataset, tmp_path, capsys):
         assert s["pooled"]["metrics"]["penalized IoU"]["low"] == pm["bootstrap"]["metrics"]["piou"]["low"]
         assert (out / "cv_summary.png").stat().st_size > 1000 and "| pooled | 18 |" in (out / "cv_summary.md").read_text()
 
-        # the pooled predictions are what compare_models reads
+        # pooling keeps each prediction on its image: a fold's test ids are the pooled ground truth's ids
+        gt = _load(out / "pooled_gt.json")
+        pooled_name = {im["id"]: im["file_name"] for im in gt["images"]}
+        for k in range(3):
+            fold = _load(out / "folds" / f"fold{k}" / "annotations" / "test.json")
+            fold_name = {im["id"]: im["file_name"] for im in fold["images"]}
+            preds = _load(out / f"fold{k}" / "inference" / f"fold{k}_test" / "coco_instances_results.json")
+            assert preds and all(pooled_name[p["image_id"]] == fold_name[p["image_id"]] for p in preds)
+        # the pooled image AUC, recomputed here from the pooled file (top score per image, 0 where none)
+        lesion = {a["image_id"] for a in gt["annotations"]}
+        top = {i: 0.0 for i in pooled_name}
+        for p in pooled:
+            top[p["image_id"]] = max(top[p["image_id"]], p["score"])
+        pos, neg = [top[i] for i in top if i in lesion], [top[i] for i in top if i not in lesion]
+        assert pos and neg
+        auc = float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]))
+        assert s["pooled"]["metrics"]["image AUC"]["estimate"] == pytest.approx(auc, abs=1e-9)
+
+        # compare_models reads the pooled files: the pooled model against an oracle (each truth box at
+        # score 1); top-1 penalized IoU of the oracle = lesion images / truth boxes (a second box is an FN)
         from usdet.evaluation.compare import compare_models
 
-        c = compare_models(str(out / "pooled_gt.json"), {"a": str(out / "pooled_predictions.json"),
-                                                         "b": str(out / "pooled_predictions.json")}, n_resamples=20)
-        assert c["num_images"] == 18 and c["metrics"]["piou"]["delta"]["p_value"] == 1.0
+        oracle = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in gt["annotations"]]
+        c = compare_models(str(out / "pooled_gt.json"), {"pooled": str(out / "pooled_predictions.json"),
+                                                         "oracle": oracle}, n_resamples=200)
+        assert c["num_images"] == 18
+        piou = c["metrics"]["piou"]
+        assert piou["values"]["pooled"] == pytest.approx(s["pooled"]["metrics"]["penalized IoU"]["estimate"])
+        assert piou["values"]["oracle"] == pytest.approx(len(lesion) / len(gt["annotations"]))
+        assert piou["delta"]["estimate"] == pytest.approx(piou["values"]["oracle"] - piou["values"]["pooled"])
+        image_auc = c["metrics"]["image_auc"]
+        assert image_auc["values"] == {"pooled": pytest.approx(auc, abs=1e-9), "oracle": 1.0}
+        assert image_auc["delta"]["estimate"] == pytest.approx(1.0 - auc, abs=1e-9)
 
         # a CV killed in fold 2 after its first checkpoint: folds 0 and 1 are skipped, fold 2 resumes
         before = {k: os.path.getmtime(out / f"fold{k}" / "inference" / f"fold{k}_test" / "metrics.json") for k in (0, 1)}

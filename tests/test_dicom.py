@@ -96,6 +96,23 @@ def test_rgb_and_multiframe(tmp_path):
         assert np.array_equal(frames[i][..., 1], cine[i])
 
 
+
+def test_the_one_writer_sop_class_tags_compression_and_no_temp_file(tmp_path):
+    from pydicom.uid import RLELossless, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
+
+    from usdet.data.dicom import write_ultrasound_dicom
+
+    cine = np.random.default_rng(1).integers(0, 256, (3, 20, 28), dtype=np.uint8)
+    p = write_ultrasound_dicom(str(tmp_path / "c.dcm"), cine, frames=3, transfer_syntax=RLELossless,
+                               PatientID="P7", CineRate=15)
+    ds = pydicom.dcmread(p)
+    assert ds.SOPClassUID == UltrasoundMultiFrameImageStorage and ds.file_meta.TransferSyntaxUID == RLELossless
+    assert ds.PatientID == "P7" and int(ds.CineRate) == 15 and ds.Modality == "US"
+    assert [np.array_equal(f[..., 0], c) for f, c in zip(read_dicom_frames(p), cine)] == [True] * 3
+    one = write_ultrasound_dicom(str(tmp_path / "one.dcm"), cine[0])
+    assert pydicom.dcmread(one).SOPClassUID == UltrasoundImageStorage and "NumberOfFrames" not in pydicom.dcmread(one)
+    assert sorted(os.listdir(tmp_path)) == ["c.dcm", "one.dcm"]  # temp files renamed, none left
+
 def test_16bit_is_scaled(tmp_path):
     img = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 100)
     f = read_dicom_frames(make_dicom(str(tmp_path / "w.dcm"), img))[0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from usdet.data.crop import boxes_to_source as map_boxes_to_original
+from usdet.data.dicom import write_ultrasound_dicom
 from usdet.engine.predictor import BatchPredictor, build_predictor_cfg
 from train_helpers import QUICK_CFG, load_tool
 
@@ -54,27 +55,6 @@ def test_batch_predictor_matches_default_predictor(tiny_model):
         np.testing.assert_allclose(got.scores.numpy(), ref.scores.numpy(), atol=1e-4)
 
 
-def _write_multiframe_dicom(path, frames, patient_name="Doe^Jane", patient_id="MRN-0042"):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.PatientName, ds.PatientID = patient_name, patient_id
-    ds.Rows, ds.Columns = frames[0].shape[:2]
-    ds.NumberOfFrames = len(frames)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.stack(frames).astype(np.uint8).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Scanner screens around phantoms (PNG + 3-frame DICOM), a cropped phantom, and a corrupt file."""
@@ -92,7 +72,8 @@ def inputs(tmp_path_factory):
     atomic_write_image(str(d / "frames" / "screen.png"), screens[0])
     cropped, _, _ = render_phantom(rng, (110, 130), kinds=["malignant"])
     atomic_write_image(str(d / "frames" / "already_cropped.png"), cropped)
-    _write_multiframe_dicom(d / "clip.dcm", screens[1:])
+    write_ultrasound_dicom(str(d / "clip.dcm"), np.stack(screens[1:]), "RGB", frames=3, PatientName="Doe^Jane",
+                           PatientID="MRN-0042")
     (d / "frames" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return d
 

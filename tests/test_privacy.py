@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from usdet.data.dicom import write_ultrasound_dicom
 from usdet.data.privacy import Pseudonymizer, check_mapping_path, load_key, redact
 from usdet.data.screens import make_screen
 from train_helpers import REPO
@@ -23,26 +24,8 @@ SECRETS = [NAME, "ZANZIBAR", "QUENTINA", MRN, BIRTH, INSTITUTION, "ELSEWHERE"]
 
 def make_dicom_cine(path, frames):
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, MRN, BIRTH
-    ds.InstitutionName, ds.OtherPatientIDs = INSTITUTION, MRN
-    arr = np.stack(frames)
-    ds.Rows, ds.Columns = arr.shape[1:3]
-    ds.NumberOfFrames = len(frames)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = arr.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_ultrasound_dicom(path, np.stack(frames), "RGB", frames=len(frames), PatientName=NAME, PatientID=MRN,
+                           PatientBirthDate=BIRTH, InstitutionName=INSTITUTION, OtherPatientIDs=MRN)
     assert pydicom.dcmread(path).PatientName == NAME
 
 

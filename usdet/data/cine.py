@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -317,43 +317,27 @@ def write_cine_dicom(cine: SyntheticCine, path: str, patient_name: str = "DOE^JA
     can encode (e.g. RLE Lossless), default Explicit VR Little Endian; ``regions`` writes the
     image box of screen clips as a SequenceOfUltrasoundRegions item. Holds the whole clip in
     memory: for tests and demos, not for long clips."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from .dicom import write_ultrasound_dicom
 
     frames, truths = [], []
     for fr in cine:
         frames.append(cv2.cvtColor(fr.image, cv2.COLOR_RGB2GRAY))
         truths.append(fr.truth())
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.PatientName, ds.PatientID = patient_name, patient_id
     rows, cols = frames[0].shape if frames else cine.size
-    ds.Rows, ds.Columns = int(rows), int(cols)
-    ds.NumberOfFrames = len(frames)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.CineRate = 15
-    ds.PixelData = np.stack(frames).astype(np.uint8).tobytes() if frames else b""
+    tags: Dict[str, Any] = {"PatientName": patient_name, "PatientID": patient_id, "CineRate": 15}
     if regions and truths and "crop_box" in truths[0]:
         x0, y0, x1, y1 = truths[0]["crop_box"]
         item = Dataset()
         item.RegionSpatialFormat, item.RegionDataType = 1, 1
         item.RegionLocationMinX0, item.RegionLocationMinY0 = int(x0), int(y0)
         item.RegionLocationMaxX1, item.RegionLocationMaxY1 = int(x1) - 1, int(y1) - 1
-        ds.SequenceOfUltrasoundRegions = DicomSequence([item])
-    if transfer_syntax is not None and frames:
-        ds.compress(transfer_syntax)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp_{os.getpid()}_{os.path.basename(path)}")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+        tags["SequenceOfUltrasoundRegions"] = DicomSequence([item])
+    pixels = np.stack(frames) if frames else np.zeros((0, int(rows), int(cols)), np.uint8)
+    write_ultrasound_dicom(path, pixels.astype(np.uint8), "MONOCHROME2", frames=len(frames),
+                           transfer_syntax=transfer_syntax, **tags)
     return truths
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .image_io import MAX_PIXELS, ImageReadError, to_uint8
 
 __all__ = ["DicomReadError", "DicomFrames", "UltrasoundRegion", "read_dicom_frames", "iter_dicom_frames",
-           "ultrasound_regions", "dicom_patient_id", "is_dicom_file", "DICOM_EXTENSIONS", "GREY_SCALE_RULE"]
+           "ultrasound_regions", "dicom_patient_id", "is_dicom_file", "write_ultrasound_dicom", "DICOM_EXTENSIONS",
+           "GREY_SCALE_RULE"]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -285,3 +286,49 @@ def dicom_patient_id(path: str) -> Optional[str]:
         return None
     value = str(value).strip()
     return value or None
+
+
+def write_ultrasound_dicom(path: str, pixels: Optional[np.ndarray], photometric: str = "MONOCHROME2",
+                           frames: Optional[int] = None, transfer_syntax: Optional[str] = None, **tags: Any) -> str:
+    """Write an ultrasound DICOM of ``pixels`` with ``tags`` set (e.g. ``PatientID``); returns ``path``.
+
+    The one writer behind synthetic clips (usdet.data.cine) and the tests' DICOM inputs, so that the
+    files the reader above is tested on are built one way. ``pixels``: uint8 or uint16, HxW (grey)
+    or HxWx3 (``photometric`` RGB or YBR_FULL); ``frames`` = N: a multi-frame file (Ultrasound
+    Multi-frame Image Storage), frames on the first axis (N = 0 allowed: a clip with no frame);
+    None: one frame. ``pixels`` None writes a header without pixel data. ``transfer_syntax``: a
+    UID pydicom can encode (e.g. RLE Lossless), default Explicit VR Little Endian. Written to a
+    temp file and renamed.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (ExplicitVRLittleEndian, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage,
+                             generate_uid)
+
+    from usdet.utils.io import atomic_write
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage if frames is None else UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if pixels is not None:
+        arr = np.ascontiguousarray(pixels)
+        samples = 3 if photometric in ("RGB", "YBR_FULL") else 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+        ds.Rows, ds.Columns = (int(n) for n in (arr.shape[:2] if frames is None else arr.shape[1:3]))
+        if frames is not None:
+            ds.NumberOfFrames = int(frames)
+        if samples == 3:
+            ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8 * arr.dtype.itemsize
+        ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+        ds.PixelData = arr.tobytes()
+        if transfer_syntax is not None and arr.size:
+            ds.compress(transfer_syntax)
+    atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True), fsync=False)
+    return path
