@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real BUSI folder (skipped when absent) and a small phantom dataset."""
+"""Shared pytest fixtures: the real BUSI folder (skipped when absent), a small phantom dataset, one torch thread."""
 import os
 
 import pytest
@@ -35,3 +35,14 @@ def phantom_dataset(tmp_path_factory):
 
     return make_phantom_dataset(str(tmp_path_factory.mktemp("phantom")), num_images=24, size=128, seed=0,
                                 classes="benign,malignant")
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores are shared by everyone: one torch thread is much faster than two fighting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

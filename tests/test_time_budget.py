@@ -35,14 +35,6 @@ def datasets_root(tmp_path_factory):
     return make_datasets_root(str(tmp_path_factory.mktemp("budget_datasets")))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def expected_lr(iteration: int, elapsed_s: float, budget_s: float = 60.0, warmup_iters: int = 2,
                 warmup_factor: float = 0.1) -> float:
     """detectron2's linear warmup (in iterations) times the cosine at the elapsed fraction."""

@@ -15,15 +15,6 @@ def datasets_root(tmp_path_factory):
     return make_datasets_root(str(tmp_path_factory.mktemp("htrain_datasets")))
 
 
-@pytest.fixture
-def one_thread():
-    """Two cores are shared by everyone: one torch thread is much faster than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _events(path):
     return [json.loads(line) for line in open(path) if line.strip()]
 
