@@ -75,8 +75,8 @@ def build_predictor(args, opts):
         make = lambda: BatchPredictor(cfg, batch_size=args.batch_size)  # noqa: E731
     elif args.device == "cuda":
         return f"--backend {args.backend} runs exported models on the CPU; drop --device cuda"
-    elif model_opts(opts):
-        return (f"config overrides ({' '.join(model_opts(opts))}) do not apply to an exported model: re-export "
+    elif baked := model_opts(opts):
+        return (f"config overrides ({' '.join(baked)}) do not apply to an exported model: re-export "
                 "instead (only CLIP.* keys, the clip rule, apply)")
     else:
         make = lambda: ExportedPredictor(args.weights, args.backend, batch_size=args.batch_size)  # noqa: E731
