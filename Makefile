@@ -60,13 +60,14 @@ train-busi-cpu: setup datasets/busi/annotations/test.json
 train-busi-cpu-baseline: setup datasets/busi/annotations/test.json
 	$(call train_then_test,configs/BUSI/recipe_scratch_cpu.yaml,output/busi_recipe_cpu,$(BUSI_TEST))
 
-# BUSI + BrEaST-Lesions-USG (issue 11): the mixed CPU recipe, then both test splits.
+# BUSI + BrEaST-Lesions-USG (issue 11): the mixed CPU recipe on the light detector and the same
+# wall-clock budget (issue 21 item 4), then both test splits.
 BREAST_ROOT ?= $(or $(USDET_BREAST_ROOT),../shared/data/breast)
 datasets/breast/annotations/test.json: | setup
 	$(PY) tools/convert_to_coco.py breast --root $(BREAST_ROOT) --output datasets/breast
 
 train-mixed-cpu: setup datasets/busi/annotations/test.json datasets/breast/annotations/test.json
-	$(call train_then_test,configs/BUSI/recipe_mixed_cpu.yaml,output/mixed_recipe_cpu,$(BOTH_TEST))
+	$(call train_then_test,configs/BUSI/recipe_mixed_cpu.yaml,output/mixed_recipe_cpu,$(BOTH_TEST),SOLVER.TIME_BUDGET_MIN $(CPU_BUDGET_MIN))
 
 train-busi-gpu: setup datasets/busi/annotations/test.json
 	$(call train_then_test,configs/BUSI/recipe_scratch_gpu.yaml,output/busi_recipe_gpu,$(BUSI_TEST))

@@ -8,10 +8,10 @@
    whole (``breastall``: ``--split 0,0,1``, an external test set) into ``--data`` unless already
    there, with ``tools/convert_to_coco.py`` of ``--converter-repo`` (default: this repository;
    env ``USDET_CONVERTER_REPO``).
-2. Trains (a) ``configs/BUSI/recipe_scratch_cpu.yaml`` (BUSI only) and (b)
+2. Trains (a) ``configs/BUSI/recipe_lite_cpu.yaml`` (BUSI only) and (b)
    ``configs/BUSI/recipe_mixed_cpu.yaml`` (BUSI + BrEaST train), each a normal ``train_net.py``
    run with ``USDET_DATASETS=--data`` and its own OUTPUT_DIR, resumed with ``--resume`` when a
-   run was interrupted. ``--max-iter N`` scales the schedule for a reduced budget: MAX_ITER N,
+   run was interrupted. ``--max-iter N`` counts a reduced run in iterations instead: MAX_ITER N,
    WARMUP_ITERS and CHECKPOINT_PERIOD = EVAL_PERIOD in proportion (``--evals`` evaluations on val).
    Each checkpoint is chosen on val by the config's own rule (``model_best.pth``); no choice is
    ever made on a test split.
@@ -21,7 +21,11 @@
 5. Writes ``benchmarks/results/cross_site.json`` (after each stage, atomically, with a ``status``)
    and ``benchmarks/results/reports/cross_site.md``.
 
-The full budget is the recipes' own (1100 iterations, about 65 minutes each on 2 idle cores).
+The full budget is the recipes' own: a 69-minute wall-clock budget per training (training plus
+its val evaluations, ``SOLVER.TIME_BUDGET_MIN``); ``--budget-min M`` for another, ``--max-iter N``
+for a reduced run counted in iterations instead (the budget off). ``--adopt NAME=RUN_DIR`` takes a
+training already done elsewhere (``make train-busi-cpu``, ``make train-mixed-cpu``) instead of
+training it again, after checking that its ``config.yaml`` is the one this script would train.
 """
 from __future__ import annotations
 
@@ -40,11 +44,12 @@ from common import REPO, RESULTS, write_result  # noqa: E402
 import summarize_run  # noqa: E402
 
 PY = sys.executable
-FULL_ITER = 1100  # the recipes' MAX_ITER
+FULL_ITER = 1100  # iterations of a full run counted in iterations (recipe_scratch_cpu.yaml's MAX_ITER)
 FULL_WARMUP = 100
+FULL_BUDGET_MIN = 69.0  # the light recipes' SOLVER.TIME_BUDGET_MIN: a full run's wall-clock budget
 #: name -> (config, test datasets it is evaluated on, pixel_stats of its training sources)
 MODELS = OrderedDict([
-    ("busi_only", ("configs/BUSI/recipe_scratch_cpu.yaml", ["busi_test", "breast_test", "breastall_test"],
+    ("busi_only", ("configs/BUSI/recipe_lite_cpu.yaml", ["busi_test", "breast_test", "breastall_test"],
                    ["busi"])),
     ("mixed", ("configs/BUSI/recipe_mixed_cpu.yaml", ["busi_test", "breast_test"], ["busi", "breast"])),
 ])
@@ -78,7 +83,7 @@ def _run(cmd: List[str], log: str, cwd: str = REPO, env: Optional[Dict[str, str]
         fh.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        bar = tqdm(total=total, desc=os.path.basename(progress), unit="it") if progress else None
+        bar = tqdm(total=total or None, desc=os.path.basename(progress), unit="it") if progress else None
         while proc.poll() is None:
             time.sleep(5)
             LOADS.append(os.getloadavg()[0])
@@ -86,7 +91,7 @@ def _run(cmd: List[str], log: str, cwd: str = REPO, env: Optional[Dict[str, str]
                 ev = summarize_run._events(os.path.join(progress, "metrics.json"))
                 its = [e["iteration"] + 1 for e in ev if "iteration" in e]
                 if its:
-                    bar.n = min(max(its), total)
+                    bar.n = min(max(its), total) if total else max(its)
                     bar.refresh()
         if bar is not None:
             bar.close()
@@ -95,12 +100,120 @@ def _run(cmd: List[str], log: str, cwd: str = REPO, env: Optional[Dict[str, str]
     return time.time() - t0
 
 
-def schedule(max_iter: Optional[int], evals: int) -> Dict[str, int]:
-    """MAX_ITER, WARMUP_ITERS and CHECKPOINT_PERIOD = EVAL_PERIOD for ``max_iter`` (None: full)."""
-    n = max_iter or FULL_ITER
-    period = max(1, round(n / evals))
-    return {"MAX_ITER": n, "WARMUP_ITERS": max(1, round(FULL_WARMUP * n / FULL_ITER)),
-            "CHECKPOINT_PERIOD": period, "EVAL_PERIOD": period}
+def schedule(max_iter: Optional[int], evals: int, budget_min: Optional[float] = None) -> Dict[str, Any]:
+    """The training schedule's overrides: a wall-clock budget (``TIME_BUDGET_MIN``, default the full
+    ``FULL_BUDGET_MIN``; the recipe's own iterations, warmup and periods), or with ``max_iter`` a run
+    counted in iterations: MAX_ITER, WARMUP_ITERS and CHECKPOINT_PERIOD = EVAL_PERIOD in proportion
+    (``evals`` evaluations on val) and the budget off."""
+    if max_iter and budget_min:
+        raise SystemExit("--max-iter and --budget-min: give one (iterations or minutes), not both")
+    if not max_iter:
+        return {"TIME_BUDGET_MIN": float(budget_min or FULL_BUDGET_MIN)}
+    period = max(1, round(max_iter / evals))
+    return {"MAX_ITER": max_iter, "WARMUP_ITERS": max(1, round(FULL_WARMUP * max_iter / FULL_ITER)),
+            "CHECKPOINT_PERIOD": period, "EVAL_PERIOD": period, "TIME_BUDGET_MIN": 0.0}
+
+
+def schedule_opts(sched: Dict[str, Any]) -> List[str]:
+    """``KEY VALUE`` overrides of a :func:`schedule`."""
+    keys = {"MAX_ITER": "SOLVER.MAX_ITER", "WARMUP_ITERS": "SOLVER.WARMUP_ITERS",
+            "CHECKPOINT_PERIOD": "SOLVER.CHECKPOINT_PERIOD", "EVAL_PERIOD": "TEST.EVAL_PERIOD",
+            "TIME_BUDGET_MIN": "SOLVER.TIME_BUDGET_MIN"}
+    return [x for k, v in sched.items() for x in (keys[k], str(v))]
+
+
+def budget_record(sched: Dict[str, Any]) -> Dict[str, Any]:
+    """What the result says of the budget: minutes or iterations, full or reduced."""
+    if sched.get("TIME_BUDGET_MIN"):
+        m = sched["TIME_BUDGET_MIN"]
+        return OrderedDict(budget_min=m, full_budget_min=FULL_BUDGET_MIN, reduced=m < FULL_BUDGET_MIN,
+                           schedule=sched, evaluations_on_val="every SOLVER.CHECKPOINT_PERIOD iterations and at the end")
+    return OrderedDict(max_iter=sched["MAX_ITER"], full_max_iter=FULL_ITER, reduced=sched["MAX_ITER"] < FULL_ITER,
+                       schedule=sched, evaluations_on_val=-(-sched["MAX_ITER"] // sched["EVAL_PERIOD"]))
+
+
+def budget_text(b: Dict[str, Any], what: str = "model") -> str:
+    """``budget_record`` in words, for the reports."""
+    if "budget_min" in b:
+        return (f"Budget: **a {b['budget_min']:g}-minute wall-clock budget** per {what} (training and its val "
+                f"evaluations)" + (f" (reduced, full {b['full_budget_min']:g})" if b["reduced"] else ""))
+    return (f"Budget: **{b['max_iter']} of {b['full_max_iter']} iterations** per {what}"
+            + (" (reduced)" if b["reduced"] else "") + f", {b['evaluations_on_val']} val evaluations")
+
+
+#: keys that may differ between an adopted run and the one this script would train
+_ADOPT_IGNORED = ("OUTPUT_DIR", "INPUT.NORMALIZATION_FILE")
+
+
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        out: Dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(a)))
+    return a == b
+
+
+def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) -> None:
+    """Use the finished training in ``src_dir`` as ``run_dir`` (a link) instead of training it here.
+
+    Refused, naming the keys, unless ``src_dir/config.yaml`` equals ``cfg`` + ``opts`` (paths of
+    the output and of the statistics files aside: the statistics' values are compared through the
+    resolved PIXEL_MEAN/STD). Its training time is the budget clock's (``evaluations.jsonl``); the
+    machine load of a run made elsewhere is unknown here and recorded as such.
+    """
+    from usdet.engine.setup import build_config
+    from usdet.utils.io import atomic_write_json
+
+    src_dir = os.path.abspath(src_dir)
+    if os.path.realpath(run_dir) == src_dir and os.path.isfile(os.path.join(run_dir, "cross_site_wall.json")):
+        return  # adopted by an earlier invocation
+    for f in ("config.yaml", "model_final.pth", "model_best.pth", "best_metric.json", "metrics.json"):
+        if not os.path.isfile(os.path.join(src_dir, f)):
+            raise SystemExit(f"--adopt {name}={src_dir}: no {f} there (not a finished training)")
+    if os.path.lexists(run_dir):
+        raise SystemExit(f"--adopt {name}={src_dir}: {run_dir} exists already; remove it or drop --adopt")
+    want = _flat(build_config(cfg, list(opts)))
+    have = _flat(build_config(os.path.join(src_dir, "config.yaml")))
+    diff = sorted(k for k in set(want) | set(have) if k not in _ADOPT_IGNORED
+                  and not _same_value(want.get(k), have.get(k)))
+    if diff:
+        raise SystemExit(f"--adopt {name}={src_dir}: its config.yaml is not {cfg} with this script's overrides; "
+                         "differs in " + ", ".join(f"{k} ({have.get(k)!r} there, {want.get(k)!r} here)" for k in diff))
+    wall = None
+    ev_path = os.path.join(src_dir, "evaluations.jsonl")
+    if os.path.isfile(ev_path):
+        with open(ev_path) as fh:
+            last = [json.loads(line) for line in fh if line.strip()][-1]
+        wall = last.get("eval_end_s", last.get("elapsed_s"))
+    if wall is None:
+        raise SystemExit(f"--adopt {name}={src_dir}: no evaluations.jsonl with the budget clock, so its training "
+                         "time is unknown")
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    os.symlink(src_dir, run_dir)
+    atomic_write_json(os.path.join(run_dir, "cross_site_wall.json"),
+                      {"train_wall_s": float(wall), "attempts": 1, "adopted_from": _rel(src_dir),
+                       "load_avg_1min_mean": None, "load_avg_1min_max": None})
+    _log(f"{name}: adopted the finished training in {src_dir} ({float(wall) / 60:.1f} min by its budget clock)")
+
+
+def parse_adopt(items: Sequence[str], names: Sequence[str]) -> Dict[str, str]:
+    """``["NAME=RUN_DIR", ...]`` -> {NAME: RUN_DIR}; NAME must be one this script trains."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path or name not in names:
+            raise SystemExit(f"--adopt {item!r}: expected NAME=RUN_DIR with NAME one of {sorted(names)}")
+        out[name] = path
+    return out
 
 
 def convert(data: str, shared: str, converter_repo: str, logs: str) -> Dict[str, Any]:
@@ -143,7 +256,14 @@ def _checkpoint_iteration(run_dir: str) -> Optional[int]:
     return int(digits) + 1 if digits else None
 
 
-def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sched: Dict[str, int],
+def train_opts(sources: List[str], data: str, sched: Dict[str, Any], run_dir: str,
+               extra_opts: Sequence[str] = ()) -> List[str]:
+    """The ``KEY VALUE`` overrides a training gets: its sources' statistics, ``extra_opts``, the schedule."""
+    stats = ",".join(os.path.join(data, s, "pixel_stats.json") for s in sources)
+    return ["INPUT.NORMALIZATION_FILE", stats, *extra_opts, *schedule_opts(sched), "OUTPUT_DIR", run_dir]
+
+
+def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sched: Dict[str, Any],
           logs: str, extra_opts: Sequence[str] = ()) -> Dict[str, Any]:
     """One resumable ``train_net.py`` run; its wall time adds up over the attempts that finished.
 
@@ -169,16 +289,14 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
                 state["interrupted_attempts"] = state.get("interrupted_attempts", 0) + 1
         state["running"] = True
         atomic_write_json(state_path, state)
-        _log(f"training {name} ({cfg}, {sched['MAX_ITER']} iterations){' resumed' if resume else ''} -> {run_dir}")
-        stats = ",".join(os.path.join(data, s, "pixel_stats.json") for s in sources)
-        cmd = [PY, "tools/train_net.py", "--config-file", cfg] + (["--resume"] if resume else []) + [
-            "INPUT.NORMALIZATION_FILE", stats, *extra_opts, "SOLVER.MAX_ITER", str(sched["MAX_ITER"]),
-            "SOLVER.WARMUP_ITERS", str(sched["WARMUP_ITERS"]),
-            "SOLVER.CHECKPOINT_PERIOD", str(sched["CHECKPOINT_PERIOD"]),
-            "TEST.EVAL_PERIOD", str(sched["EVAL_PERIOD"]), "OUTPUT_DIR", run_dir]
+        what = (f"{sched['MAX_ITER']} iterations" if "MAX_ITER" in sched
+                else f"{sched['TIME_BUDGET_MIN']:g}-minute budget")
+        _log(f"training {name} ({cfg}, {what}){' resumed' if resume else ''} -> {run_dir}")
+        cmd = [PY, "tools/train_net.py", "--config-file", cfg] + (["--resume"] if resume else []) + \
+            train_opts(sources, data, sched, run_dir, extra_opts)
         loads0 = len(LOADS)
         s = _run(cmd, os.path.join(logs, f"train_{name}.log"), env=dict(os.environ, USDET_DATASETS=data),
-                 progress=run_dir, total=sched["MAX_ITER"])
+                 progress=run_dir, total=sched.get("MAX_ITER", 0))
         state.pop("running", None)
         state.update(train_wall_s=state["train_wall_s"] + s, attempts=state["attempts"] + 1,
                      load_avg_1min_mean=round(sum(LOADS[loads0:]) / max(1, len(LOADS) - loads0), 2),
@@ -189,7 +307,10 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
         best = json.load(fh)
     evals = [{k: v for k, v in e.items() if "AP50" in k or k in ("iteration",) or k.endswith("piou/score")}
              for e in events if any(k.endswith("bbox/AP50") for k in e)]
-    return OrderedDict(config=cfg, output_dir=_rel(run_dir), iterations=sched["MAX_ITER"],
+    its = [e["iteration"] + 1 for e in events if "iteration" in e and "total_loss" in e]  # training rows
+    return OrderedDict(config=cfg, output_dir=_rel(run_dir),
+                       iterations=sched.get("MAX_ITER") or max(its, default=None),
+                       adopted_from=state.get("adopted_from"),
                        seconds_per_iter=summarize_run.seconds_per_iter(events),
                        train_wall_s=round(state["train_wall_s"], 1), attempts=state["attempts"],
                        interrupted_attempts=state.get("interrupted_attempts", 0),
@@ -278,11 +399,8 @@ def render(result: Dict[str, Any]) -> str:
     def _num(x: Optional[float], spec: str) -> str:
         return fmt_number(x, spec, undefined="–")
 
-    b = result["budget"]
     lines = [f"# Cross-site drop: BUSI-only vs BUSI + BrEaST training ({result['status']})", "",
-             f"Budget: **{b['max_iter']} of {b['full_max_iter']} iterations** per model"
-             + (" (reduced)" if b["reduced"] else "") + f", {b['evaluations_on_val']} val evaluations; "
-             + result["machine_note"], "",
+             budget_text(result["budget"]) + "; " + result["machine_note"], "",
              "| model | test set | images (lesion-free) | AP50 | AP | penalized IoU | CPM | image AUC |",
              "|---|---|---|---|---|---|---|---|"]
     for name, ev in result["evaluations"].items():
@@ -313,8 +431,10 @@ def render(result: Dict[str, Any]) -> str:
     for name, t in result["training"].items():
         spi = f"{t['seconds_per_iter']:.2f}" if t["seconds_per_iter"] else "?"
         lines.append(f"- {name}: `{t['config']}`, {t['iterations']} it, {spi} s/it, "
-                     f"training {t['train_wall_s'] / 60:.1f} min (incl. val evaluations){_interrupted(t)}, "
-                     f"mean 1-min load {t['load_avg_1min_mean']}; checkpoint chosen on val: {t['chosen_on_val']}")
+                     f"training {t['train_wall_s'] / 60:.1f} min (incl. val evaluations){_interrupted(t)}"
+                     + (f", trained by `{t['adopted_from']}` (adopted; its load not recorded here)"
+                        if t.get("adopted_from") else f", mean 1-min load {t['load_avg_1min_mean']}")
+                     + f"; checkpoint chosen on val: {t['chosen_on_val']}")
     for name, e in result["evaluations"].items():
         lines.append(f"- {name} test evaluations (`tools/cross_eval.py`): {e['eval_wall_s'] / 60:.1f} min")
     lines.append(f"- wall time of the stages: {result['stages_wall_s'] / 60:.1f} min "
@@ -328,8 +448,13 @@ def main() -> int:
     ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"),
                     help="folder holding busi/ and breast/ (default ../shared/data)")
     ap.add_argument("--output", default="output/cross_site", help="trainings, evaluations and logs")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help=f"wall-clock budget per training in minutes (default the recipes' {FULL_BUDGET_MIN:g})")
     ap.add_argument("--max-iter", type=int, default=None,
-                    help=f"reduced budget: iterations per model (default the recipes' {FULL_ITER})")
+                    help="a run counted in iterations instead of minutes (the budget off): iterations per model")
+    ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="use a finished training (e.g. busi_only=output/busi_recipe_lite_cpu) instead of training "
+                         "NAME here; refused unless its config is the one this script would train")
     ap.add_argument("--evals", type=int, default=5, help="val evaluations per training (default 5)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of every CI (default 1000)")
     ap.add_argument("--converter-repo", default=os.environ.get("USDET_CONVERTER_REPO", REPO),
@@ -344,12 +469,11 @@ def main() -> int:
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     os.chdir(REPO)
-    sched = schedule(args.max_iter, args.evals)
+    sched = schedule(args.max_iter, args.evals, args.budget_min)
+    adopted = parse_adopt(args.adopt, MODELS)
     result: Dict[str, Any] = OrderedDict()
     result["status"] = "running"
-    result["budget"] = OrderedDict(max_iter=sched["MAX_ITER"], full_max_iter=FULL_ITER,
-                                   reduced=sched["MAX_ITER"] < FULL_ITER, schedule=sched,
-                                   evaluations_on_val=-(-sched["MAX_ITER"] // sched["EVAL_PERIOD"]))
+    result["budget"] = budget_record(sched)
     result["machine_note"] = args.note or "machine not described"
     result["load_avg_at_start"] = os.getloadavg()
     result["command"] = " ".join(shlex.quote(a) for a in sys.argv)
@@ -376,6 +500,8 @@ def main() -> int:
     for i, name in enumerate(names):
         cfg, datasets, sources = MODELS[name]
         run_dir = os.path.join(out, name)
+        if name in adopted:
+            adopt(name, adopted[name], run_dir, cfg, train_opts(sources, data, sched, run_dir))
         result["training"][name] = train(name, cfg, sources, data, run_dir, sched, logs)
         result["evaluations"][name] = cross_eval(name, cfg, sources, datasets, data, run_dir,
                                                  os.path.join(out, f"eval_{name}"), args.bootstrap, logs)

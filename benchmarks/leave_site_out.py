@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Leave one site out (issue 24): train on one site, test on the other, with and without each lever.
 
-  python benchmarks/leave_site_out.py [--data DIR] [--output DIR] [--max-iter N] [--evals 5]
+  python benchmarks/leave_site_out.py [--data DIR] [--output DIR] [--budget-min 69 | --max-iter N] [--evals 5]
+      [--adopt NAME=RUN_DIR ...]
       [--directions busi:breast breast:busi] [--candidates adabn:backbone+fpn,adabn:backbone,pixel-stats,...]
       [--adapt-sizes 10,50] [--no-mixed] [--bootstrap 1000] [--note TEXT]
 
@@ -24,6 +25,10 @@ Every model is evaluated on the target's test sets (``cross_eval``) and compared
 ``source`` on the same images (``compare_models``); no choice looks at a test split (all of BrEaST
 holds BrEaST's val and train images: it is reported, never used to choose). The chosen adaptation
 is also re-run on ``--adapt-sizes`` frames (cost and gain against the number of unlabelled images).
+
+Each training has the recipe's wall-clock budget (``cross_site.schedule``). ``--adopt`` takes a
+training made elsewhere with the same config (``busi_only`` from ``make train-busi-cpu``, ``mixed``
+from ``make train-mixed-cpu``) instead of training it again (``cross_site.adopt`` checks the config).
 
 Resumable: trainings resume from their last checkpoint, every finished adaptation, evaluation and
 comparison is kept and skipped. ``benchmarks/results/leave_site_out.json`` (written after every
@@ -55,7 +60,7 @@ DEFAULT_CANDIDATES = "adabn:backbone+fpn,adabn:backbone,pixel-stats,pixel-stats+
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "busi_breast": {
-        "config": "configs/BUSI/recipe_scratch_cpu.yaml",
+        "config": "configs/BUSI/recipe_lite_cpu.yaml",
         "mixed_config": "configs/BUSI/recipe_mixed_cpu.yaml",
         "mixed_stats": ["busi", "breast"],
         "full_iter": cross_site.FULL_ITER,
@@ -132,6 +137,7 @@ class Protocol:
         self.p, self.data, self.out, self.sched = preset, data, out, sched
         self.bootstrap, self.candidates, self.sizes = bootstrap, candidates, sizes
         self.result, self.save = result, save
+        self.adopted: Dict[str, str] = {}
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
 
@@ -149,6 +155,9 @@ class Protocol:
             cfg, stats = self.p["config"], [s["stats"]]
             extra = ["DATASETS.TRAIN", repr((s["train"],)), "DATASETS.TEST", repr((s["val"],))]
             extra += SCANNER_AUG if aug else []
+        if name in self.adopted:
+            cross_site.adopt(name, self.adopted[name], run_dir, cfg,
+                             cross_site.train_opts(stats, self.data, self.sched, run_dir, extra))
         t = cross_site.train(name, cfg, stats, self.data, run_dir, self.sched, self.logs, extra_opts=extra)
         t["opts"] = extra
         self.result["training"][name] = t
@@ -318,10 +327,8 @@ def render(result: Dict[str, Any]) -> str:
     """Markdown: per direction, the models' table and the paired differences against ``source``."""
     from usdet.evaluation.formatting import fmt_estimate, fmt_number
 
-    b = result["budget"]
     lines = [f"# Leave one site out ({result['status']})", "",
-             f"Budget: **{b['max_iter']} of {b['full_max_iter']} iterations** per training"
-             + (" (reduced)" if b["reduced"] else "") + f"; {result['machine_note']}", ""]
+             cross_site.budget_text(result["budget"], "training") + f"; {result['machine_note']}", ""]
     for key, d in result.get("directions", {}).items():
         lines += [f"## {d['source']} → {d['target']}", "",
                   "| model | test set | images | AP50 | AP | AP75 | penalized IoU | CPM |",
@@ -359,7 +366,9 @@ def render(result: Dict[str, Any]) -> str:
         spi = f"{t['seconds_per_iter']:.2f}" if t.get("seconds_per_iter") else "?"
         lines.append(f"- {name}: `{t['config']}` {' '.join(t['opts'][:4])}{' + scanner aug' if 'INPUT.AUG.SCANNER.SECTOR' in t['opts'] else ''}, "
                      f"{t['iterations']} it, {spi} s/it, {t['train_wall_s'] / 60:.1f} min"
-                     f"{cross_site._interrupted(t)}, mean 1-min load {t['load_avg_1min_mean']}")
+                     f"{cross_site._interrupted(t)}"
+                     + (f", trained by `{t['adopted_from']}` (adopted; its load not recorded here)"
+                        if t.get("adopted_from") else f", mean 1-min load {t['load_avg_1min_mean']}"))
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +379,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"),
                     help="folder holding busi/ and breast/ (default ../shared/data)")
     ap.add_argument("--output", default="output/leave_site_out", help="trainings, adaptations, evaluations, logs")
-    ap.add_argument("--max-iter", type=int, default=None, help="reduced budget: iterations per training")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help=f"wall-clock budget per training in minutes (default the recipe's {cross_site.FULL_BUDGET_MIN:g})")
+    ap.add_argument("--max-iter", type=int, default=None,
+                    help="a run counted in iterations instead of minutes (the budget off): iterations per training")
+    ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="a finished training used as NAME (busi_only, breast_only, mixed, ...) instead of training it; "
+                         "refused unless its config is the one this script would train")
     ap.add_argument("--evals", type=int, default=5, help="val evaluations per training (default 5)")
     ap.add_argument("--directions", nargs="+", default=None, help="SOURCE:TARGET pairs (default: the preset's)")
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"method[:scope] list (default {DEFAULT_CANDIDATES})")
@@ -388,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     os.chdir(REPO)
     cross_site.FULL_ITER, cross_site.FULL_WARMUP = preset["full_iter"], preset.get("full_warmup", cross_site.FULL_WARMUP)
-    sched = cross_site.schedule(args.max_iter, args.evals)
+    sched = cross_site.schedule(args.max_iter, args.evals, args.budget_min)
     candidates = parse_candidates(args.candidates)
     sizes = [int(s) for s in args.adapt_sizes.split(",") if s.strip()]
     directions = [tuple(d.split(":")) for d in (args.directions or preset["directions"])]
@@ -397,9 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"--directions: {':'.join(d)} is not SOURCE:TARGET of {sorted(preset['sites'])}")
     result: Dict[str, Any] = OrderedDict()
     result["status"] = "running"
-    result["budget"] = OrderedDict(max_iter=sched["MAX_ITER"], full_max_iter=preset["full_iter"],
-                                   reduced=sched["MAX_ITER"] < preset["full_iter"], schedule=sched,
-                                   evaluations_on_val=-(-sched["MAX_ITER"] // sched["EVAL_PERIOD"]))
+    result["budget"] = cross_site.budget_record(sched)
     result["protocol"] = OrderedDict(preset=args.preset, scanner_aug=SCANNER_AUG, candidates=args.candidates,
                                      choice="adaptation chosen by AP50 on the target's val split; checkpoints on the "
                                             "source's val split; nothing chosen on a test split",
@@ -429,6 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         atomic_write_text(os.path.join(args.results, "reports", "leave_site_out.md"), render(result))
 
     proto = Protocol(preset, data, out, sched, args.bootstrap, candidates, sizes, result, save)
+    names = ["mixed"] + [f"{s}_{kind}" for s in preset["sites"] for kind in ("only", "scanner_aug")]
+    proto.adopted = cross_site.parse_adopt(args.adopt, names)
     with_mixed = not args.no_mixed and bool(preset.get("mixed_config"))
     if with_mixed:
         proto.train("mixed", None, aug=False)
