@@ -258,9 +258,10 @@ class Protocol:
         t = self.p["sites"][tgt]
         src_only, src_aug = f"{src}_only", f"{src}_scanner_aug"
         self.train(src_only, src, aug=False)
-        self.train(src_aug, src, aug=True)
         res: Dict[str, Any] = OrderedDict(source=src, target=tgt, tests=t["tests"])
-        ad = self.adapted_lever(src_only, src, tgt)
+        ad = self.adapted_lever(src_only, src, tgt)  # before the next training: its results are kept on disk
+        cost = self.sizes_curve(src_only, src, tgt, ad)
+        self.train(src_aug, src, aug=True)
         both = self.adapted_lever(src_aug, src, tgt)
         ev_aug = self.evaluate(f"{src_aug}_on_{tgt}", src_aug, {"aug": self.weights(src_aug)}, t["tests"])
         preds: Dict[str, Dict[str, str]] = OrderedDict()
@@ -296,7 +297,7 @@ class Protocol:
         res["paired_vs_source"] = paired
         for key, lever in (("adaptation", ad), ("adaptation_after_aug", both)):
             res[key] = OrderedDict((k, v) for k, v in lever.items() if k not in ("evaluation", "weights"))
-        res["adaptation_cost"] = self.sizes_curve(src_only, src, tgt, ad)
+        res["adaptation_cost"] = cost
         return res
 
     def sizes_curve(self, model: str, src: str, tgt: str, chosen: Dict[str, Any]) -> List[Dict[str, Any]]:
