@@ -141,8 +141,10 @@ def budget_text(b: Dict[str, Any], what: str = "model") -> str:
             + (" (reduced)" if b["reduced"] else "") + f", {b['evaluations_on_val']} val evaluations")
 
 
-#: keys that may differ between an adopted run and the one this script would train
-_ADOPT_IGNORED = ("OUTPUT_DIR", "INPUT.NORMALIZATION_FILE")
+#: keys (prefixes) that may differ between an adopted run and the one this script would train: the
+#: output folder, the statistics files' paths (their values are compared as PIXEL_MEAN/STD) and the
+#: clip-prediction defaults, which training never reads (they changed after issue 22)
+_ADOPT_IGNORED = ("OUTPUT_DIR", "INPUT.NORMALIZATION_FILE", "CLIP.")
 
 
 def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
@@ -183,7 +185,7 @@ def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) 
         raise SystemExit(f"--adopt {name}={src_dir}: {run_dir} exists already; remove it or drop --adopt")
     want = _flat(build_config(cfg, list(opts)))
     have = _flat(build_config(os.path.join(src_dir, "config.yaml")))
-    diff = sorted(k for k in set(want) | set(have) if k not in _ADOPT_IGNORED
+    diff = sorted(k for k in set(want) | set(have) if not k.startswith(_ADOPT_IGNORED)
                   and not _same_value(want.get(k), have.get(k)))
     if diff:
         raise SystemExit(f"--adopt {name}={src_dir}: its config.yaml is not {cfg} with this script's overrides; "
@@ -203,6 +205,22 @@ def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) 
                       {"train_wall_s": float(wall), "attempts": 1, "adopted_from": _rel(src_dir),
                        "load_avg_1min_mean": None, "load_avg_1min_max": None})
     _log(f"{name}: adopted the finished training in {src_dir} ({float(wall) / 60:.1f} min by its budget clock)")
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, output: str, adopt_example: str) -> None:
+    """The options this script and leave_site_out.py share: data, output, budget, adopted trainings."""
+    ap.add_argument("--data", default="datasets", help="USDET_DATASETS folder of the conversions (default datasets)")
+    ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"),
+                    help="folder holding busi/ and breast/ (default ../shared/data)")
+    ap.add_argument("--output", default=output, help=f"trainings, evaluations and logs (default {output})")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help=f"wall-clock budget per training in minutes (default the recipes' {FULL_BUDGET_MIN:g})")
+    ap.add_argument("--max-iter", type=int, default=None,
+                    help="a run counted in iterations instead of minutes (the budget off): iterations per training")
+    ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help=f"use a finished training (e.g. {adopt_example}) instead of training NAME here; refused "
+                         "unless its config is the one this script would train")
+    ap.add_argument("--evals", type=int, default=5, help="val evaluations per training with --max-iter (default 5)")
 
 
 def parse_adopt(items: Sequence[str], names: Sequence[str]) -> Dict[str, str]:
@@ -444,18 +462,7 @@ def render(result: Dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="datasets", help="USDET_DATASETS folder of the conversions (default datasets)")
-    ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"),
-                    help="folder holding busi/ and breast/ (default ../shared/data)")
-    ap.add_argument("--output", default="output/cross_site", help="trainings, evaluations and logs")
-    ap.add_argument("--budget-min", type=float, default=None,
-                    help=f"wall-clock budget per training in minutes (default the recipes' {FULL_BUDGET_MIN:g})")
-    ap.add_argument("--max-iter", type=int, default=None,
-                    help="a run counted in iterations instead of minutes (the budget off): iterations per model")
-    ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
-                    help="use a finished training (e.g. busi_only=output/busi_recipe_lite_cpu) instead of training "
-                         "NAME here; refused unless its config is the one this script would train")
-    ap.add_argument("--evals", type=int, default=5, help="val evaluations per training (default 5)")
+    add_run_arguments(ap, "output/cross_site", "busi_only=output/busi_recipe_lite_cpu")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of every CI (default 1000)")
     ap.add_argument("--converter-repo", default=os.environ.get("USDET_CONVERTER_REPO", REPO),
                     help="repository whose tools/convert_to_coco.py converts (default this one; "

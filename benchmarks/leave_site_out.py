@@ -376,18 +376,7 @@ def render(result: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="busi_breast", help="sites, configs and directions (default busi_breast)")
-    ap.add_argument("--data", default="datasets", help="USDET_DATASETS folder of the conversions (default datasets)")
-    ap.add_argument("--shared", default=os.path.join(REPO, "..", "shared", "data"),
-                    help="folder holding busi/ and breast/ (default ../shared/data)")
-    ap.add_argument("--output", default="output/leave_site_out", help="trainings, adaptations, evaluations, logs")
-    ap.add_argument("--budget-min", type=float, default=None,
-                    help=f"wall-clock budget per training in minutes (default the recipe's {cross_site.FULL_BUDGET_MIN:g})")
-    ap.add_argument("--max-iter", type=int, default=None,
-                    help="a run counted in iterations instead of minutes (the budget off): iterations per training")
-    ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
-                    help="a finished training used as NAME (busi_only, breast_only, mixed, ...) instead of training it; "
-                         "refused unless its config is the one this script would train")
-    ap.add_argument("--evals", type=int, default=5, help="val evaluations per training (default 5)")
+    cross_site.add_run_arguments(ap, "output/leave_site_out", "busi_only=output/busi_recipe_lite_cpu")
     ap.add_argument("--directions", nargs="+", default=None, help="SOURCE:TARGET pairs (default: the preset's)")
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"method[:scope] list (default {DEFAULT_CANDIDATES})")
     ap.add_argument("--adapt-sizes", default="10,50", help="frame counts for the cost curve (default 10,50; '' = none)")

@@ -97,8 +97,9 @@ def test_adopted_training_is_used_not_retrained(cross_site, tmp_path, monkeypatc
     cfg = os.path.join(REPO, "configs", "quick_schedules", "phantom_R18_FPN.yaml")
     sched = cross_site.schedule(None, 5)
     run_dir, src = str(tmp_path / "out" / "m"), str(tmp_path / "elsewhere")
-    # made elsewhere with the same config and schedule, another output folder
-    _finished_run(cross_site, src, cfg, cross_site.train_opts([], str(tmp_path), sched, src))
+    # made elsewhere with the same training config and schedule, another output folder and other
+    # clip-prediction defaults (read at prediction time only)
+    _finished_run(cross_site, src, cfg, cross_site.train_opts([], str(tmp_path), sched, src) + ["CLIP.WINDOW", "10"])
     cross_site.adopt("m", src, run_dir, cfg, cross_site.train_opts([], str(tmp_path), sched, run_dir))
     assert os.path.realpath(run_dir) == src
 
