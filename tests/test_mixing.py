@@ -180,10 +180,14 @@ def test_mixed_recipe_is_the_cpu_recipe_on_two_sources(tmp_path):
         stats.append(str(path))
     mixed = build_config(os.path.join(REPO, "configs", "BUSI", "recipe_mixed_cpu.yaml"),
                          ["INPUT.NORMALIZATION_FILE", ",".join(stats)])
-    single = build_config(os.path.join(REPO, "configs", "BUSI", "recipe_scratch_cpu.yaml"),
+    single = build_config(os.path.join(REPO, "configs", "BUSI", "recipe_lite_cpu.yaml"),
                           ["INPUT.NORMALIZATION_FILE", stats[0]])
     assert list(mixed.DATASETS.TRAIN) == ["busi_train", "breast_train"]
     assert list(mixed.DATASETS.TRAIN_WEIGHTS) == [0.6, 0.4]
     assert mixed.MODEL.PIXEL_MEAN == pytest.approx([0.6 * 70 + 0.4 * 110] * 3)
     assert mixed.SOLVER.MAX_ITER == single.SOLVER.MAX_ITER and mixed.SOLVER.IMS_PER_BATCH == single.SOLVER.IMS_PER_BATCH
     assert mixed.MODEL.RESNETS.DEPTH == single.MODEL.RESNETS.DEPTH and mixed.INPUT.AUG == single.INPUT.AUG
+    # the light detector on the same wall-clock budget (issue 21 item 4)
+    assert mixed.MODEL.BACKBONE.NAME == single.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone"
+    assert mixed.MODEL.FPN == single.MODEL.FPN and mixed.MODEL.ROI_BOX_HEAD == single.MODEL.ROI_BOX_HEAD
+    assert mixed.SOLVER.TIME_BUDGET_MIN == single.SOLVER.TIME_BUDGET_MIN == 69.0
