@@ -4,6 +4,7 @@
   python benchmarks/leave_site_out.py [--data DIR] [--output DIR] [--budget-min 69 | --max-iter N] [--evals 5]
       [--adopt NAME=RUN_DIR ...]
       [--directions busi:breast breast:busi] [--candidates adabn:backbone+fpn,adabn:backbone,pixel-stats,...]
+      [--both-candidates LIST]
       [--adapt-sizes 10,50] [--no-mixed] [--bootstrap 1000] [--note TEXT]
 
 Directions (preset ``busi_breast``): BUSI -> BrEaST (reported on BrEaST's test split and on all 256
@@ -17,7 +18,8 @@ BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction,
   whether it beats ``source`` on that val split is recorded (paired) as the adapt-or-not verdict;
 - ``+aug``: the recipe plus scanner-style augmentation (``SCANNER_AUG``, fixed a priori), chosen on
   the source's val split like ``source``;
-- ``+both``: ``+aug`` adapted as ``+adapt`` (its own choice on the target's val split);
+- ``+both``: ``+aug`` adapted as ``+adapt`` (its own choice on the target's val split, among
+  ``--both-candidates``, default the same candidates);
 - ``mixed``: the mixed recipe (both sites' train splits), the ceiling, where its training images are
   not the test images.
 
@@ -136,6 +138,7 @@ class Protocol:
                  candidates: List[Tuple[str, str]], sizes: List[int], result: Dict[str, Any], save):
         self.p, self.data, self.out, self.sched = preset, data, out, sched
         self.bootstrap, self.candidates, self.sizes = bootstrap, candidates, sizes
+        self.both_candidates = candidates
         self.result, self.save = result, save
         self.adopted: Dict[str, str] = {}
         self.logs = os.path.join(out, "logs")
@@ -231,12 +234,13 @@ class Protocol:
         return OrderedDict((m, OrderedDict(values=v["values"], delta=v["delta"])) for m, v in c["metrics"].items())
 
     # -- one direction ----------------------------------------------------------------------
-    def adapted_lever(self, model: str, src: str, tgt: str) -> Dict[str, Any]:
+    def adapted_lever(self, model: str, src: str, tgt: str,
+                      candidates: Optional[List[Tuple[str, str]]] = None) -> Dict[str, Any]:
         """Every candidate adaptation of ``model`` to ``tgt``, evaluated on tgt val; the best kept."""
         t = self.p["sites"][tgt]
         images = split_images(self.data, t["train"], os.path.join(self.out, "adapt_images", t["train"]))
         recs = OrderedDict()
-        for method, scope in self.candidates:
+        for method, scope in candidates or self.candidates:
             recs[_cand_name(method, scope)] = self.adapt(model, images, src, method, scope)
         weights = OrderedDict([("source", self.weights(model))] + [(k, r["weights"]) for k, r in recs.items()])
         ev = self.evaluate(f"{model}_to_{tgt}", model, weights, [t["val"]] + t["tests"])
@@ -262,7 +266,7 @@ class Protocol:
         ad = self.adapted_lever(src_only, src, tgt)  # before the next training: its results are kept on disk
         cost = self.sizes_curve(src_only, src, tgt, ad)
         self.train(src_aug, src, aug=True)
-        both = self.adapted_lever(src_aug, src, tgt)
+        both = self.adapted_lever(src_aug, src, tgt, self.both_candidates)
         ev_aug = self.evaluate(f"{src_aug}_on_{tgt}", src_aug, {"aug": self.weights(src_aug)}, t["tests"])
         preds: Dict[str, Dict[str, str]] = OrderedDict()
         rows: Dict[str, Dict[str, Any]] = OrderedDict()
@@ -379,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cross_site.add_run_arguments(ap, "output/leave_site_out", "busi_only=output/busi_recipe_lite_cpu")
     ap.add_argument("--directions", nargs="+", default=None, help="SOURCE:TARGET pairs (default: the preset's)")
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"method[:scope] list (default {DEFAULT_CANDIDATES})")
+    ap.add_argument("--both-candidates", default=None,
+                    help="method[:scope] list tried on the +aug model (default: --candidates); fewer saves evaluations")
     ap.add_argument("--adapt-sizes", default="10,50", help="frame counts for the cost curve (default 10,50; '' = none)")
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed model (the ceiling)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -432,6 +438,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         atomic_write_text(os.path.join(args.results, "reports", "leave_site_out.md"), render(result))
 
     proto = Protocol(preset, data, out, sched, args.bootstrap, candidates, sizes, result, save)
+    if args.both_candidates:
+        proto.both_candidates = parse_candidates(args.both_candidates)
+        result["protocol"]["both_candidates"] = args.both_candidates
     names = ["mixed"] + [f"{s}_{kind}" for s in preset["sites"] for kind in ("only", "scanner_aug")]
     proto.adopted = cross_site.parse_adopt(args.adopt, names)
     with_mixed = not args.no_mixed and bool(preset.get("mixed_config"))

@@ -105,3 +105,10 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     r2 = json.load(open(os.path.join(res, "leave_site_out.json")))
     assert r2["directions"]["ph_to_phs"]["table"] == d["table"]
     assert r2["directions"]["ph_to_phs"]["paired_vs_source"] == d["paired_vs_source"]
+
+    # fewer candidates for +both: only those are tried on the +aug model (cached here, nothing runs)
+    assert lso.main(argv + ["--both-candidates", "pixel-stats"]) == 0
+    r3 = json.load(open(os.path.join(res, "leave_site_out.json")))["directions"]["ph_to_phs"]
+    assert set(r3["adaptation_after_aug"]["val_AP50"]) == {"pixel-stats"}
+    assert r3["adaptation_after_aug"]["chosen"] == "pixel-stats"
+    assert set(r3["adaptation"]["val_AP50"]) == {"adabn_backbone-fpn", "pixel-stats"}
