@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -46,7 +47,8 @@ import summarize_run  # noqa: E402
 PY = sys.executable
 FULL_ITER = 1100  # iterations of a full run counted in iterations (recipe_scratch_cpu.yaml's MAX_ITER)
 FULL_WARMUP = 100
-FULL_BUDGET_MIN = 69.0  # the light recipes' SOLVER.TIME_BUDGET_MIN: a full run's wall-clock budget
+#: the recipe whose SOLVER.TIME_BUDGET_MIN is a full run's wall-clock budget (read, not repeated here)
+BUDGET_RECIPE = os.path.join(REPO, "configs", "BUSI", "recipe_lite_cpu.yaml")
 #: name -> (config, test datasets it is evaluated on, pixel_stats of its training sources)
 MODELS = OrderedDict([
     ("busi_only", ("configs/BUSI/recipe_lite_cpu.yaml", ["busi_test", "breast_test", "breastall_test"],
@@ -100,15 +102,23 @@ def _run(cmd: List[str], log: str, cwd: str = REPO, env: Optional[Dict[str, str]
     return time.time() - t0
 
 
+def full_budget_min() -> float:
+    """A full run's wall-clock budget: ``BUDGET_RECIPE``'s ``SOLVER.TIME_BUDGET_MIN`` (the light
+    recipes' budget), so that a change to the recipe cannot leave these scripts behind."""
+    from usdet.engine.setup import build_config
+
+    return float(build_config(BUDGET_RECIPE).SOLVER.TIME_BUDGET_MIN)
+
+
 def schedule(max_iter: Optional[int], evals: int, budget_min: Optional[float] = None) -> Dict[str, Any]:
     """The training schedule's overrides: a wall-clock budget (``TIME_BUDGET_MIN``, default the full
-    ``FULL_BUDGET_MIN``; the recipe's own iterations, warmup and periods), or with ``max_iter`` a run
+    :func:`full_budget_min`; the recipe's own iterations, warmup and periods), or with ``max_iter`` a run
     counted in iterations: MAX_ITER, WARMUP_ITERS and CHECKPOINT_PERIOD = EVAL_PERIOD in proportion
     (``evals`` evaluations on val) and the budget off."""
     if max_iter and budget_min:
         raise SystemExit("--max-iter and --budget-min: give one (iterations or minutes), not both")
     if not max_iter:
-        return {"TIME_BUDGET_MIN": float(budget_min or FULL_BUDGET_MIN)}
+        return {"TIME_BUDGET_MIN": float(budget_min or full_budget_min())}
     period = max(1, round(max_iter / evals))
     return {"MAX_ITER": max_iter, "WARMUP_ITERS": max(1, round(FULL_WARMUP * max_iter / FULL_ITER)),
             "CHECKPOINT_PERIOD": period, "EVAL_PERIOD": period, "TIME_BUDGET_MIN": 0.0}
@@ -125,8 +135,8 @@ def schedule_opts(sched: Dict[str, Any]) -> List[str]:
 def budget_record(sched: Dict[str, Any]) -> Dict[str, Any]:
     """What the result says of the budget: minutes or iterations, full or reduced."""
     if sched.get("TIME_BUDGET_MIN"):
-        m = sched["TIME_BUDGET_MIN"]
-        return OrderedDict(budget_min=m, full_budget_min=FULL_BUDGET_MIN, reduced=m < FULL_BUDGET_MIN,
+        m, full = sched["TIME_BUDGET_MIN"], full_budget_min()
+        return OrderedDict(budget_min=m, full_budget_min=full, reduced=m < full,
                            schedule=sched, evaluations_on_val="every SOLVER.CHECKPOINT_PERIOD iterations and at the end")
     return OrderedDict(max_iter=sched["MAX_ITER"], full_max_iter=FULL_ITER, reduced=sched["MAX_ITER"] < FULL_ITER,
                        schedule=sched, evaluations_on_val=-(-sched["MAX_ITER"] // sched["EVAL_PERIOD"]))
@@ -148,6 +158,7 @@ _ADOPT_IGNORED = ("OUTPUT_DIR", "INPUT.NORMALIZATION_FILE", "CLIP.")
 
 
 def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """A config as ``{"A.B.C": value}`` (yacs' CfgNode has no diff of its own)."""
     if isinstance(node, dict):
         out: Dict[str, Any] = {}
         for k, v in node.items():
@@ -157,11 +168,20 @@ def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _same_value(a: Any, b: Any) -> bool:
+    """Equal, numbers to 1e-3 (a config dumped to YAML and read back loses the last digits)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(a)))
+        return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
     return a == b
+
+
+def state_path(run_dir: str) -> str:
+    """The training's time record: in its own folder, or beside the link of an adopted training
+    (whose folder is another run's output, shared by every script that adopts it: never written)."""
+    if os.path.islink(run_dir):
+        return run_dir.rstrip(os.sep) + ".cross_site_wall.json"
+    return os.path.join(run_dir, "cross_site_wall.json")
 
 
 def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) -> None:
@@ -176,7 +196,7 @@ def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) 
     from usdet.utils.io import atomic_write_json
 
     src_dir = os.path.abspath(src_dir)
-    if os.path.realpath(run_dir) == src_dir and os.path.isfile(os.path.join(run_dir, "cross_site_wall.json")):
+    if os.path.realpath(run_dir) == src_dir and os.path.isfile(state_path(run_dir)):
         return  # adopted by an earlier invocation
     for f in ("config.yaml", "model_final.pth", "model_best.pth", "best_metric.json", "metrics.json"):
         if not os.path.isfile(os.path.join(src_dir, f)):
@@ -201,7 +221,7 @@ def adopt(name: str, src_dir: str, run_dir: str, cfg: str, opts: Sequence[str]) 
                          "time is unknown")
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     os.symlink(src_dir, run_dir)
-    atomic_write_json(os.path.join(run_dir, "cross_site_wall.json"),
+    atomic_write_json(state_path(run_dir),
                       {"train_wall_s": float(wall), "attempts": 1, "adopted_from": _rel(src_dir),
                        "load_avg_1min_mean": None, "load_avg_1min_max": None})
     _log(f"{name}: adopted the finished training in {src_dir} ({float(wall) / 60:.1f} min by its budget clock)")
@@ -214,7 +234,8 @@ def add_run_arguments(ap: argparse.ArgumentParser, output: str, adopt_example: s
                     help="folder holding busi/ and breast/ (default ../shared/data)")
     ap.add_argument("--output", default=output, help=f"trainings, evaluations and logs (default {output})")
     ap.add_argument("--budget-min", type=float, default=None,
-                    help=f"wall-clock budget per training in minutes (default the recipes' {FULL_BUDGET_MIN:g})")
+                    help="wall-clock budget per training in minutes (default the light recipe's SOLVER.TIME_BUDGET_MIN, "
+                         f"{os.path.relpath(BUDGET_RECIPE, REPO)})")
     ap.add_argument("--max-iter", type=int, default=None,
                     help="a run counted in iterations instead of minutes (the budget off): iterations per training")
     ap.add_argument("--adopt", action="append", default=[], metavar="NAME=RUN_DIR",
@@ -293,10 +314,10 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
     """
     from usdet.utils.io import atomic_write_json
 
-    state_path = os.path.join(run_dir, "cross_site_wall.json")
+    record = state_path(run_dir)
     state: Dict[str, Any] = {"train_wall_s": 0.0, "attempts": 0}
-    if os.path.isfile(state_path):
-        with open(state_path) as fh:
+    if os.path.isfile(record):
+        with open(record) as fh:
             state = json.load(fh)
     if not os.path.isfile(os.path.join(run_dir, "model_final.pth")):
         os.makedirs(run_dir, exist_ok=True)
@@ -306,7 +327,7 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
             if state.pop("running", False) or state["attempts"] == 0:  # killed before it could record itself
                 state["interrupted_attempts"] = state.get("interrupted_attempts", 0) + 1
         state["running"] = True
-        atomic_write_json(state_path, state)
+        atomic_write_json(record, state)
         what = (f"{sched['MAX_ITER']} iterations" if "MAX_ITER" in sched
                 else f"{sched['TIME_BUDGET_MIN']:g}-minute budget")
         _log(f"training {name} ({cfg}, {what}){' resumed' if resume else ''} -> {run_dir}")
@@ -319,7 +340,7 @@ def train(name: str, cfg: str, sources: List[str], data: str, run_dir: str, sche
         state.update(train_wall_s=state["train_wall_s"] + s, attempts=state["attempts"] + 1,
                      load_avg_1min_mean=round(sum(LOADS[loads0:]) / max(1, len(LOADS) - loads0), 2),
                      load_avg_1min_max=max(LOADS[loads0:], default=None))
-        atomic_write_json(state_path, state)
+        atomic_write_json(record, state)
     events = summarize_run._events(os.path.join(run_dir, "metrics.json"))
     with open(os.path.join(run_dir, "best_metric.json")) as fh:
         best = json.load(fh)

@@ -5,7 +5,7 @@
       [--adopt NAME=RUN_DIR ...]
       [--directions busi:breast breast:busi] [--candidates adabn:backbone+fpn,adabn:backbone,pixel-stats,...]
       [--both-candidates LIST]
-      [--adapt-sizes 10,50] [--no-mixed] [--bootstrap 1000] [--note TEXT]
+      [--adapt-sizes 10,50] [--no-mixed] [--no-aug] [--bootstrap 1000] [--note TEXT]
 
 Directions (preset ``busi_breast``): BUSI -> BrEaST (reported on BrEaST's test split and on all 256
 BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction, models:
@@ -167,6 +167,10 @@ class Protocol:
         self.save("training")
         return t
 
+    def finished(self, name: str) -> bool:
+        """Trained to the end here, or adopted."""
+        return name in self.adopted or os.path.isfile(os.path.join(self.out, name, "model_final.pth"))
+
     def weights(self, name: str) -> str:
         return os.path.join(self.out, name, "model_best.pth")
 
@@ -258,51 +262,62 @@ class Protocol:
                            evaluation=ev, weights=recs[best]["weights"],
                            method=recs[best]["method"], scope=(recs[best].get("bn") or {}).get("scope"))
 
-    def direction(self, src: str, tgt: str, with_mixed: bool) -> Dict[str, Any]:
+    def direction(self, src: str, tgt: str, with_mixed: bool, with_aug: bool = True) -> Dict[str, Any]:
+        """One direction, recorded in the result and saved after each stage: ``source`` and
+        ``+adapt`` (and ``mixed``) before the ``+aug`` training starts, so that a run stopped during
+        it keeps them. ``with_aug=False`` starts no ``+aug`` training: ``+aug``/``+both`` are reported
+        where it is finished (or adopted) already, else recorded as not measured."""
         t = self.p["sites"][tgt]
         src_only, src_aug = f"{src}_only", f"{src}_scanner_aug"
         self.train(src_only, src, aug=False)
         res: Dict[str, Any] = OrderedDict(source=src, target=tgt, tests=t["tests"])
-        ad = self.adapted_lever(src_only, src, tgt)  # before the next training: its results are kept on disk
-        cost = self.sizes_curve(src_only, src, tgt, ad)
-        self.train(src_aug, src, aug=True)
-        both = self.adapted_lever(src_aug, src, tgt, self.both_candidates)
-        ev_aug = self.evaluate(f"{src_aug}_on_{tgt}", src_aug, {"aug": self.weights(src_aug)}, t["tests"])
-        preds: Dict[str, Dict[str, str]] = OrderedDict()
+        self.result["directions"][f"{src}_to_{tgt}"] = res
         rows: Dict[str, Dict[str, Any]] = OrderedDict()
+        ad = self.adapted_lever(src_only, src, tgt)
         for ds in t["tests"]:
-            preds.setdefault("source", {})[ds] = ad["evaluation"]["rows"][("source", ds)]["predictions"]
-            preds.setdefault("+adapt", {})[ds] = ad["evaluation"]["rows"][(ad["chosen"], ds)]["predictions"]
-            preds.setdefault("+aug", {})[ds] = ev_aug["rows"][("aug", ds)]["predictions"]
-            preds.setdefault("+both", {})[ds] = both["evaluation"]["rows"][(both["chosen"], ds)]["predictions"]
             rows.setdefault("source", {})[ds] = ad["evaluation"]["rows"][("source", ds)]
             rows.setdefault("+adapt", {})[ds] = ad["evaluation"]["rows"][(ad["chosen"], ds)]
-            rows.setdefault("+aug", {})[ds] = ev_aug["rows"][("aug", ds)]
-            rows.setdefault("+both", {})[ds] = both["evaluation"]["rows"][(both["chosen"], ds)]
+        res["adaptation"] = self._lever_record(ad)
+        res["adaptation_cost"] = self.sizes_curve(src_only, src, tgt, ad)
         if with_mixed:
             mixed_tests = [ds for ds in t["tests"] if ds not in self.p["mixed_trained_on"]]
             if mixed_tests:
                 ev_mixed = self.evaluate(f"mixed_on_{tgt}", "mixed", {"mixed": self.weights("mixed")}, mixed_tests)
                 for ds in mixed_tests:
-                    preds.setdefault("mixed", {})[ds] = ev_mixed["rows"][("mixed", ds)]["predictions"]
                     rows.setdefault("mixed", {})[ds] = ev_mixed["rows"][("mixed", ds)]
-        table = OrderedDict()
-        for model, by_ds in rows.items():
-            table[model] = OrderedDict((ds, OrderedDict(num_images=r["num_images"], metrics=r["metrics"]))
-                                       for ds, r in by_ds.items())
-        res["table"] = table
-        paired = OrderedDict()
-        for model in preds:
-            if model == "source":
-                continue
-            for ds, p in preds[model].items():
-                paired.setdefault(model, OrderedDict())[ds] = self.compare(
-                    f"{src}_to_{tgt}/{model.strip('+')}", ds, ("source", preds["source"][ds]), (model, p))
-        res["paired_vs_source"] = paired
-        for key, lever in (("adaptation", ad), ("adaptation_after_aug", both)):
-            res[key] = OrderedDict((k, v) for k, v in lever.items() if k not in ("evaluation", "weights"))
-        res["adaptation_cost"] = cost
+        self._tabulate(res, src, tgt, rows)
+        res["not_measured"] = ["+aug", "+both"]
+        if not with_aug and not self.finished(src_aug):
+            return res
+        self.save(f"{src} -> {tgt}: +aug training")
+        self.train(src_aug, src, aug=True)
+        both = self.adapted_lever(src_aug, src, tgt, self.both_candidates)
+        ev_aug = self.evaluate(f"{src_aug}_on_{tgt}", src_aug, {"aug": self.weights(src_aug)}, t["tests"])
+        for ds in t["tests"]:
+            rows.setdefault("+aug", {})[ds] = ev_aug["rows"][("aug", ds)]
+            rows.setdefault("+both", {})[ds] = both["evaluation"]["rows"][(both["chosen"], ds)]
+        res["adaptation_after_aug"] = self._lever_record(both)
+        del res["not_measured"]
+        self._tabulate(res, src, tgt, rows)
         return res
+
+    @staticmethod
+    def _lever_record(lever: Dict[str, Any]) -> Dict[str, Any]:
+        return OrderedDict((k, v) for k, v in lever.items() if k not in ("evaluation", "weights"))
+
+    def _tabulate(self, res: Dict[str, Any], src: str, tgt: str, rows: Dict[str, Dict[str, Any]]) -> None:
+        """``rows`` (model -> test set -> cross_eval row) as the table, each model paired with ``source``."""
+        order = [m for m in ("source", "+adapt", "+aug", "+both", "mixed") if m in rows]
+        res["table"] = OrderedDict(
+            (model, OrderedDict((ds, OrderedDict(num_images=r["num_images"], metrics=r["metrics"]))
+                                for ds, r in rows[model].items())) for model in order)
+        paired: Dict[str, Any] = OrderedDict()
+        for model in order[1:]:
+            for ds, r in rows[model].items():
+                paired.setdefault(model, OrderedDict())[ds] = self.compare(
+                    f"{src}_to_{tgt}/{model.strip('+')}", ds, ("source", rows["source"][ds]["predictions"]),
+                    (model, r["predictions"]))
+        res["paired_vs_source"] = paired
 
     def sizes_curve(self, model: str, src: str, tgt: str, chosen: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The chosen adaptation on fewer frames: seconds and AP50 on each target test set."""
@@ -338,7 +353,7 @@ def render(result: Dict[str, Any]) -> str:
         lines += [f"## {d['source']} → {d['target']}", "",
                   "| model | test set | images | AP50 | AP | AP75 | penalized IoU | CPM |",
                   "|---|---|---|---|---|---|---|---|"]
-        for model, by_ds in d["table"].items():
+        for model, by_ds in d.get("table", {}).items():
             for ds, row in by_ds.items():
                 m = row["metrics"]
                 lines.append(f"| {model} | {ds} | {row['num_images']} | " + " | ".join(
@@ -346,7 +361,7 @@ def render(result: Dict[str, Any]) -> str:
                     + " |")
         lines += ["", "Paired against `source` on the same images (delta [95% CI], p):", "",
                   "| model | test set | ΔAP50 | ΔAP | Δ penalized IoU | ΔCPM |", "|---|---|---|---|---|---|"]
-        for model, by_ds in d["paired_vs_source"].items():
+        for model, by_ds in d.get("paired_vs_source", {}).items():
             for ds, c in by_ds.items():
                 cells = []
                 for k in ("AP50", "AP", "piou", "cpm"):
@@ -357,7 +372,12 @@ def render(result: Dict[str, Any]) -> str:
                                  f"{fmt_number(v.get('high'), spec, undefined='–')}], "
                                  f"p {fmt_number(v.get('p_value'), '.3g', undefined='–')}")
                 lines.append(f"| {model} | {ds} | " + " | ".join(cells) + " |")
+        if d.get("not_measured"):
+            lines += ["", "Not measured in this run: " + ", ".join(f"`{m}`" for m in d["not_measured"])
+                      + " (the scanner-augmented training has not run)."]
         for lk in ("adaptation", "adaptation_after_aug"):
+            if lk not in d:
+                continue
             a = d[lk]
             lines += ["", f"{lk.replace('_', ' ')}: chosen `{a['chosen']}` on {a['selection_set']} (val AP50 "
                       + ", ".join(f"{k} {fmt_number(v, '.1f', undefined='–')}" for k, v in a["val_AP50"].items())
@@ -365,7 +385,7 @@ def render(result: Dict[str, Any]) -> str:
         lines += ["", "Adaptation cost (the chosen adaptation of `source`): "
                   + "; ".join(f"{c['num_images']} frames, {c['seconds']:.1f} s, AP50 "
                               + ", ".join(f"{ds} {fmt_number(v, '.1f', undefined='–')}" for ds, v in c["AP50"].items())
-                              for c in d["adaptation_cost"]), ""]
+                              for c in d.get("adaptation_cost", [])), ""]
     lines += ["Trainings:", ""]
     for name, t in result["training"].items():
         spi = f"{t['seconds_per_iter']:.2f}" if t.get("seconds_per_iter") else "?"
@@ -387,6 +407,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="method[:scope] list tried on the +aug model (default: --candidates); fewer saves evaluations")
     ap.add_argument("--adapt-sizes", default="10,50", help="frame counts for the cost curve (default 10,50; '' = none)")
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed model (the ceiling)")
+    ap.add_argument("--no-aug", action="store_true",
+                    help="start no scanner-augmented training: +aug and +both are reported only where it is "
+                         "finished (or adopted) already")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--note", default="", help="free text recorded with the result (e.g. 'machine shared')")
     ap.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
@@ -447,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if with_mixed:
         proto.train("mixed", None, aug=False)
     for src, tgt in directions:
-        result["directions"][f"{src}_to_{tgt}"] = proto.direction(src, tgt, with_mixed)
+        proto.direction(src, tgt, with_mixed, with_aug=not args.no_aug)
         save(f"{src} -> {tgt} done")
     save("complete")
     _log(f"done in {(time.time() - t0) / 60:.1f} min: {os.path.join(args.results, 'leave_site_out.json')}")

@@ -67,12 +67,22 @@ def test_uninterrupted_run_reports_no_interruption(cross_site, tmp_path, monkeyp
     assert t["attempts"] == 1 and t["interrupted_attempts"] == 0 and cross_site._interrupted(t) == ""
 
 
-def test_full_run_is_a_wall_clock_budget_and_iterations_turn_it_off(cross_site):
+def test_full_run_is_a_wall_clock_budget_and_iterations_turn_it_off(cross_site, tmp_path, monkeypatch):
+    from usdet.engine.setup import build_config
+
+    recipe = build_config(cross_site.BUDGET_RECIPE).SOLVER.TIME_BUDGET_MIN
     full = cross_site.schedule(None, 5)
-    assert full == {"TIME_BUDGET_MIN": cross_site.FULL_BUDGET_MIN}
+    assert recipe > 0 and full == {"TIME_BUDGET_MIN": recipe}
     opts = cross_site.schedule_opts(full)
-    assert opts == ["SOLVER.TIME_BUDGET_MIN", str(cross_site.FULL_BUDGET_MIN)] and "SOLVER.MAX_ITER" not in opts
+    assert opts == ["SOLVER.TIME_BUDGET_MIN", str(recipe)] and "SOLVER.MAX_ITER" not in opts
     assert cross_site.budget_record(cross_site.schedule(None, 5, 30.0))["reduced"]
+    # the full budget is the recipe's, read from it: a recipe with another budget moves it
+    other = tmp_path / "other.yaml"
+    other.write_text(f'_BASE_: "{cross_site.BUDGET_RECIPE}"\nSOLVER:\n  TIME_BUDGET_MIN: 12.5\n')
+    monkeypatch.setattr(cross_site, "BUDGET_RECIPE", str(other))
+    assert cross_site.schedule(None, 5) == {"TIME_BUDGET_MIN": 12.5}
+    b = cross_site.budget_record(cross_site.schedule(None, 5, 30.0))
+    assert b["full_budget_min"] == 12.5 and not b["reduced"]
     short = cross_site.schedule(20, 2)
     assert short["MAX_ITER"] == 20 and short["EVAL_PERIOD"] == 10 and short["TIME_BUDGET_MIN"] == 0.0
     assert cross_site.schedule_opts(short)[:2] == ["SOLVER.MAX_ITER", "20"]
@@ -100,8 +110,12 @@ def test_adopted_training_is_used_not_retrained(cross_site, tmp_path, monkeypatc
     # made elsewhere with the same training config and schedule, another output folder and other
     # clip-prediction defaults (read at prediction time only)
     _finished_run(cross_site, src, cfg, cross_site.train_opts([], str(tmp_path), sched, src) + ["CLIP.WINDOW", "10"])
+    before = sorted(os.listdir(src))
     cross_site.adopt("m", src, run_dir, cfg, cross_site.train_opts([], str(tmp_path), sched, run_dir))
     assert os.path.realpath(run_dir) == src
+    # the adopted run's folder (another tool's output, maybe adopted by other scripts) is not written to
+    assert sorted(os.listdir(src)) == before and os.path.isfile(cross_site.state_path(run_dir))
+    assert os.path.dirname(cross_site.state_path(run_dir)) == str(tmp_path / "out")
 
     def must_not_train(*a, **k):
         raise AssertionError("an adopted training was trained again")

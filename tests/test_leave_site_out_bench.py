@@ -112,3 +112,18 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     assert set(r3["adaptation_after_aug"]["val_AP50"]) == {"pixel-stats"}
     assert r3["adaptation_after_aug"]["chosen"] == "pixel-stats"
     assert set(r3["adaptation"]["val_AP50"]) == {"adabn_backbone-fpn", "pixel-stats"}
+
+    # --no-aug starts no +aug training: a finished one is still reported ...
+    assert lso.main(argv + ["--no-aug"]) == 0
+    r4 = json.load(open(os.path.join(res, "leave_site_out.json")))["directions"]["ph_to_phs"]
+    assert r4["table"] == d["table"] and "not_measured" not in r4
+    # ... one that is not finished is not started; source, +adapt and mixed are reported without it
+    final = os.path.join(out, "ph_scanner_aug", "model_final.pth")
+    os.rename(final, final + ".away")
+    assert lso.main(argv + ["--no-aug"]) == 0
+    r5 = json.load(open(os.path.join(res, "leave_site_out.json")))["directions"]["ph_to_phs"]
+    assert list(r5["table"]) == ["source", "+adapt", "mixed"] and r5["not_measured"] == ["+aug", "+both"]
+    assert r5["table"]["+adapt"] == d["table"]["+adapt"] and "adaptation_after_aug" not in r5
+    assert list(r5["paired_vs_source"]) == ["+adapt", "mixed"]
+    md = open(os.path.join(res, "reports", "leave_site_out.md")).read()
+    assert "Not measured in this run: `+aug`, `+both`" in md and "| +aug |" not in md
