@@ -4,12 +4,10 @@ and a second invocation redoes nothing."""
 import importlib.util
 import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 
-from train_helpers import QUICK_CFG
+from train_helpers import QUICK_CFG, phantom_sites
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,24 +22,11 @@ def lso(monkeypatch):
     return mod
 
 
-def _phantom_sites(data: str) -> None:
-    from usdet.data.image_io import read_image
-    from usdet.data.phantom import make_phantom_dataset
-    from usdet.utils.io import atomic_write_image
-
-    make_phantom_dataset(os.path.join(data, "ph"), num_images=16, size=96, seed=0)
-    shutil.copytree(os.path.join(data, "ph"), os.path.join(data, "phs"))
-    folder = os.path.join(data, "phs", "images")
-    for name in os.listdir(folder):
-        img = read_image(os.path.join(folder, name)).astype(np.float32)
-        atomic_write_image(os.path.join(folder, name), np.clip(0.6 * img + 50, 0, 255).astype(np.uint8))
-
-
 def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tmp_path, monkeypatch):
     import torch
 
     data, out, res = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "results")
-    _phantom_sites(data)
+    phantom_sites(data)
     mixed_cfg = tmp_path / "mixed.yaml"
     mixed_cfg.write_text(f'_BASE_: "{QUICK_CFG}"\nDATASETS:\n  TRAIN: ("ph_train", "phs_train")\n'
                          '  TEST: ("phs_val",)\n')

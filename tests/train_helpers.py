@@ -217,3 +217,22 @@ class capture_log:
     @property
     def text(self) -> str:
         return "\n".join(self.messages)
+
+
+def phantom_sites(data: str, num_images: int = 16, size: int = 96) -> None:
+    """Two phantom "sites" under ``data``: ``ph`` and ``phs``, the same images intensity-shifted
+    (0.6 x + 50), as a second scanner would show them (the cross-site benchmarks' tests)."""
+    import shutil
+
+    import numpy as np
+
+    from usdet.data.image_io import read_image
+    from usdet.data.phantom import make_phantom_dataset
+    from usdet.utils.io import atomic_write_image
+
+    make_phantom_dataset(os.path.join(data, "ph"), num_images=num_images, size=size, seed=0)
+    shutil.copytree(os.path.join(data, "ph"), os.path.join(data, "phs"))
+    folder = os.path.join(data, "phs", "images")
+    for name in os.listdir(folder):
+        img = read_image(os.path.join(folder, name)).astype(np.float32)
+        atomic_write_image(os.path.join(folder, name), np.clip(0.6 * img + 50, 0, 255).astype(np.uint8))
