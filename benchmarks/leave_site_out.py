@@ -253,9 +253,9 @@ class Protocol:
         verdict = self.compare(f"{model}_to_{tgt}/val_choice", t["val"],
                                ("source", ev["rows"][("source", t["val"])]["predictions"]),
                                (best, ev["rows"][(best, t["val"])]["predictions"]))
-        d = verdict["AP50"]["delta"]
-        decided = ("adapt" if d["low"] is not None and d["low"] > 0 else
-                   "do not adapt" if d["high"] is not None and d["high"] < 0 else "no detectable difference")
+        from usdet.evaluation.compare import interval_verdict
+
+        decided = interval_verdict(verdict["AP50"]["delta"], better="adapt", worse="do not adapt")
         return OrderedDict(selection_set=t["val"], adaptation_images=f"{t['train']} images (labels unused)",
                            val_AP50=val, chosen=best, val_paired_vs_unadapted=verdict, val_decision=decided,
                            chosen_record={k: v for k, v in recs[best].items() if k != "weights"},

@@ -80,15 +80,6 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def verdict(delta: Dict[str, Any]) -> str:
-    """A paired interval in words: which side it excludes, or that it cannot tell."""
-    if delta.get("low") is not None and delta["low"] > 0:
-        return "better"
-    if delta.get("high") is not None and delta["high"] < 0:
-        return "worse"
-    return "no detectable difference"
-
-
 def render(result: Dict[str, Any]) -> str:
     from usdet.evaluation.formatting import fmt_number
 
@@ -227,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if inc and inc != best:
         from detectron2.data import MetadataCatalog
 
-        from usdet.evaluation.compare import compare_models
+        from usdet.evaluation.compare import compare_models, interval_verdict
 
         for ds in val_sets:
             dest = os.path.join(out, "paired", f"{best}_vs_{inc}", ds)
@@ -240,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 metrics = json.load(fh)["metrics"]
             delta = metrics["AP50"]["delta"]
             choice["paired_vs_incumbent"][ds] = OrderedDict(AP50=OrderedDict(values=metrics["AP50"]["values"],
-                                                                             delta=delta), verdict=verdict(delta))
+                                                                             delta=delta), verdict=interval_verdict(delta))
         verdicts = {c["verdict"] for c in choice["paired_vs_incumbent"].values()}
         choice["conclusion"] = (f"{choice['weights']} beats the config's {choice['incumbent']} on the val score; "
                                 + ("paired on each val split the difference is not detectable: the choice rests on "

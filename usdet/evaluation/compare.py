@@ -98,6 +98,17 @@ def paired_bootstrap_p(deltas: np.ndarray) -> float:
     return float(min(1.0, 2.0 * (tail + 1) / (d.size + 1)))
 
 
+def interval_verdict(delta: Dict[str, Any], better: str = "better", worse: str = "worse") -> str:
+    """A paired difference's interval (``compare_models``' ``delta``) in words: ``better`` when it
+    excludes 0 from below, ``worse`` from above, else ``no detectable difference`` (what every
+    choice made on a small val split must be able to say)."""
+    if delta.get("low") is not None and delta["low"] > 0:
+        return better
+    if delta.get("high") is not None and delta["high"] < 0:
+        return worse
+    return "no detectable difference"
+
+
 def compare_models(
     gt_json: Any,
     predictions: "OrderedDict[str, Any]",

@@ -382,7 +382,7 @@ def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str,
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from usdet.engine.setup import build_config
-    from usdet.evaluation.compare import compare_models
+    from usdet.evaluation.compare import compare_models, interval_verdict
     from usdet.experiments.cross_eval import cross_evaluate
 
     if val_dataset not in DatasetCatalog.list():
@@ -394,13 +394,7 @@ def check_on_val(config_file: str, weights: str, adapted: str, val_dataset: str,
     preds = OrderedDict((row["model"], os.path.join(out_dir, row["predictions"])) for row in r["rows"])
     c = compare_models(MetadataCatalog.get(val_dataset).get("json_file"), preds, os.path.join(out_dir, "comparison"),
                        n_resamples=max(int(bootstrap), 100), plots=False)
-    d = c["metrics"]["AP50"]["delta"]
-    if d["low"] is not None and d["low"] > 0:
-        verdict = "gain"
-    elif d["high"] is not None and d["high"] < 0:
-        verdict = "loss"
-    else:
-        verdict = "no detectable difference"
+    verdict = interval_verdict(c["metrics"]["AP50"]["delta"], better="gain", worse="loss")
     out = OrderedDict(dataset=val_dataset, num_images=c["num_images"], verdict=verdict,
                       comparison=os.path.join(out_dir, "comparison", "comparison.json"))
     for k, v in c["metrics"].items():
