@@ -36,6 +36,7 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
                               "sites": {"ph": site("ph"), "phs": site("phs")}, "mixed_trained_on": [],
                               "directions": ["ph:phs"]}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("USDET_DATASETS", data)  # main() sets it: restored after the test
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     torch.set_num_threads(1)
     argv = ["--preset", "phantom", "--data", data, "--output", out, "--max-iter", "2", "--evals", "1",

@@ -40,6 +40,7 @@ def test_tiny_sweep_trains_each_mix_chooses_on_val_and_is_resumable(mw, tmp_path
                    '  TRAIN_WEIGHTS: (0.5, 0.5)\n  TEST: ("ph_val", "phs_val")\n'
                    'SOLVER:\n  BEST_CHECKPOINT:\n    METRIC: "phs_val/bbox/AP50"\n')
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("USDET_DATASETS", data)  # main() sets it: restored after the test
     monkeypatch.setenv("PYTHONPATH", mw.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     torch.set_num_threads(1)
     argv = ["--config", str(cfg), "--sources", "ph,phs", "--weights", "0.2/0.8", "0.5/0.5", "--data", data,
