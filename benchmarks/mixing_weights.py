@@ -66,12 +66,12 @@ def weights_name(w: Sequence[float]) -> str:
     return "w" + "-".join(f"{x:g}" for x in w)
 
 
-def sources_of(cfg: Any) -> List[str]:
+def sources_of(cfg: Any, path: str) -> List[str]:
     """The statistics folders of the config's ``INPUT.NORMALIZATION_FILE`` (one per training source,
     ``datasets/<name>/pixel_stats.json``): what ``cross_site.train`` recomputes under ``--data``."""
     files = [f for f in str(cfg.INPUT.NORMALIZATION_FILE).split(",") if f.strip()]
     if len(files) != len(cfg.DATASETS.TRAIN):
-        raise SystemExit(f"{cfg.get('_path', 'the config')}: INPUT.NORMALIZATION_FILE names {len(files)} statistics files for "
+        raise SystemExit(f"{path}: INPUT.NORMALIZATION_FILE names {len(files)} statistics files for "
                          f"{len(cfg.DATASETS.TRAIN)} training sources; give --sources")
     return [os.path.basename(os.path.dirname(f.strip())) for f in files]
 
@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_sets, val_sets = list(base.DATASETS.TRAIN), list(base.DATASETS.TEST)
     if len(train_sets) < 2:
         raise SystemExit(f"{args.config}: DATASETS.TRAIN has one source; nothing to weigh")
-    sources = [s.strip() for s in args.sources.split(",") if s.strip()] or sources_of(base)
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] or sources_of(base, args.config)
     candidates = parse_weights(args.weights, len(train_sets))
     incumbent = tuple(float(x) for x in base.DATASETS.TRAIN_WEIGHTS) or None
     names = [weights_name(w) for w in candidates]

@@ -22,7 +22,15 @@ def test_weights_are_parsed_per_source_and_bad_ones_refused(mw):
             mw.parse_weights([bad], 2)
     with pytest.raises(SystemExit, match="twice"):
         mw.parse_weights(["0.5/0.5", "0.5/0.5"], 2)
+    from usdet.engine.setup import build_config
     from usdet.evaluation.compare import interval_verdict
+
+    cfg = build_config(mw.CONFIG)
+    assert mw.sources_of(cfg, mw.CONFIG) == ["busi", "breast"]
+    cfg.defrost()
+    cfg.INPUT.NORMALIZATION_FILE = "datasets/busi/pixel_stats.json"
+    with pytest.raises(SystemExit, match="recipe_mixed_cpu.yaml: INPUT.NORMALIZATION_FILE names 1"):
+        mw.sources_of(cfg, mw.CONFIG)
 
     assert interval_verdict({"low": 0.5, "high": 3.0}) == "better"
     assert interval_verdict({"low": -3.0, "high": -0.1}, worse="loss") == "loss"
