@@ -107,7 +107,7 @@ def full_budget_min() -> float:
     recipes' budget), so that a change to the recipe cannot leave these scripts behind."""
     from usdet.engine.setup import build_config
 
-    return float(build_config(BUDGET_RECIPE).SOLVER.TIME_BUDGET_MIN)
+    return float(build_config(BUDGET_RECIPE, resolve=False).SOLVER.TIME_BUDGET_MIN)
 
 
 def schedule(max_iter: Optional[int], evals: int, budget_min: Optional[float] = None) -> Dict[str, Any]:

@@ -129,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     os.chdir(REPO)
-    base = build_config(args.config)
+    base = build_config(args.config, resolve=False)  # the trainings resolve their own statistics
     train_sets, val_sets = list(base.DATASETS.TRAIN), list(base.DATASETS.TEST)
     if len(train_sets) < 2:
         raise SystemExit(f"{args.config}: DATASETS.TRAIN has one source; nothing to weigh")

@@ -70,7 +70,8 @@ def test_uninterrupted_run_reports_no_interruption(cross_site, tmp_path, monkeyp
 def test_full_run_is_a_wall_clock_budget_and_iterations_turn_it_off(cross_site, tmp_path, monkeypatch):
     from usdet.engine.setup import build_config
 
-    recipe = build_config(cross_site.BUDGET_RECIPE).SOLVER.TIME_BUDGET_MIN
+    recipe = build_config(cross_site.BUDGET_RECIPE, resolve=False).SOLVER.TIME_BUDGET_MIN
+    monkeypatch.chdir(tmp_path)  # as in a clean clone: no converted datasets, no pixel_stats.json
     full = cross_site.schedule(None, 5)
     assert recipe > 0 and full == {"TIME_BUDGET_MIN": recipe}
     opts = cross_site.schedule_opts(full)

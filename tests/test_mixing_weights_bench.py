@@ -25,7 +25,7 @@ def test_weights_are_parsed_per_source_and_bad_ones_refused(mw):
     from usdet.engine.setup import build_config
     from usdet.evaluation.compare import interval_verdict
 
-    cfg = build_config(mw.CONFIG)
+    cfg = build_config(mw.CONFIG, resolve=False)  # a clean clone has no converted datasets
     assert mw.sources_of(cfg, mw.CONFIG) == ["busi", "breast"]
     cfg.defrost()
     cfg.INPUT.NORMALIZATION_FILE = "datasets/busi/pixel_stats.json"

@@ -18,10 +18,12 @@ from usdet.utils.io import atomic_write_text
 __all__ = ["build_config", "setup", "check_datasets", "default_run_setup"]
 
 
-def build_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
+def build_config(config_file: str = "", opts: Sequence[str] = (), resolve: bool = True) -> CfgNode:
     """detectron2 defaults + usdet keys, then the file, then ``KEY VALUE`` overrides; normalization resolved.
 
     An unknown key or a bad value raises ``ValueError`` naming the file (or the overrides).
+    ``resolve=False`` leaves ``MODEL.PIXEL_MEAN/STD`` unresolved, for callers that only read the schedule
+    or the datasets and must work before the converter has written ``pixel_stats.json``.
     """
     cfg = get_cfg()
     add_usdet_config(cfg)
@@ -36,7 +38,8 @@ def build_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, TypeError, AssertionError) as e:
         raise ValueError(f"command-line overrides {list(opts)}: {e}") from None
-    resolve_normalization(cfg)
+    if resolve:
+        resolve_normalization(cfg)
     if str(cfg.MODEL.DEVICE).startswith("cuda"):
         import torch
 
