@@ -406,6 +406,44 @@ def compare(a: Dict[str, Any], b: Dict[str, Any], data: str, out: str, bootstrap
     return res
 
 
+def evaluate_cached(out: str, config_file: str, weights: Dict[str, str], datasets: Sequence[str],
+                    bootstrap: int, wall_name: str, opts: Sequence[str] = ()) -> Dict[str, Any]:
+    """In-process ``cross_evaluate`` of ``{name: weights}`` on ``datasets`` into ``out`` (config overrides
+    ``opts``, e.g. test-time augmentation), skipped when its ``wall_name`` record exists (so a resumed
+    benchmark redoes nothing) -> ``{"cross_eval", "wall"}``."""
+    from usdet.engine.setup import build_config
+    from usdet.experiments.cross_eval import cross_evaluate
+    from usdet.utils.io import atomic_write_json
+
+    wall_path = os.path.join(out, wall_name)
+    if not os.path.isfile(wall_path):
+        _log(f"evaluating {', '.join(weights)} on {', '.join(datasets)}")
+        t0, load0 = time.time(), round(os.getloadavg()[0], 2)
+        cfg = build_config(config_file, ["TEST.BOOTSTRAP", str(bootstrap), *opts])
+        cross_evaluate(cfg, dict(weights), list(datasets), out, plots=False, config_file=config_file)
+        atomic_write_json(wall_path, {"eval_wall_s": round(time.time() - t0, 1), "load_avg_1min_start": load0,
+                                      "load_avg_1min_end": round(os.getloadavg()[0], 2)})
+    with open(os.path.join(out, "cross_eval.json")) as fh, open(wall_path) as wh:
+        return {"cross_eval": json.load(fh), "wall": json.load(wh)}
+
+
+def paired_cached(dest: str, dataset: str, first: Sequence[str], second: Sequence[str],
+                  bootstrap: int) -> Dict[str, Any]:
+    """In-process paired ``second - first`` on registered ``dataset`` (each a (name, predictions file)),
+    skipped when ``dest/comparison.json`` exists -> metric -> {values, delta}."""
+    from detectron2.data import MetadataCatalog
+
+    from usdet.evaluation.compare import compare_models
+
+    path = os.path.join(dest, "comparison.json")
+    if not os.path.isfile(path):
+        compare_models(MetadataCatalog.get(dataset).get("json_file"), OrderedDict([tuple(first), tuple(second)]),
+                       dest, n_resamples=max(bootstrap, 100), plots=False)
+    with open(path) as fh:
+        c = json.load(fh)
+    return OrderedDict((m, OrderedDict(values=v["values"], delta=v["delta"])) for m, v in c["metrics"].items())
+
+
 def differences(result: Dict[str, Any]) -> None:
     """The drop of the BUSI-only model from BUSI test to BrEaST (points), and mixed − BUSI-only."""
     ev = result["evaluations"]

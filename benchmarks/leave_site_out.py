@@ -5,7 +5,7 @@
       [--adopt NAME=RUN_DIR ...]
       [--directions busi:breast breast:busi] [--candidates adabn:backbone+fpn,adabn:backbone,pixel-stats,...]
       [--both-candidates LIST]
-      [--adapt-sizes 10,50] [--no-mixed] [--no-aug] [--bootstrap 1000] [--note TEXT]
+      [--adapt-sizes 10,50] [--tta] [--no-mixed] [--no-aug] [--bootstrap 1000] [--note TEXT]
 
 Directions (preset ``busi_breast``): BUSI -> BrEaST (reported on BrEaST's test split and on all 256
 BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction, models:
@@ -16,6 +16,8 @@ BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction,
   to the target's *train-split* images (their boxes unused). Each candidate in ``--candidates``
   (method[:scope]) is evaluated on the **target's val split** and the best AP50 there is kept;
   whether it beats ``source`` on that val split is recorded (paired) as the adapt-or-not verdict;
+- ``+tta`` (with ``--tta``): ``source`` with detectron2's test-time augmentation, the variant of
+  ``TTA_VARIANTS`` (flip; flip at three scales) chosen on the target's val split in the same way;
 - ``+aug``: the recipe plus scanner-style augmentation (``SCANNER_AUG``, fixed a priori), chosen on
   the source's val split like ``source``;
 - ``+both``: ``+aug`` adapted as ``+adapt`` (its own choice on the target's val split, among
@@ -58,6 +60,14 @@ SCANNER_AUG = ["INPUT.AUG.SCANNER.PROB", "0.5", "INPUT.AUG.SCANNER.DEPTH_GAIN", 
                "INPUT.AUG.SCANNER.BLUR", "1.0", "INPUT.AUG.SCANNER.LOG_COMPRESSION", "3.0",
                "INPUT.AUG.SCANNER.JPEG_QUALITY", "40", "INPUT.AUG.SCANNER.SECTOR", "True",
                "INPUT.AUG.SCANNER.TEXT", "True"]
+#: Test-time augmentation variants of the "+tta" lever (``--tta``): detectron2's GeneralizedRCNNWithTTA
+#: (horizontal flip; flip at three scales around the recipe's 320-pixel test size), chosen on the
+#: target's val split like the adaptations. Label-free and training-free: only inference changes.
+TTA_VARIANTS: Dict[str, List[str]] = OrderedDict([
+    ("flip", ["TEST.FLIP", "True"]),
+    ("multiscale", ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(256, 320, 384)", "TEST.AUG.MAX_SIZE", "640",
+                    "TEST.AUG.FLIP", "True"]),
+])
 DEFAULT_CANDIDATES = "adabn:backbone+fpn,adabn:backbone,pixel-stats,pixel-stats+adabn:backbone+fpn"
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -139,6 +149,7 @@ class Protocol:
         self.p, self.data, self.out, self.sched = preset, data, out, sched
         self.bootstrap, self.candidates, self.sizes = bootstrap, candidates, sizes
         self.both_candidates = candidates
+        self.tta = False  # --tta: the test-time augmentation lever
         self.result, self.save = result, save
         self.adopted: Dict[str, str] = {}
         self.logs = os.path.join(out, "logs")
@@ -198,44 +209,25 @@ class Protocol:
         rec["weights"] = dest
         return rec
 
-    def evaluate(self, key: str, model: str, weights: Dict[str, str], datasets: Sequence[str]) -> Dict[str, Any]:
-        """cross_eval of ``{name: weights}`` (config of ``model``) on ``datasets``; rows by (name, dataset)."""
-        from usdet.engine.setup import build_config
-        from usdet.experiments.cross_eval import cross_evaluate
-        from usdet.utils.io import atomic_write_json
-
+    def evaluate(self, key: str, model: str, weights: Dict[str, str], datasets: Sequence[str],
+                 opts: Sequence[str] = ()) -> Dict[str, Any]:
+        """cross_eval of ``{name: weights}`` (config of ``model`` + ``opts``) on ``datasets``; rows by (name, dataset)."""
         out = os.path.join(self.out, "eval", key)
-        wall_path = os.path.join(out, "leave_site_out_wall.json")
-        if not os.path.isfile(wall_path):
-            _log(f"evaluating {', '.join(weights)} on {', '.join(datasets)}")
-            t0, load0 = time.time(), _load()
-            cfg = build_config(self.config_of(model), ["TEST.BOOTSTRAP", str(self.bootstrap)])
-            cross_evaluate(cfg, weights, list(datasets), out, plots=False, config_file=self.config_of(model))
-            atomic_write_json(wall_path, {"eval_wall_s": round(time.time() - t0, 1), "load_avg_1min_start": load0,
-                                          "load_avg_1min_end": _load()})
-        r = _read(os.path.join(out, "cross_eval.json"))
+        ev = cross_site.evaluate_cached(out, self.config_of(model), weights, datasets, self.bootstrap,
+                                        "leave_site_out_wall.json", opts)
         rows = OrderedDict()
-        for row in r["rows"]:
+        for row in ev["cross_eval"]["rows"]:
             report = _read(os.path.join(out, os.path.dirname(row["report"]), "metrics.json"))
             metrics = OrderedDict(row["metrics"])
             metrics["AP75"] = {"estimate": report.get("bbox", {}).get("AP75")}  # cross_eval's table has no AP75
             rows[(row["model"], row["dataset"])] = dict(row, metrics=metrics,
                                                         predictions=os.path.join(out, row["predictions"]))
-        return {"rows": rows, "wall": _read(wall_path)}
+        return {"rows": rows, "wall": ev["wall"]}
 
     def compare(self, key: str, dataset: str, first: Tuple[str, str], second: Tuple[str, str]) -> Dict[str, Any]:
         """Paired ``second - first`` on ``dataset``; ``first``/``second`` = (name, predictions file)."""
-        from detectron2.data import MetadataCatalog
-
-        from usdet.evaluation.compare import compare_models
-
-        dest = os.path.join(self.out, "paired", key, dataset)
-        path = os.path.join(dest, "comparison.json")
-        if not os.path.isfile(path):
-            compare_models(MetadataCatalog.get(dataset).get("json_file"), OrderedDict([first, second]), dest,
-                           n_resamples=max(self.bootstrap, 100), plots=False)
-        c = _read(path)
-        return OrderedDict((m, OrderedDict(values=v["values"], delta=v["delta"])) for m, v in c["metrics"].items())
+        return cross_site.paired_cached(os.path.join(self.out, "paired", key, dataset), dataset, first, second,
+                                        self.bootstrap)
 
     # -- one direction ----------------------------------------------------------------------
     def adapted_lever(self, model: str, src: str, tgt: str,
@@ -262,6 +254,26 @@ class Protocol:
                            evaluation=ev, weights=recs[best]["weights"],
                            method=recs[best]["method"], scope=(recs[best].get("bn") or {}).get("scope"))
 
+    def tta_lever(self, model: str, tgt: str, unadapted: Dict[str, Any]) -> Dict[str, Any]:
+        """Each ``TTA_VARIANTS`` of ``model`` on the target's val split, the best evaluated on its tests and
+        paired on val against plain inference (``unadapted``: ``adapted_lever``'s record, its ``source`` rows)."""
+        from usdet.evaluation.compare import interval_verdict
+
+        t = self.p["sites"][tgt]
+        plain = unadapted["evaluation"]["rows"][("source", t["val"])]
+        evs = OrderedDict((v, self.evaluate(f"{model}_tta_{v}_to_{tgt}_val", model, {v: self.weights(model)}, [t["val"]],
+                                            opts)) for v, opts in TTA_VARIANTS.items())
+        val = OrderedDict((v, ev["rows"][(v, t["val"])]["metrics"]["AP50"]["estimate"]) for v, ev in evs.items())
+        best = max(val, key=lambda k: -1.0 if val[k] is None else val[k])
+        verdict = self.compare(f"{model}_tta_to_{tgt}/val_choice", t["val"], ("source", plain["predictions"]),
+                               (best, evs[best]["rows"][(best, t["val"])]["predictions"]))
+        ev = self.evaluate(f"{model}_tta_{best}_on_{tgt}", model, {best: self.weights(model)}, t["tests"],
+                           TTA_VARIANTS[best])
+        return OrderedDict(selection_set=t["val"], val_AP50=val, chosen=best, opts=TTA_VARIANTS[best],
+                           val_paired_vs_plain=verdict,
+                           val_decision=interval_verdict(verdict["AP50"]["delta"], better="use TTA", worse="do not"),
+                           evaluation=ev)
+
     def direction(self, src: str, tgt: str, with_mixed: bool, with_aug: bool = True) -> Dict[str, Any]:
         """One direction, recorded in the result and saved after each stage: ``source`` and
         ``+adapt`` (and ``mixed``) before the ``+aug`` training starts, so that a run stopped during
@@ -279,6 +291,11 @@ class Protocol:
             rows.setdefault("+adapt", {})[ds] = ad["evaluation"]["rows"][(ad["chosen"], ds)]
         res["adaptation"] = self._lever_record(ad)
         res["adaptation_cost"] = self.sizes_curve(src_only, src, tgt, ad)
+        if self.tta:
+            tta = self.tta_lever(src_only, tgt, ad)
+            for ds in t["tests"]:
+                rows.setdefault("+tta", {})[ds] = tta["evaluation"]["rows"][(tta["chosen"], ds)]
+            res["tta"] = self._lever_record(tta)
         if with_mixed:
             mixed_tests = [ds for ds in t["tests"] if ds not in self.p["mixed_trained_on"]]
             if mixed_tests:
@@ -307,7 +324,7 @@ class Protocol:
 
     def _tabulate(self, res: Dict[str, Any], src: str, tgt: str, rows: Dict[str, Dict[str, Any]]) -> None:
         """``rows`` (model -> test set -> cross_eval row) as the table, each model paired with ``source``."""
-        order = [m for m in ("source", "+adapt", "+aug", "+both", "mixed") if m in rows]
+        order = [m for m in ("source", "+adapt", "+tta", "+aug", "+both", "mixed") if m in rows]
         res["table"] = OrderedDict(
             (model, OrderedDict((ds, OrderedDict(num_images=r["num_images"], metrics=r["metrics"]))
                                 for ds, r in rows[model].items())) for model in order)
@@ -375,13 +392,15 @@ def render(result: Dict[str, Any]) -> str:
         if d.get("not_measured"):
             lines += ["", "Not measured in this run: " + ", ".join(f"`{m}`" for m in d["not_measured"])
                       + " (the scanner-augmented training has not run)."]
-        for lk in ("adaptation", "adaptation_after_aug"):
+        for lk in ("adaptation", "adaptation_after_aug", "tta"):
             if lk not in d:
                 continue
             a = d[lk]
-            lines += ["", f"{lk.replace('_', ' ')}: chosen `{a['chosen']}` on {a['selection_set']} (val AP50 "
+            what = "test-time augmentation" if lk == "tta" else lk.replace("_", " ")
+            lines += ["", f"{what}: chosen `{a['chosen']}` on {a['selection_set']} (val AP50 "
                       + ", ".join(f"{k} {fmt_number(v, '.1f', undefined='–')}" for k, v in a["val_AP50"].items())
-                      + f"); on val against no adaptation: {a['val_decision']}."]
+                      + f"); on val against {'plain inference' if lk == 'tta' else 'no adaptation'}: "
+                      f"{a['val_decision']}."]
         lines += ["", "Adaptation cost (the chosen adaptation of `source`): "
                   + "; ".join(f"{c['num_images']} frames, {c['seconds']:.1f} s, AP50 "
                               + ", ".join(f"{ds} {fmt_number(v, '.1f', undefined='–')}" for ds, v in c["AP50"].items())
@@ -410,6 +429,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-aug", action="store_true",
                     help="start no scanner-augmented training: +aug and +both are reported only where it is "
                          "finished (or adopted) already")
+    ap.add_argument("--tta", action="store_true",
+                    help="also the +tta lever: the source model with test-time augmentation (TTA_VARIANTS), "
+                         "chosen on the target's val split")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--note", default="", help="free text recorded with the result (e.g. 'machine shared')")
     ap.add_argument("--results", default=RESULTS, help="results folder (default benchmarks/results)")
@@ -461,6 +483,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         atomic_write_text(os.path.join(args.results, "reports", "leave_site_out.md"), render(result))
 
     proto = Protocol(preset, data, out, sched, args.bootstrap, candidates, sizes, result, save)
+    proto.tta = args.tta
+    if args.tta:
+        result["protocol"]["tta_variants"] = TTA_VARIANTS
     if args.both_candidates:
         proto.both_candidates = parse_candidates(args.both_candidates)
         result["protocol"]["both_candidates"] = args.both_candidates

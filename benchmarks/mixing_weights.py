@@ -24,7 +24,6 @@ evaluations and comparisons are kept and skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -179,29 +178,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["candidates"][name]["training"] = {k: v for k, v in t.items() if k != "val_curve"}
         save(f"trained {name}")
 
-    from usdet.experiments.cross_eval import cross_evaluate
-    from usdet.utils.io import atomic_write_json
-
     preds: Dict[str, Dict[str, str]] = {}
     for name in names:
         run_dir, dest = os.path.join(out, name), os.path.join(out, "eval", name)
-        wall_path = os.path.join(dest, "mixing_weights_wall.json")
-        if not os.path.isfile(wall_path):
-            _log(f"evaluating {name} (model_final.pth) on {', '.join(val_sets)}")
-            s0, load0 = time.time(), os.getloadavg()[0]
-            cfg = build_config(os.path.join(run_dir, "config.yaml"), ["TEST.BOOTSTRAP", str(args.bootstrap)])
-            cross_evaluate(cfg, {name: os.path.join(run_dir, "model_final.pth")}, val_sets, dest, plots=False,
-                           config_file=os.path.join(run_dir, "config.yaml"))
-            atomic_write_json(wall_path, {"eval_wall_s": round(time.time() - s0, 1),
-                                          "load_avg_1min_start": round(load0, 2),
-                                          "load_avg_1min_end": round(os.getloadavg()[0], 2)})
-        with open(os.path.join(dest, "cross_eval.json")) as fh:
-            rows = json.load(fh)["rows"]
+        ev = cross_site.evaluate_cached(dest, os.path.join(run_dir, "config.yaml"),
+                                        {name: os.path.join(run_dir, "model_final.pth")}, val_sets, args.bootstrap,
+                                        "mixing_weights_wall.json")
+        rows = ev["cross_eval"]["rows"]
         c = result["candidates"][name]
         c["val_AP50"] = OrderedDict((r["dataset"], r["metrics"]["AP50"]["estimate"]) for r in rows)
         c["score"] = _mean([c["val_AP50"].get(v) for v in val_sets])
-        with open(wall_path) as fh:
-            c["evaluation"] = json.load(fh)
+        c["evaluation"] = ev["wall"]
         preds[name] = {r["dataset"]: os.path.join(dest, r["predictions"]) for r in rows}
         save(f"evaluated {name}")
 
@@ -216,19 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          incumbent_score=result["candidates"][inc]["score"] if inc else None,
                          paired_vs_incumbent=OrderedDict())
     if inc and inc != best:
-        from detectron2.data import MetadataCatalog
-
-        from usdet.evaluation.compare import compare_models, interval_verdict
+        from usdet.evaluation.compare import interval_verdict
 
         for ds in val_sets:
-            dest = os.path.join(out, "paired", f"{best}_vs_{inc}", ds)
-            path = os.path.join(dest, "comparison.json")
-            if not os.path.isfile(path):
-                compare_models(MetadataCatalog.get(ds).get("json_file"),
-                               OrderedDict([(inc, preds[inc][ds]), (best, preds[best][ds])]), dest,
-                               n_resamples=max(args.bootstrap, 100), plots=False)
-            with open(path) as fh:
-                metrics = json.load(fh)["metrics"]
+            metrics = cross_site.paired_cached(os.path.join(out, "paired", f"{best}_vs_{inc}", ds), ds,
+                                               (inc, preds[inc][ds]), (best, preds[best][ds]), args.bootstrap)
             delta = metrics["AP50"]["delta"]
             choice["paired_vs_incumbent"][ds] = OrderedDict(AP50=OrderedDict(values=metrics["AP50"]["values"],
                                                                              delta=delta), verdict=interval_verdict(delta))

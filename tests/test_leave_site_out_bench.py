@@ -40,7 +40,7 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     torch.set_num_threads(1)
     argv = ["--preset", "phantom", "--data", data, "--output", out, "--max-iter", "2", "--evals", "1",
-            "--candidates", "adabn:backbone+fpn,pixel-stats", "--adapt-sizes", "4", "--bootstrap", "20",
+            "--candidates", "adabn:backbone+fpn,pixel-stats", "--adapt-sizes", "4", "--tta", "--bootstrap", "20",
             "--results", res, "--note", "test"]
     assert lso.main(argv) == 0
     r = json.load(open(os.path.join(res, "leave_site_out.json")))
@@ -53,7 +53,7 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
         aug_cfg = fh.read()
     assert "SECTOR: true" in aug_cfg and "JPEG_QUALITY: 40" in aug_cfg
     d = r["directions"]["ph_to_phs"]
-    assert list(d["table"]) == ["source", "+adapt", "+aug", "+both", "mixed"]
+    assert list(d["table"]) == ["source", "+adapt", "+tta", "+aug", "+both", "mixed"]
     n_test = d["table"]["source"]["phs_test"]["num_images"]
     assert n_test > 0 and all(row["phs_test"]["num_images"] == n_test for row in d["table"].values())
     for lever in ("adaptation", "adaptation_after_aug"):
@@ -65,7 +65,18 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
         n_train = len(json.load(open(os.path.join(data, "phs", "annotations", "train.json")))["images"])
         assert a["chosen_record"]["num_images"] == n_train
         assert a["val_decision"] in ("adapt", "do not adapt", "no detectable difference")
-    for model in ("+adapt", "+aug", "+both", "mixed"):
+    # +tta: each variant evaluated on val with its own overrides, the best taken to the tests
+    tta = d["tta"]
+    assert tta["selection_set"] == "phs_val" and set(tta["val_AP50"]) == set(lso.TTA_VARIANTS)
+    vals = {k: (-1.0 if v is None else v) for k, v in tta["val_AP50"].items()}
+    assert vals[tta["chosen"]] == max(vals.values()) and tta["opts"] == lso.TTA_VARIANTS[tta["chosen"]]
+    import yaml
+
+    with open(os.path.join(out, "eval", "ph_only_tta_multiscale_to_phs_val", "multiscale", "config_eval.yaml")) as fh:
+        ms_aug = yaml.safe_load(fh)["TEST"]["AUG"]
+    assert ms_aug["ENABLED"] and list(ms_aug["MIN_SIZES"]) == [256, 320, 384] and ms_aug["MAX_SIZE"] == 640
+    assert d["table"]["+tta"]["phs_test"]["num_images"] == n_test
+    for model in ("+adapt", "+tta", "+aug", "+both", "mixed"):
         c = d["paired_vs_source"][model]["phs_test"]["AP50"]
         vs = c["values"]
         if vs["source"] is not None and vs[model] is not None:
@@ -74,6 +85,7 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     assert [s["num_images"] for s in sizes] == [n_train, 4] and sizes[1]["max_images"] == 4
     md = open(os.path.join(res, "reports", "leave_site_out.md")).read()
     assert "## ph → phs" in md and "| +both | phs_test |" in md and "reduced" in md
+    assert f"test-time augmentation: chosen `{tta['chosen']}` on phs_val" in md
 
     # resumed: nothing is trained, adapted, evaluated or compared again; same result
     def refuse(*a, **k):
@@ -108,8 +120,8 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     os.rename(final, final + ".away")
     assert lso.main(argv + ["--no-aug"]) == 0
     r5 = json.load(open(os.path.join(res, "leave_site_out.json")))["directions"]["ph_to_phs"]
-    assert list(r5["table"]) == ["source", "+adapt", "mixed"] and r5["not_measured"] == ["+aug", "+both"]
+    assert list(r5["table"]) == ["source", "+adapt", "+tta", "mixed"] and r5["not_measured"] == ["+aug", "+both"]
     assert r5["table"]["+adapt"] == d["table"]["+adapt"] and "adaptation_after_aug" not in r5
-    assert list(r5["paired_vs_source"]) == ["+adapt", "mixed"]
+    assert list(r5["paired_vs_source"]) == ["+adapt", "+tta", "mixed"]
     md = open(os.path.join(res, "reports", "leave_site_out.md")).read()
     assert "Not measured in this run: `+aug`, `+both`" in md and "| +aug |" not in md
