@@ -17,7 +17,8 @@ BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction,
   (method[:scope]) is evaluated on the **target's val split** and the best AP50 there is kept;
   whether it beats ``source`` on that val split is recorded (paired) as the adapt-or-not verdict;
 - ``+tta`` (with ``--tta``): ``source`` with detectron2's test-time augmentation, the variant of
-  ``TTA_VARIANTS`` (flip; flip at three scales) chosen on the target's val split in the same way;
+  ``TTA_VARIANTS`` (flip; flip at three scales) chosen on the target's val split in the same way,
+  and ``+adapt+tta``: the chosen adaptation evaluated under the chosen TTA (no further choice);
 - ``+aug``: the recipe plus scanner-style augmentation (``SCANNER_AUG``, fixed a priori), chosen on
   the source's val split like ``source``;
 - ``+both``: ``+aug`` adapted as ``+adapt`` (its own choice on the target's val split, among
@@ -296,6 +297,11 @@ class Protocol:
             for ds in t["tests"]:
                 rows.setdefault("+tta", {})[ds] = tta["evaluation"]["rows"][(tta["chosen"], ds)]
             res["tta"] = self._lever_record(tta)
+            # the two label-free levers together: the val-chosen adaptation under the val-chosen TTA (no new choice)
+            ev = self.evaluate(f"{src_only}_adapt_tta_{tta['chosen']}_on_{tgt}", src_only, {"adapt+tta": ad["weights"]},
+                               t["tests"], tta["opts"])
+            for ds in t["tests"]:
+                rows.setdefault("+adapt+tta", {})[ds] = ev["rows"][("adapt+tta", ds)]
         if with_mixed:
             mixed_tests = [ds for ds in t["tests"] if ds not in self.p["mixed_trained_on"]]
             if mixed_tests:
@@ -324,7 +330,7 @@ class Protocol:
 
     def _tabulate(self, res: Dict[str, Any], src: str, tgt: str, rows: Dict[str, Dict[str, Any]]) -> None:
         """``rows`` (model -> test set -> cross_eval row) as the table, each model paired with ``source``."""
-        order = [m for m in ("source", "+adapt", "+tta", "+aug", "+both", "mixed") if m in rows]
+        order = [m for m in ("source", "+adapt", "+tta", "+adapt+tta", "+aug", "+both", "mixed") if m in rows]
         res["table"] = OrderedDict(
             (model, OrderedDict((ds, OrderedDict(num_images=r["num_images"], metrics=r["metrics"]))
                                 for ds, r in rows[model].items())) for model in order)

@@ -53,7 +53,7 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
         aug_cfg = fh.read()
     assert "SECTOR: true" in aug_cfg and "JPEG_QUALITY: 40" in aug_cfg
     d = r["directions"]["ph_to_phs"]
-    assert list(d["table"]) == ["source", "+adapt", "+tta", "+aug", "+both", "mixed"]
+    assert list(d["table"]) == ["source", "+adapt", "+tta", "+adapt+tta", "+aug", "+both", "mixed"]
     n_test = d["table"]["source"]["phs_test"]["num_images"]
     assert n_test > 0 and all(row["phs_test"]["num_images"] == n_test for row in d["table"].values())
     for lever in ("adaptation", "adaptation_after_aug"):
@@ -76,7 +76,15 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
         ms_aug = yaml.safe_load(fh)["TEST"]["AUG"]
     assert ms_aug["ENABLED"] and list(ms_aug["MIN_SIZES"]) == [256, 320, 384] and ms_aug["MAX_SIZE"] == 640
     assert d["table"]["+tta"]["phs_test"]["num_images"] == n_test
-    for model in ("+adapt", "+tta", "+aug", "+both", "mixed"):
+    # +adapt+tta: the chosen adaptation's checkpoint under the chosen TTA
+    combo = os.path.join(out, "eval", f"ph_only_adapt_tta_{tta['chosen']}_on_phs")
+    combo_eval = json.load(open(os.path.join(combo, "cross_eval.json")))
+    adapt_eval = json.load(open(os.path.join(out, "eval", "ph_only_to_phs", "cross_eval.json")))
+    assert combo_eval["models"]["adapt+tta"] == adapt_eval["models"][d["adaptation"]["chosen"]]
+    with open(os.path.join(combo, "adapt+tta", "config_eval.yaml")) as fh:
+        combo_test = yaml.safe_load(fh)["TEST"]
+    assert combo_test["FLIP"] if tta["chosen"] == "flip" else combo_test["AUG"]["ENABLED"]
+    for model in ("+adapt", "+tta", "+adapt+tta", "+aug", "+both", "mixed"):
         c = d["paired_vs_source"][model]["phs_test"]["AP50"]
         vs = c["values"]
         if vs["source"] is not None and vs[model] is not None:
@@ -120,8 +128,8 @@ def test_tiny_leave_site_out_run_is_complete_chosen_on_val_and_resumable(lso, tm
     os.rename(final, final + ".away")
     assert lso.main(argv + ["--no-aug"]) == 0
     r5 = json.load(open(os.path.join(res, "leave_site_out.json")))["directions"]["ph_to_phs"]
-    assert list(r5["table"]) == ["source", "+adapt", "+tta", "mixed"] and r5["not_measured"] == ["+aug", "+both"]
+    assert list(r5["table"]) == ["source", "+adapt", "+tta", "+adapt+tta", "mixed"] and r5["not_measured"] == ["+aug", "+both"]
     assert r5["table"]["+adapt"] == d["table"]["+adapt"] and "adaptation_after_aug" not in r5
-    assert list(r5["paired_vs_source"]) == ["+adapt", "+tta", "mixed"]
+    assert list(r5["paired_vs_source"]) == ["+adapt", "+tta", "+adapt+tta", "mixed"]
     md = open(os.path.join(res, "reports", "leave_site_out.md")).read()
     assert "Not measured in this run: `+aug`, `+both`" in md and "| +aug |" not in md
