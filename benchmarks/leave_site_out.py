@@ -231,6 +231,19 @@ class Protocol:
                                         self.bootstrap)
 
     # -- one direction ----------------------------------------------------------------------
+    def choose_on_val(self, key: str, val_ds: str, plain: Dict[str, Any], rows: Dict[str, Dict[str, Any]],
+                      better: str, worse: str) -> Dict[str, Any]:
+        """The candidate (``rows``: name -> its cross_eval row on ``val_ds``) with the best val AP50, paired
+        on val against ``plain`` (the unchanged model's row) and that interval in words."""
+        from usdet.evaluation.compare import interval_verdict
+
+        val = OrderedDict((k, r["metrics"]["AP50"]["estimate"]) for k, r in rows.items())
+        best = max(val, key=lambda k: -1.0 if val[k] is None else val[k])
+        paired = self.compare(f"{key}/val_choice", val_ds, ("source", plain["predictions"]),
+                              (best, rows[best]["predictions"]))
+        return OrderedDict(val_AP50=val, chosen=best, paired=paired,
+                           decision=interval_verdict(paired["AP50"]["delta"], better=better, worse=worse))
+
     def adapted_lever(self, model: str, src: str, tgt: str,
                       candidates: Optional[List[Tuple[str, str]]] = None) -> Dict[str, Any]:
         """Every candidate adaptation of ``model`` to ``tgt``, evaluated on tgt val; the best kept."""
@@ -241,16 +254,12 @@ class Protocol:
             recs[_cand_name(method, scope)] = self.adapt(model, images, src, method, scope)
         weights = OrderedDict([("source", self.weights(model))] + [(k, r["weights"]) for k, r in recs.items()])
         ev = self.evaluate(f"{model}_to_{tgt}", model, weights, [t["val"]] + t["tests"])
-        val = OrderedDict((k, ev["rows"][(k, t["val"])]["metrics"]["AP50"]["estimate"]) for k in recs)
-        best = max(val, key=lambda k: -1.0 if val[k] is None else val[k])
-        verdict = self.compare(f"{model}_to_{tgt}/val_choice", t["val"],
-                               ("source", ev["rows"][("source", t["val"])]["predictions"]),
-                               (best, ev["rows"][(best, t["val"])]["predictions"]))
-        from usdet.evaluation.compare import interval_verdict
-
-        decided = interval_verdict(verdict["AP50"]["delta"], better="adapt", worse="do not adapt")
+        c = self.choose_on_val(f"{model}_to_{tgt}", t["val"], ev["rows"][("source", t["val"])],
+                               OrderedDict((k, ev["rows"][(k, t["val"])]) for k in recs), "adapt", "do not adapt")
+        best = c["chosen"]
         return OrderedDict(selection_set=t["val"], adaptation_images=f"{t['train']} images (labels unused)",
-                           val_AP50=val, chosen=best, val_paired_vs_unadapted=verdict, val_decision=decided,
+                           val_AP50=c["val_AP50"], chosen=best, val_paired_vs_unadapted=c["paired"],
+                           val_decision=c["decision"],
                            chosen_record={k: v for k, v in recs[best].items() if k != "weights"},
                            evaluation=ev, weights=recs[best]["weights"],
                            method=recs[best]["method"], scope=(recs[best].get("bn") or {}).get("scope"))
@@ -258,22 +267,17 @@ class Protocol:
     def tta_lever(self, model: str, tgt: str, unadapted: Dict[str, Any]) -> Dict[str, Any]:
         """Each ``TTA_VARIANTS`` of ``model`` on the target's val split, the best evaluated on its tests and
         paired on val against plain inference (``unadapted``: ``adapted_lever``'s record, its ``source`` rows)."""
-        from usdet.evaluation.compare import interval_verdict
-
         t = self.p["sites"][tgt]
-        plain = unadapted["evaluation"]["rows"][("source", t["val"])]
-        evs = OrderedDict((v, self.evaluate(f"{model}_tta_{v}_to_{tgt}_val", model, {v: self.weights(model)}, [t["val"]],
-                                            opts)) for v, opts in TTA_VARIANTS.items())
-        val = OrderedDict((v, ev["rows"][(v, t["val"])]["metrics"]["AP50"]["estimate"]) for v, ev in evs.items())
-        best = max(val, key=lambda k: -1.0 if val[k] is None else val[k])
-        verdict = self.compare(f"{model}_tta_to_{tgt}/val_choice", t["val"], ("source", plain["predictions"]),
-                               (best, evs[best]["rows"][(best, t["val"])]["predictions"]))
+        on_val = OrderedDict((v, self.evaluate(f"{model}_tta_{v}_to_{tgt}_val", model, {v: self.weights(model)},
+                                               [t["val"]], opts)["rows"][(v, t["val"])])
+                             for v, opts in TTA_VARIANTS.items())
+        c = self.choose_on_val(f"{model}_tta_to_{tgt}", t["val"], unadapted["evaluation"]["rows"][("source", t["val"])],
+                               on_val, "use TTA", "do not")
+        best = c["chosen"]
         ev = self.evaluate(f"{model}_tta_{best}_on_{tgt}", model, {best: self.weights(model)}, t["tests"],
                            TTA_VARIANTS[best])
-        return OrderedDict(selection_set=t["val"], val_AP50=val, chosen=best, opts=TTA_VARIANTS[best],
-                           val_paired_vs_plain=verdict,
-                           val_decision=interval_verdict(verdict["AP50"]["delta"], better="use TTA", worse="do not"),
-                           evaluation=ev)
+        return OrderedDict(selection_set=t["val"], val_AP50=c["val_AP50"], chosen=best, opts=TTA_VARIANTS[best],
+                           val_paired_vs_plain=c["paired"], val_decision=c["decision"], evaluation=ev)
 
     def direction(self, src: str, tgt: str, with_mixed: bool, with_aug: bool = True) -> Dict[str, Any]:
         """One direction, recorded in the result and saved after each stage: ``source`` and
