@@ -15,7 +15,8 @@ Choice: each candidate's **last** checkpoint (``model_final.pth``: the weights' 
 checkpoint rule's) is evaluated on every val split of the config's ``DATASETS.TEST``; the score is
 the mean AP50 over those val splits (each site counts once, whatever its size); the best score wins.
 The winner is compared paired with the config's own weights (the incumbent) on each val split
-(``compare_models``), and the result says whether the difference is detectable. No test split is
+(``compare_models``), or with the runner-up where the incumbent wins, and the result says whether
+the difference is detectable. No test split is
 read. ``benchmarks/results/mixing_weights.json`` (written after every stage, atomically) records
 the budget, each training's wall time and load, the val table and the choice;
 ``benchmarks/results/reports/mixing_weights.md`` the table. Resumable: finished trainings,
@@ -100,9 +101,9 @@ def render(result: Dict[str, Any]) -> str:
     if ch:
         lines += ["", f"Chosen: **{ch['weights']}** (score {fmt_number(ch['score'], '.1f')}); the config's "
                   f"{ch['incumbent']} scores {fmt_number(ch['incumbent_score'], '.1f')}."]
-        for ds, c in ch.get("paired_vs_incumbent", {}).items():
+        for ds, c in ch.get("paired", {}).items():
             d = c["AP50"]["delta"]
-            lines.append(f"- {ds}: ΔAP50 {fmt_number(d['estimate'], '+.1f')} [{fmt_number(d['low'], '+.1f')}, "
+            lines.append(f"- {ds}, {ch['weights']} − {ch['paired_against']}: ΔAP50 {fmt_number(d['estimate'], '+.1f')} [{fmt_number(d['low'], '+.1f')}, "
                          f"{fmt_number(d['high'], '+.1f')}]: {c['verdict']}")
         lines.append("- " + ch["conclusion"])
     return "\n".join(lines) + "\n"
@@ -197,29 +198,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("no candidate has an AP50 on every val split")
     best = max(scored, key=lambda n: result["candidates"][n]["score"])
     inc = next((n for n in names if result["candidates"][n]["incumbent"]), None)
-    choice = OrderedDict(name=best, weights="/".join(f"{x:g}" for x in result["candidates"][best]["weights"]),
-                         score=result["candidates"][best]["score"],
+    wname = lambda n: "/".join(f"{x:g}" for x in result["candidates"][n]["weights"])  # noqa: E731
+    # paired against the incumbent where it lost; where it won, against the runner-up (so that a
+    # kept default also says whether val could tell it from the next best)
+    runner_up = max((n for n in scored if n != best), key=lambda n: result["candidates"][n]["score"], default=None)
+    rival = inc if inc and inc != best else runner_up
+    choice = OrderedDict(name=best, weights=wname(best), score=result["candidates"][best]["score"],
                          incumbent="/".join(f"{x:g}" for x in incumbent) if incumbent else None,
                          incumbent_score=result["candidates"][inc]["score"] if inc else None,
-                         paired_vs_incumbent=OrderedDict())
-    if inc and inc != best:
+                         paired_against=wname(rival) if rival else None, paired=OrderedDict())
+    if rival:
         from usdet.evaluation.compare import interval_verdict
 
         for ds in val_sets:
-            metrics = cross_site.paired_cached(os.path.join(out, "paired", f"{best}_vs_{inc}", ds), ds,
-                                               (inc, preds[inc][ds]), (best, preds[best][ds]), args.bootstrap)
+            metrics = cross_site.paired_cached(os.path.join(out, "paired", f"{best}_vs_{rival}", ds), ds,
+                                               (rival, preds[rival][ds]), (best, preds[best][ds]), args.bootstrap)
             delta = metrics["AP50"]["delta"]
-            choice["paired_vs_incumbent"][ds] = OrderedDict(AP50=OrderedDict(values=metrics["AP50"]["values"],
-                                                                             delta=delta), verdict=interval_verdict(delta))
-        verdicts = {c["verdict"] for c in choice["paired_vs_incumbent"].values()}
-        choice["conclusion"] = (f"{choice['weights']} beats the config's {choice['incumbent']} on the val score; "
-                                + ("paired on each val split the difference is not detectable: the choice rests on "
-                                   "the point estimate" if verdicts == {"no detectable difference"}
-                                   else "paired: " + ", ".join(f"{ds} {c['verdict']}"
-                                                               for ds, c in choice["paired_vs_incumbent"].items())))
+            choice["paired"][ds] = OrderedDict(AP50=OrderedDict(values=metrics["AP50"]["values"], delta=delta),
+                                               verdict=interval_verdict(delta))
+    verdicts = {c["verdict"] for c in choice["paired"].values()}
+    paired_text = ("paired on each val split the difference is not detectable: the choice rests on the point "
+                   "estimate" if verdicts == {"no detectable difference"}
+                   else "paired: " + ", ".join(f"{ds} {c['verdict']}" for ds, c in choice["paired"].items()))
+    if inc and inc != best:
+        choice["conclusion"] = f"{choice['weights']} beats the config's {choice['incumbent']} on the val score; " + paired_text
+    elif inc:
+        choice["conclusion"] = "the config's weights score best on val: keep them" + (
+            f"; against the runner-up {choice['paired_against']}, {paired_text}" if rival else "")
     else:
-        choice["conclusion"] = ("the config's weights score best on val: keep them" if inc
-                                else "the config's weights were not among the candidates")
+        choice["conclusion"] = "the config's weights were not among the candidates"
     result["choice"] = choice
     save("complete")
     _log(f"chosen {choice['weights']} ({choice['conclusion']}); {(time.time() - t0) / 60:.1f} min")

@@ -1,6 +1,6 @@
 """benchmarks/mixing_weights.py at a tiny budget on two phantom sites: each candidate trains with its
 own sampling weights, the choice is the best mean val AP50 of the last checkpoints, the winner is
-paired with the config's weights on each val split, and a second invocation redoes nothing."""
+paired on each val split with the config's weights (or with the runner-up where those win), and a second invocation redoes nothing."""
 import json
 import os
 
@@ -75,14 +75,17 @@ def test_tiny_sweep_trains_each_mix_chooses_on_val_and_is_resumable(mw, tmp_path
     ch = r["choice"]
     assert ch["score"] == max(scores.values()) and r["candidates"][ch["name"]]["score"] == ch["score"]
     assert ch["incumbent"] == "0.5/0.5"
-    if ch["name"] != "w0.5-0.5":
-        assert set(ch["paired_vs_incumbent"]) == {"ph_val", "phs_val"}
-        for c in ch["paired_vs_incumbent"].values():
-            d = c["AP50"]["delta"]
-            assert c["verdict"] == ("better" if d["low"] > 0 else "worse" if d["high"] < 0
-                                    else "no detectable difference")
-    else:
-        assert ch["paired_vs_incumbent"] == {} and "keep them" in ch["conclusion"]
+    # paired against the incumbent where it lost, else against the runner-up (if one has a score)
+    rival = "0.5/0.5" if ch["name"] != "w0.5-0.5" else ("0.2/0.8" if len(scores) == 2 else None)
+    assert ch["paired_against"] == rival
+    assert set(ch["paired"]) == ({"ph_val", "phs_val"} if rival else set())
+    for ds, c in ch["paired"].items():
+        d = c["AP50"]["delta"]
+        assert c["AP50"]["values"][ch["name"]] == pytest.approx(r["candidates"][ch["name"]]["val_AP50"][ds])
+        assert c["verdict"] == ("better" if d["low"] > 0 else "worse" if d["high"] < 0
+                                else "no detectable difference")
+    if ch["name"] == "w0.5-0.5":
+        assert "keep them" in ch["conclusion"] and (rival is None or "runner-up 0.2/0.8" in ch["conclusion"])
     md = open(os.path.join(res, "reports", "mixing_weights.md")).read()
     assert "| 0.5/0.5 (config) | 3 |" in md and "Chosen: **" in md
 
