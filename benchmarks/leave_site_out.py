@@ -17,7 +17,7 @@ BrEaST images, ``breastall_test``) and BrEaST train -> BUSI test. Per direction,
   (method[:scope]) is evaluated on the **target's val split** and the best AP50 there is kept;
   whether it beats ``source`` on that val split is recorded (paired) as the adapt-or-not verdict;
 - ``+tta`` (with ``--tta``): ``source`` with detectron2's test-time augmentation, the variant of
-  ``TTA_VARIANTS`` (flip; flip at three scales) chosen on the target's val split in the same way,
+  ``TTA_VARIANTS`` (flip; flip at three scales around or above the test size) chosen on the target's val split in the same way,
   and ``+adapt+tta``: the chosen adaptation evaluated under the chosen TTA (no further choice);
 - ``+aug``: the recipe plus scanner-style augmentation (``SCANNER_AUG``, fixed a priori), chosen on
   the source's val split like ``source``;
@@ -68,6 +68,9 @@ TTA_VARIANTS: Dict[str, List[str]] = OrderedDict([
     ("flip", ["TEST.FLIP", "True"]),
     ("multiscale", ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(256, 320, 384)", "TEST.AUG.MAX_SIZE", "640",
                     "TEST.AUG.FLIP", "True"]),
+    # the same above the recipe's test size (320): BrEaST's frames are larger than BUSI's
+    ("multiscale_up", ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(320, 384, 448)", "TEST.AUG.MAX_SIZE",
+                       "768", "TEST.AUG.FLIP", "True"]),
 ])
 DEFAULT_CANDIDATES = "adabn:backbone+fpn,adabn:backbone,pixel-stats,pixel-stats+adabn:backbone+fpn"
 
