@@ -66,6 +66,24 @@ def weights_name(w: Sequence[float]) -> str:
     return "w" + "-".join(f"{x:g}" for x in w)
 
 
+def weights_text(w: Sequence[float]) -> str:
+    """(0.6, 0.4) -> ``0.6/0.4``, as ``--weights`` takes it and the report shows it."""
+    return "/".join(f"{x:g}" for x in w)
+
+
+def winner_and_rival(scores: Dict[str, Optional[float]], incumbent: Optional[str]) -> Tuple[str, Optional[str]]:
+    """The best-scoring candidate, and the one it is paired with on val: the incumbent where it lost,
+    else the runner-up (so that a kept default also says whether val could tell it from the next
+    best); ``None`` where no other candidate has a score."""
+    scored = [n for n, v in scores.items() if v is not None]
+    if not scored:
+        raise SystemExit("no candidate has an AP50 on every val split")
+    best = max(scored, key=lambda n: scores[n])
+    if incumbent and incumbent != best:
+        return best, incumbent
+    return best, max((n for n in scored if n != best), key=lambda n: scores[n], default=None)
+
+
 def sources_of(cfg: Any, path: str) -> List[str]:
     """The statistics folders of the config's ``INPUT.NORMALIZATION_FILE`` (one per training source,
     ``datasets/<name>/pixel_stats.json``): what ``cross_site.train`` recomputes under ``--data``."""
@@ -92,7 +110,7 @@ def render(result: Dict[str, Any]) -> str:
              + " | score |", "|---" * (5 + len(vals)) + "|"]
     for name, c in result["candidates"].items():
         t = c.get("training", {})
-        lines.append(f"| {'/'.join(f'{x:g}' for x in c['weights'])}{' (config)' if c['incumbent'] else ''} | "
+        lines.append(f"| {weights_text(c['weights'])}{' (config)' if c['incumbent'] else ''} | "
                      f"{t.get('iterations', '–')} | {fmt_number(t.get('train_wall_s', 0) / 60, '.1f')} | "
                      f"{fmt_number(t.get('load_avg_1min_mean'), '.2f', undefined='–')} | "
                      + " | ".join(fmt_number(c.get("val_AP50", {}).get(v), ".1f", undefined="–") for v in vals)
@@ -103,8 +121,8 @@ def render(result: Dict[str, Any]) -> str:
                   f"{ch['incumbent']} scores {fmt_number(ch['incumbent_score'], '.1f')}."]
         for ds, c in ch.get("paired", {}).items():
             d = c["AP50"]["delta"]
-            lines.append(f"- {ds}, {ch['weights']} − {ch['paired_against']}: ΔAP50 {fmt_number(d['estimate'], '+.1f')} [{fmt_number(d['low'], '+.1f')}, "
-                         f"{fmt_number(d['high'], '+.1f')}]: {c['verdict']}")
+            lines.append(f"- {ds}, {ch['weights']} − {ch['paired_against']}: ΔAP50 {fmt_number(d['estimate'], '+.1f')} "
+                         f"[{fmt_number(d['low'], '+.1f')}, {fmt_number(d['high'], '+.1f')}]: {c['verdict']}")
         lines.append("- " + ch["conclusion"])
     return "\n".join(lines) + "\n"
 
@@ -193,20 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preds[name] = {r["dataset"]: os.path.join(dest, r["predictions"]) for r in rows}
         save(f"evaluated {name}")
 
-    scored = [n for n in names if result["candidates"][n]["score"] is not None]
-    if not scored:
-        raise SystemExit("no candidate has an AP50 on every val split")
-    best = max(scored, key=lambda n: result["candidates"][n]["score"])
     inc = next((n for n in names if result["candidates"][n]["incumbent"]), None)
-    wname = lambda n: "/".join(f"{x:g}" for x in result["candidates"][n]["weights"])  # noqa: E731
-    # paired against the incumbent where it lost; where it won, against the runner-up (so that a
-    # kept default also says whether val could tell it from the next best)
-    runner_up = max((n for n in scored if n != best), key=lambda n: result["candidates"][n]["score"], default=None)
-    rival = inc if inc and inc != best else runner_up
-    choice = OrderedDict(name=best, weights=wname(best), score=result["candidates"][best]["score"],
-                         incumbent="/".join(f"{x:g}" for x in incumbent) if incumbent else None,
+    best, rival = winner_and_rival(OrderedDict((n, result["candidates"][n]["score"]) for n in names), inc)
+    choice = OrderedDict(name=best, weights=weights_text(result["candidates"][best]["weights"]),
+                         score=result["candidates"][best]["score"],
+                         incumbent=weights_text(incumbent) if incumbent else None,
                          incumbent_score=result["candidates"][inc]["score"] if inc else None,
-                         paired_against=wname(rival) if rival else None, paired=OrderedDict())
+                         paired_against=weights_text(result["candidates"][rival]["weights"]) if rival else None,
+                         paired=OrderedDict())
     if rival:
         from usdet.evaluation.compare import interval_verdict
 

@@ -22,6 +22,15 @@ def test_weights_are_parsed_per_source_and_bad_ones_refused(mw):
             mw.parse_weights([bad], 2)
     with pytest.raises(SystemExit, match="twice"):
         mw.parse_weights(["0.5/0.5", "0.5/0.5"], 2)
+    assert mw.weights_text((0.75, 0.25)) == "0.75/0.25"
+    # the winner is paired with the incumbent where it lost, else with the runner-up
+    scores = {"w0.4-0.6": 46.1, "w0.6-0.4": 44.3, "w0.75-0.25": 48.9, "w0.5-0.5": None}
+    assert mw.winner_and_rival(scores, "w0.6-0.4") == ("w0.75-0.25", "w0.6-0.4")
+    assert mw.winner_and_rival(scores, "w0.75-0.25") == ("w0.75-0.25", "w0.4-0.6")
+    assert mw.winner_and_rival(scores, None) == ("w0.75-0.25", "w0.4-0.6")
+    assert mw.winner_and_rival({"w0.6-0.4": 80.0, "w0.5-0.5": None}, "w0.6-0.4") == ("w0.6-0.4", None)
+    with pytest.raises(SystemExit, match="no candidate has an AP50"):
+        mw.winner_and_rival({"w0.6-0.4": None}, "w0.6-0.4")
     from usdet.engine.setup import build_config
     from usdet.evaluation.compare import interval_verdict
 
